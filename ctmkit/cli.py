@@ -1,0 +1,234 @@
+"""The ctmkit command line (the only module that reads argv). Every user error: one line, exit status 2."""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+
+DATA_HELP = ("data SPEC: a built-in 2-D set (ring, grid, moons, checkerboard, spiral), 'digits' (scikit-learn 8x8), "
+             "gmm:PATH.json (a Gaussian mixture: means [K][D], stds [K], weights [K]), a .npy/.npz file "
+             "([N, D] vectors or [N, H, W(, C)] images), a folder of images (subfolders = classes), an MNIST idx "
+             "folder or a CIFAR-10 python-batches folder")
+
+
+def user_errors(fn):
+    """Turn UserError (and a few OS errors on user paths) into one line on stderr and exit status 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            click.echo(f"ctmkit: error: {e}", err=True)
+            sys.exit(2)
+        except (PermissionError, IsADirectoryError, NotADirectoryError, FileNotFoundError) as e:
+            click.echo(f"ctmkit: error: cannot write or read '{e.filename}': {e.strerror}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Log more (INFO level).")
+def main(verbose: bool) -> None:
+    """ctmkit: Consistency Trajectory Models (Kim et al., ICLR 2024).
+
+    Train (or bring) a diffusion teacher, distill it into one network G(x_t, t, s) that jumps along the
+    probability-flow ODE, sample in 1..K steps, and evaluate.
+
+    \b
+    Typical flow:
+      ctmkit train-teacher --data moons --out runs/teacher
+      ctmkit distill --teacher runs/teacher --data moons --out runs/ctm
+      ctmkit sample --model runs/ctm --n 1000 --nfe 1 --out samples.npz
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="ctmkit: %(message)s")
+
+
+def training_options(fn):
+    """Options shared by train-teacher and distill."""
+    opts = [
+        click.option("--data", "data", required=True, help=DATA_HELP),
+        click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write."),
+        click.option("--preset", default=None, help="A preset from the package's configs/ (e.g. toy, digits)."),
+        click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
+                     help="A YAML config file (e.g. an earlier run's config.yaml)."),
+        click.option("--steps", type=int, default=None, help="Training steps (train.steps)."),
+        click.option("--batch-size", type=int, default=None, help="Global batch size (train.batch_size)."),
+        click.option("--seed", type=int, default=None, help="Random seed (train.seed)."),
+        click.option("--ckpt-every", type=int, default=None, help="Checkpoint period (train.ckpt_every)."),
+        click.option("--resume", is_flag=True, help="Continue from the newest valid checkpoint in --out."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+        click.argument("overrides", nargs=-1),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _train_flags(steps, batch_size, seed, ckpt_every) -> dict:
+    return {"train.steps": steps, "train.batch_size": batch_size, "train.seed": seed, "train.ckpt_every": ckpt_every}
+
+
+@main.command("train-teacher")
+@training_options
+@user_errors
+def train_teacher(data, out, preset, config_file, steps, batch_size, seed, ckpt_every, resume, quiet, overrides):
+    """Train an EDM diffusion teacher (denoising score matching) on --data.
+
+    Extra settings as key=value (e.g. lr=2e-4 model.hidden=512); `ctmkit config teacher` lists every key.
+    Writes config.yaml, model.json, checkpoints/ and stats.jsonl into --out.
+    """
+    from .config import TeacherConfig, load_config
+    from .data import load_data
+    from .train.teacher import TeacherRun
+
+    cfg = load_config(TeacherConfig, preset, config_file, list(overrides), data=data,
+                      **_train_flags(steps, batch_size, seed, ckpt_every))
+    dataset = load_data(cfg.data, n=cfg.n_data or None, seed=cfg.train.seed)
+    run = TeacherRun(cfg, out, dataset, resume=resume)
+    run.fit(progress=not quiet)
+    click.echo(f"teacher trained: {out}")
+
+
+@main.command("config")
+@click.argument("command", type=click.Choice(["teacher", "distill"]))
+@click.option("--preset", default=None, help="Show a preset resolved on top of the defaults.")
+@user_errors
+def show_config(command, preset):
+    """Print the full default config (every valid key, YAML) of a training command."""
+    import yaml
+
+    from .config import DistillConfig, TeacherConfig, load_config, to_dict
+    cls = TeacherConfig if command == "teacher" else DistillConfig
+    click.echo(yaml.safe_dump(to_dict(load_config(cls, preset)), sort_keys=False))
+
+
+def _parse_labels(spec: str | None, n: int, num_classes: int):
+    import torch
+    if num_classes == 0:
+        if spec:
+            raise UserError("--labels given, but the model is not class-conditional")
+        return None
+    if not spec:
+        return torch.arange(n) % num_classes
+    try:
+        vals = [int(v) for v in spec.split(",")]
+    except ValueError:
+        raise UserError(f"--labels must be comma-separated integers, got '{spec}'") from None
+    bad = [v for v in vals if not 0 <= v < num_classes]
+    if bad:
+        raise UserError(f"--labels {bad[0]} is out of range: this model has classes 0..{num_classes - 1}")
+    return torch.tensor(vals)[torch.arange(n) % len(vals)]
+
+
+def generate(model, n: int, nfe: int | None, gamma: float, seed: int, labels, batch_size: int = 500,
+             sampler: str = "auto", progress: bool = True):
+    """Model-space samples [n, ...] from a teacher (Heun) or a CTM (gamma-sampling, or Heun with its denoiser);
+    noise is per-sample seeded, so results do not depend on batch_size."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .sampling import gamma_sample, heun_sample, per_sample_normal, sample_schedule
+    info = model.info
+    shape = tuple(info["data"]["shape"])
+    is_ctm = info["kind"] == "ctm"
+    if sampler == "auto":
+        sampler = "gamma" if is_ctm else "heun"
+    if sampler == "gamma" and not is_ctm:
+        raise UserError("--sampler gamma needs a CTM model; a teacher samples with heun")
+    nfe = nfe or (1 if sampler == "gamma" else 35)
+    if nfe < 1:
+        raise UserError(f"--nfe must be >= 1, got {nfe}")
+    if not 0 <= gamma <= 1:
+        raise UserError(f"--gamma must be in [0, 1], got {gamma}")
+    smin, smax = info["sigma_min"], info["sigma_max"]
+    out = []
+    with torch.no_grad():
+        for start in tqdm(range(0, n, batch_size), desc=f"sampling {sampler} nfe={nfe}", disable=not progress,
+                          leave=False):
+            b = min(batch_size, n - start)
+            z = per_sample_normal(b, (nfe,) + shape, seed, start)   # [b, nfe, ...]: initial + re-noising draws
+            lab = labels[start:start + b] if labels is not None else None
+            if sampler == "gamma":
+                x = gamma_sample(model, z[:, 0], sample_schedule(nfe, smin, smax), gamma, labels=lab,
+                                 step_noise=z[:, 1:])
+            else:
+                den = model.denoise if is_ctm else model
+                x = heun_sample(den, z[:, 0], nfe=nfe, labels=lab, sigma_max=smax, sigma_min=smin)
+            out.append(x)
+    return torch.cat(out)
+
+
+def write_samples(x, labels, info: dict, out: Path) -> list[Path]:
+    """Write samples in the data's own space: FILE.npz (samples, labels) and, for images or 2-D data, a PNG."""
+    import numpy as np
+
+    from .data import Normalizer
+    from .report import save_image_grid, save_scatter
+    from .train.checkpoint import atomic_write_bytes
+    out = Path(out)
+    if out.suffix not in (".npz", ".png"):
+        raise UserError(f"--out must end in .npz or .png, got '{out.name}'")
+    if not out.parent.exists():
+        raise UserError(f"output folder '{out.parent}' does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"output folder '{out.parent}' is not writable")
+    written = []
+    if out.suffix == ".npz":
+        data = Normalizer.from_dict(info["data"]["normalizer"]).to_data(x.cpu())
+        buf = io.BytesIO()
+        arrays = {"samples": data} | ({"labels": labels.numpy()} if labels is not None else {})
+        np.savez(buf, **arrays)
+        atomic_write_bytes(out, buf.getvalue())
+        written.append(out)
+    png = out.with_suffix(".png")
+    if info["data"]["kind"] == "image":
+        save_image_grid(x[:256], png)
+        written.append(png)
+    elif x.shape[1] == 2:
+        save_scatter([("samples", x.cpu().numpy())], png)
+        written.append(png)
+    return written
+
+
+@main.command("sample")
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="A run folder (teacher or CTM).")
+@click.option("--n", "n", type=int, default=1000, show_default=True, help="Number of samples.")
+@click.option("--nfe", type=int, default=None,
+              help="Network evaluations: CTM gamma-sampling default 1; Heun default 35 (18 steps).")
+@click.option("--gamma", type=float, default=0.0, show_default=True,
+              help="CTM gamma in [0, 1]: 0 deterministic ODE jumps, 1 consistency-model multistep.")
+@click.option("--sampler", type=click.Choice(["auto", "gamma", "heun"]), default="auto", show_default=True,
+              help="auto: gamma for a CTM, heun for a teacher; heun on a CTM uses it as a denoiser.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed; sample i depends only on (seed, i).")
+@click.option("--labels", default=None, help="Class labels for a conditional model: '3' or '0,1,2' (cycled).")
+@click.option("--batch-size", type=int, default=500, show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="FILE.npz (+ a PNG beside) or FILE.png.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def sample(model_dir, n, nfe, gamma, sampler, seed, labels, batch_size, out, quiet):
+    """Sample a trained teacher or CTM; samples come back in the data's own space and layout."""
+    from .loading import load_model
+    if n < 1 or batch_size < 1:
+        raise UserError("--n and --batch-size must be >= 1")
+    model = load_model(model_dir)
+    lab = _parse_labels(labels, n, model.info["data"]["num_classes"] if _conditional(model) else 0)
+    x = generate(model, n, nfe, gamma, seed, lab, batch_size, sampler, progress=not quiet)
+    for p in write_samples(x, lab, model.info, Path(out)):
+        click.echo(f"wrote {p}")
+
+
+def _conditional(model) -> bool:
+    kw = model.info["backbone"]["kwargs"]
+    return kw.get("num_classes", 0) > 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Typed run configuration: dataclasses with commented defaults, YAML presets and ``key=value`` overrides.
+
+Keys are dotted (``train.lr=2e-4``); a leaf name that is unique across sections works alone (``lr=2e-4``).
+Unknown keys and values of the wrong type are UserErrors that list what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # presets ship inside the package
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "auto"              # "mlp" (vectors), "unet" (images) or "auto" (pick by data kind)
+    sigma_data: float = 0.5         # EDM sigma_data (data are normalised so that their std is about 0.5)
+    hidden: int = 256               # mlp: width
+    depth: int = 4                  # mlp: residual blocks
+    emb_dim: int = 128              # mlp: time-embedding width
+    channels: int = 64              # unet: base channels
+    channel_mult: list = field(default_factory=lambda: [1, 2, 2])  # unet: channel multiplier per level
+    num_res_blocks: int = 2         # unet: residual blocks per level
+    attn_resolutions: list = field(default_factory=lambda: [16])  # unet: self-attention at these resolutions
+    dropout: float = 0.0            # dropout in residual blocks
+    conditional: bool = True        # use class labels when the data has them
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 4000               # optimiser steps
+    batch_size: int = 256           # global batch size
+    micro_batches: int = 1          # gradient accumulation: the batch is split into this many micro-batches
+    lr: float = 1e-3                # learning rate
+    optimizer: str = "radam"        # "adam" or "radam"
+    warmup: int = 0                 # linear learning-rate warm-up steps
+    grad_clip: float = 0.0          # max gradient norm (0 = off)
+    ema: list = field(default_factory=lambda: [0.999])  # evaluation EMA rates; the first is what gets sampled
+    seed: int = 0                   # seed of every random draw (data, noise, init)
+    ckpt_every: int = 1000          # checkpoint period in steps (and at the end)
+    log_every: int = 50             # stats.jsonl period in steps
+    precision: str = "fp32"         # "fp32", "bf16" (autocast) or "fp16" (autocast + grad scaler, GPU)
+    max_bad_steps: int = 20         # stop after this many non-finite losses in a row
+    device: str = "auto"            # "auto", "cpu", "cuda"
+
+
+@dataclass
+class TeacherConfig:
+    data: str = "ring"              # data SPEC (see `ctmkit train-teacher --help`)
+    n_data: int = 0                 # cap on items (finite data) / pool size (generated data); 0 = default
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    p_mean: float = -1.2            # EDM log-normal sigma sampling mean
+    p_std: float = 1.2              # EDM log-normal sigma sampling std
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+
+
+@dataclass
+class CTMConfig:
+    num_scales: int = 18            # N: points of the Karras discretisation grid
+    max_k: int = 17                 # M: largest teacher step count k (P(k) proportional to k)
+    target_ema: float = 0.999       # mu: rate of the target network theta^-
+    distance: str = "huber"         # "huber" (pseudo-Huber), "l2"
+    huber_c: float = 0.0            # pseudo-Huber c; 0 = 0.00054 * sqrt(dim) (Song & Dhariwal 2023)
+    dsm: bool = True                # add the DSM loss on g(x, t, t)
+    dsm_weight: float = -1.0        # lambda_DSM: < 0 = adaptive (last-layer gradient norms), else fixed
+    dsm_karras_frac: float = 0.5    # share of DSM sigmas drawn on the Karras curve (rest log-normal)
+    gan: bool = True                # add the GAN loss (stage 2)
+    gan_start: int = 0              # step at which the GAN term starts
+    gan_weight: float = -1.0        # lambda_GAN: < 0 = adaptive, else fixed
+    disc_lr: float = 2e-3           # discriminator RAdam learning rate (betas 0.5, 0.9)
+    disc_hidden: int = 256          # discriminator width (mlp) / channels (conv)
+    augment: bool = True            # DiffAugment on discriminator inputs (images only)
+    teacher_free: bool = False      # self-learn variant: x_u from the target network, no teacher
+    init_from_teacher: bool = True  # copy the teacher's weights into the student
+
+
+@dataclass
+class DistillConfig:
+    data: str = "ring"
+    n_data: int = 0
+    teacher: str = "exact"          # a teacher run folder, or "exact" (data with a known density)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=4e-4))
+    ctm: CTMConfig = field(default_factory=CTMConfig)
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+
+
+SECTION = {TeacherConfig: "teacher", DistillConfig: "distill"}
+
+
+def _sections(cls) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def valid_keys(cls) -> list[str]:
+    """All dotted keys of a config class."""
+    keys = []
+    for name, tp in _sections(cls).items():
+        keys += [f"{name}.{k}" for k in valid_keys(tp)] if dataclasses.is_dataclass(tp) else [name]
+    return keys
+
+
+def _coerce(key: str, value, tp):
+    """Check/convert one value to the field type, or raise a UserError naming the key."""
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if tp is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise TypeError
+            return str(value)
+        if tp is list:
+            return list(value) if isinstance(value, (list, tuple)) else [value]
+    except (TypeError, ValueError):
+        pass
+    raise UserError(f"config key '{key}' expects {tp.__name__}, got {value!r}")
+
+
+def from_dict(cls, d: dict, prefix: str = ""):
+    """Build a config dataclass from a (nested) dict, rejecting unknown keys."""
+    if not isinstance(d, dict):
+        raise UserError(f"config section '{prefix or 'root'}' must be a mapping, got {type(d).__name__}")
+    fields = _sections(cls)
+    kwargs = {}
+    for k, v in d.items():
+        if k not in fields:
+            raise UserError(f"unknown config key '{prefix}{k}'; valid keys: {', '.join(valid_keys(cls))}")
+        tp = fields[k]
+        kwargs[k] = from_dict(tp, v or {}, f"{prefix}{k}.") if dataclasses.is_dataclass(tp) else _coerce(
+            prefix + k, v, tp)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set(d: dict, dotted: str, value) -> None:
+    *path, leaf = dotted.split(".")
+    for p in path:
+        d = d.setdefault(p, {})
+    d[leaf] = value
+
+
+def _resolve_key(cls, key: str) -> str:
+    keys = valid_keys(cls)
+    if key in keys:
+        return key
+    matches = [k for k in keys if k.split(".")[-1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    hint = f"ambiguous, use one of {matches}" if matches else f"valid keys: {', '.join(keys)}"
+    raise UserError(f"unknown config key '{key}'; {hint}")
+
+
+def load_config(cls, preset: str | None = None, config_file: str | None = None, overrides: list[str] = (),
+                **flags):
+    """Resolve a config: defaults <- preset YAML <- --config FILE <- key=value overrides <- explicit flags."""
+    d = to_dict(cls())
+    if preset:  # a preset holds one section per command: `teacher:` and `distill:`
+        _merge(d, _read_yaml(preset_path(preset)).get(SECTION[cls], {}) or {})
+    if config_file:  # a plain config of this command, e.g. a run's config.yaml
+        _merge(d, _read_yaml(Path(config_file)))
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        _set(d, _resolve_key(cls, key.strip()), value)
+    for key, value in flags.items():
+        if value is not None:
+            _set(d, _resolve_key(cls, key), value)
+    return from_dict(cls, d)
+
+
+def _merge(d: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(d.get(k), dict):
+            _merge(d[k], v)
+        else:
+            d[k] = v
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise UserError(f"unknown preset '{name}'; available: {', '.join(preset_names())}")
+    return path
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise UserError(f"config file '{path}' does not exist")
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(d, dict):
+        raise UserError(f"config file '{path}' must hold a mapping of keys to values")
+    return d

@@ -1,0 +1,97 @@
+"""Pictures and run reports: sample grids, 2-D scatter plots, quality-vs-NFE curves, loss curves.
+
+Every file is written atomically (rendered in memory, then temp file + rename)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .train.checkpoint import atomic_write_bytes
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save_fig(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def image_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 1, scale: int = 0) -> Image.Image:
+    """Model-space images [N, C, H, W] in [-1, 1] -> one PIL grid image (upscaled for small images)."""
+    n, c, h, w = x.shape
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    ncol = int(math.ceil(n / nrow))
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    grid = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = arr[i]
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    scale = scale or max(1, 256 // max(grid.shape[:2]))
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+
+
+def save_image_grid(x: torch.Tensor, path: Path, nrow: int | None = None) -> None:
+    buf = io.BytesIO()
+    image_grid(x, nrow).save(buf, format="PNG")
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def save_scatter(panels: list[tuple[str, np.ndarray]], path: Path, lim: float | None = None) -> None:
+    """Side-by-side 2-D scatter plots, one per (title, points [N, 2]) panel, on shared axes."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.3), squeeze=False)
+    allpts = np.concatenate([p for _, p in panels])
+    lim = lim or float(np.quantile(np.abs(allpts), 0.995)) * 1.1
+    for ax, (title, pts) in zip(axes[0], panels):
+        ax.scatter(pts[:, 0], pts[:, 1], s=1.5, alpha=0.4, linewidths=0)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
+    _save_fig(fig, path)
+
+
+def save_curves(series: dict[str, tuple[list, list]], path: Path, xlabel: str, ylabel: str, title: str = "",
+                logx: bool = True, hline: tuple[str, float] | None = None) -> None:
+    """One line per series name -> (xs, ys), e.g. quality vs NFE."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    if hline:
+        ax.axhline(hline[1], color="gray", ls="--", label=hline[0])
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel), ax.set_ylabel(ylabel), ax.set_title(title), ax.legend(fontsize=8), ax.grid(alpha=0.3)
+    _save_fig(fig, path)
+
+
+def save_loss_curves(stats_path: Path, path: Path, keys: tuple[str, ...] | None = None) -> None:
+    """Plot the numeric columns of a stats.jsonl against step (log-scale y where positive)."""
+    rows = [json.loads(ln) for ln in Path(stats_path).read_text().splitlines() if ln.strip()]
+    if not rows:
+        return
+    keys = keys or tuple(k for k in rows[-1] if k.startswith("loss"))
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None and math.isfinite(r[k])]
+        if pts:
+            ax.plot(*zip(*pts), label=k)
+    if all(r.get(k, 1) > 0 for r in rows for k in keys if k in r):
+        ax.set_yscale("log")
+    ax.set_xlabel("step"), ax.legend(fontsize=8), ax.grid(alpha=0.3)
+    _save_fig(fig, path)

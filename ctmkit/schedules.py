@@ -1,0 +1,69 @@
+"""Noise-level schedules (CTM_SPEC section 1, 3): the Karras grid, CTM time triplets, DSM sigma sampling.
+
+All functions are pure: randomness comes in through a ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
+
+
+def karras_sigmas(n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO) -> Tensor:
+    """Karras et al. (2022) eq. 5 grid with n points, descending from sigma_max to sigma_min: Tensor[n] float64."""
+    if n < 1:
+        raise ValueError(f"karras_sigmas needs n >= 1, got {n}")
+    if n == 1:
+        return torch.tensor([sigma_max], dtype=torch.float64)
+    i = torch.arange(n, dtype=torch.float64)
+    # t_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+    return (sigma_max ** (1 / rho) + i / (n - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def sample_k(num_scales_m: int, generator: torch.Generator | None = None) -> int:
+    """CTM step 1: k in {1..M} with P(k) proportional to k (one k per iteration)."""
+    p = torch.arange(1, num_scales_m + 1, dtype=torch.float64)
+    return int(torch.multinomial(p / p.sum(), 1, generator=generator).item()) + 1
+
+
+def sample_ctm_indices(batch: int, n_grid: int, k: int, generator: torch.Generator | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """CTM step 2: grid indices (n, n+k, m) with n ~ U{0..N-1-k}, m ~ U{n+k..N-1}: three LongTensor[batch]."""
+    if not 1 <= k <= n_grid - 1:
+        raise ValueError(f"k must be in [1, {n_grid - 1}], got {k}")
+    n = torch.randint(0, n_grid - k, (batch,), generator=generator)
+    u = n + k
+    m = u + (torch.rand(batch, generator=generator, dtype=torch.float64) * (n_grid - u)).long()
+    return n, u, torch.minimum(m, torch.full_like(m, n_grid - 1))
+
+
+def sample_dsm_sigmas(batch: int, p_mean: float = -1.2, p_std: float = 1.2, sigma_min: float = SIGMA_MIN,
+                      sigma_max: float = SIGMA_MAX, rho: float = RHO, karras_frac: float = 0.5,
+                      upper: float = 0.7, generator: torch.Generator | None = None) -> Tensor:
+    """CTM step 6 sigmas, Tensor[batch] float64: a karras_frac share uniform on the Karras curve over its upper
+    (noisier) `upper` fraction, the rest log-normal(p_mean, p_std) (EDM). karras_frac=0 gives plain EDM."""
+    n_k = int(round(batch * karras_frac))
+    z = torch.randn(batch - n_k, generator=generator, dtype=torch.float64)
+    lognormal = (p_mean + p_std * z).exp()
+    r = torch.rand(n_k, generator=generator, dtype=torch.float64) * upper  # position along the curve from the top
+    karras = (sigma_max ** (1 / rho) + r * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([karras, lognormal])
+
+
+def sample_schedule(nfe: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO) -> Tensor:
+    """Default gamma-sampling schedule (CTM_SPEC section 4): Karras grid with nfe+1 points, sigma_max -> sigma_min.
+
+    NFE1 is 80 -> 0.002 and NFE2 is 80 -> 2.5152 -> 0.002, as in the reference implementation."""
+    if nfe < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    return karras_sigmas(nfe + 1, sigma_min, sigma_max, rho)
+
+
+def heun_schedule(nfe: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO) -> Tensor:
+    """EDM Heun schedule for a budget of nfe evaluations: n steps use 2n-1 NFE (last step Euler to 0).
+
+    Returns the Karras grid of n = (nfe+1)//2 points plus a final 0 (EDM Algorithm 1; 18 steps = 35 NFE)."""
+    steps = max(1, (nfe + 1) // 2)
+    return torch.cat([karras_sigmas(steps, sigma_min, sigma_max, rho), torch.zeros(1, dtype=torch.float64)])

@@ -1,0 +1,103 @@
+"""Exact denoisers: the ground truth that CTM is tested against (CTM_SPEC section 1; DESIGN.md section 4).
+
+For x_0 ~ sum_k w_k N(mu_k, s_k^2 I) and x_t = x_0 + t z, the marginal is sum_k w_k N(mu_k, (s_k^2 + t^2) I) and
+    D(x, t) = E[x_0 | x_t = x] = sum_k r_k(x) (mu_k + s_k^2 / (s_k^2 + t^2) (x - mu_k)),
+with responsibilities r_k(x) proportional to w_k N(x; mu_k, (s_k^2 + t^2) I) (log-sum-exp, float64).
+A finite data set is the mixture with s_k = 0: its optimal (memorising) denoiser.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _sigma64(sigma: Tensor | float, x: Tensor) -> Tensor:
+    """A float or Tensor[] / Tensor[B] noise level as float64 Tensor[B] on x's device."""
+    t = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+    return t.expand(x.shape[0]) if t.ndim == 0 else t
+
+
+def _log_normal_iso(x: Tensor, means: Tensor, var: Tensor) -> Tensor:
+    """log N(x; mu_k, var_k I) for x [B, D], means [K, D], var [B, K] -> [B, K] (float64)."""
+    d = x.shape[1]
+    sq = (x * x).sum(1, keepdim=True) - 2 * x @ means.T + (means * means).sum(1)[None]
+    return -0.5 * sq.clamp_min(0) / var - 0.5 * d * torch.log(2 * math.pi * var)
+
+
+def _mixture_denoise(x: Tensor, t: Tensor, means: Tensor, stds: Tensor, log_w: Tensor) -> Tensor:
+    """Exact E[x_0 | x_t = x] of an isotropic mixture; x [B, D] float64, t [B] float64 -> [B, D]."""
+    t2 = (t * t)[:, None]                                      # [B, 1]
+    var = stds[None] ** 2 + t2                                 # [B, K] variance of component k at level t
+    logits = log_w[None] + _log_normal_iso(x, means, var)      # [B, K]
+    r = torch.softmax(logits, dim=1)                           # responsibilities r_k(x)
+    shrink = stds[None] ** 2 / var                             # s_k^2 / (s_k^2 + t^2)
+    # sum_k r_k (mu_k + shrink_k (x - mu_k)) = sum_k r_k (1 - shrink_k) mu_k + (sum_k r_k shrink_k) x
+    return (r * (1 - shrink)) @ means + (r * shrink).sum(1, keepdim=True) * x
+
+
+class GaussianMixture:
+    """Isotropic Gaussian mixture sum_k w_k N(mu_k, s_k^2 I) with an exact denoiser, sampler and log-density.
+
+    means [K, D], stds [K] (>= 0), weights [K] (normalised here). Calling it is the denoiser protocol."""
+
+    def __init__(self, means, stds, weights):
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        self.stds = torch.as_tensor(stds, dtype=torch.float64)
+        w = torch.as_tensor(weights, dtype=torch.float64)
+        if self.means.ndim != 2 or self.stds.shape != (self.means.shape[0],) or w.shape != self.stds.shape:
+            raise ValueError(f"GaussianMixture needs means [K, D], stds [K], weights [K]; got "
+                             f"{tuple(self.means.shape)}, {tuple(self.stds.shape)}, {tuple(w.shape)}")
+        if (self.stds < 0).any() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError("GaussianMixture needs stds >= 0 and non-negative weights with a positive sum")
+        self.weights = w / w.sum()
+        self.log_w = self.weights.log()
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
+        """Exact denoiser D(x, sigma) = E[x_0 | x_t = x], x [B, D] -> [B, D] in x's dtype."""
+        t = _sigma64(sigma, x)
+        dev = x.device
+        out = _mixture_denoise(x.double(), t, self.means.to(dev), self.stds.to(dev), self.log_w.to(dev))
+        return out.to(x.dtype)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n samples [n, D] float32 (component, then mean + std * z)."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        return (self.means[k] + self.stds[k, None] * z).float()
+
+    def log_prob(self, x: Tensor, sigma: float = 0.0) -> Tensor:
+        """log p_sigma(x) of the mixture convolved with N(0, sigma^2 I) (sigma=0: the data density): [B] float64."""
+        var = (self.stds[None] ** 2 + sigma**2).expand(x.shape[0], -1).to(x.device)
+        logits = self.log_w.to(x.device)[None] + _log_normal_iso(x.double(), self.means.to(x.device), var)
+        return torch.logsumexp(logits, 1)
+
+    def to_dict(self) -> dict:
+        return {"means": self.means.tolist(), "stds": self.stds.tolist(), "weights": self.weights.tolist()}
+
+
+class EmpiricalDenoiser:
+    """Optimal denoiser of a finite data set x_i (Dirac mixture): D(x, t) = sum_i softmax_i(-|x - x_i|^2 / 2t^2) x_i.
+
+    data [N, ...]; works for vectors and images (flattened inside). A reference teacher for small sets."""
+
+    def __init__(self, data: Tensor, chunk: int = 512):
+        self.shape = tuple(data.shape[1:])
+        self.points = data.reshape(data.shape[0], -1).double()
+        self.zeros = torch.zeros(self.points.shape[0], dtype=torch.float64)
+        self.log_w = torch.full_like(self.zeros, -math.log(self.points.shape[0]))
+        self.chunk = chunk
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
+        t = _sigma64(sigma, x)
+        flat = x.reshape(x.shape[0], -1).double()
+        pts, z, lw = self.points.to(x.device), self.zeros.to(x.device), self.log_w.to(x.device)
+        out = [_mixture_denoise(flat[i:i + self.chunk], t[i:i + self.chunk], pts, z, lw)
+               for i in range(0, x.shape[0], self.chunk)]
+        return torch.cat(out).reshape(x.shape).to(x.dtype)

@@ -1,0 +1,139 @@
+"""Checkpoints: safetensors weights + JSON metadata, written atomically, verified by SHA-256 on load.
+
+A checkpoint ``ckpt-00001000.safetensors`` holds every tensor of the training state (weights, EMAs,
+optimiser moments, RNG states); the nested structure and scalars are JSON in the safetensors metadata.
+The sidecar ``ckpt-00001000.json`` (written last) records the step and the file's SHA-256: a checkpoint
+without a matching sidecar is incomplete or corrupt and is never loaded. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file atomically: temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def _flatten(obj, prefix: str, tensors: dict):
+    """Replace tensors in a nested dict/list by {'__t__': key}, collecting them in `tensors`."""
+    if torch.is_tensor(obj):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {"__t__": prefix}
+    if isinstance(obj, dict):
+        return {"__d__": [[_flatten(k, f"{prefix}.k{i}", tensors), _flatten(v, f"{prefix}.{i}", tensors)]
+                          for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, (list, tuple)):
+        return {"__l__": [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {prefix}")
+
+
+def _unflatten(obj, tensors: dict):
+    if isinstance(obj, dict):
+        if "__t__" in obj:
+            return tensors[obj["__t__"]]
+        if "__d__" in obj:
+            return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__d__"]}
+        if "__l__" in obj:
+            return [_unflatten(v, tensors) for v in obj["__l__"]]
+    return obj
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int = 3) -> Path:
+    """Write state (nested dicts/lists of tensors and scalars) as checkpoint `step`; keep the newest `keep`."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tensors: dict = {}
+    skeleton = _flatten(state, "s", tensors)
+    path = ckpt_dir / f"ckpt-{step:08d}.safetensors"
+    fd, tmp = tempfile.mkstemp(dir=ckpt_dir, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"ctmkit_state": json.dumps(skeleton)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_text(path.with_suffix(".json"), json.dumps({"step": step, "sha256": digest, "file": path.name}))
+    for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".json").unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Checkpoint files in step order (oldest first), whether valid or not."""
+    return sorted(Path(ckpt_dir).glob("ckpt-*.safetensors"))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load and verify one checkpoint (sidecar present, SHA-256 matches); UserError if it is not intact."""
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+        expected = meta["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"checkpoint '{path}' is incomplete: its metadata '{meta_path.name}' is missing or unreadable"
+                        ) from None
+    if not path.exists() or sha256_file(path) != expected:
+        raise UserError(f"checkpoint '{path}' is corrupt or truncated (SHA-256 does not match its metadata)")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            skeleton = json.loads(f.metadata()["ctmkit_state"])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"checkpoint '{path}' cannot be read: {e}") from None
+    return _unflatten(skeleton, tensors)
+
+
+def load_latest(ckpt_dir: Path) -> tuple[dict, Path] | None:
+    """The newest intact checkpoint in ckpt_dir (skipping and reporting broken ones), or None."""
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            return load_checkpoint(path), path
+        except UserError as e:
+            log.warning("skipping %s", e)
+    return None

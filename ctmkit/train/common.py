@@ -1,0 +1,266 @@
+"""What teacher and CTM training share: backbones from config, EMA, optimisers, the run loop with
+checkpoints, resume, stats.jsonl, a progress bar, non-finite-step skipping and SIGINT/SIGTERM handling."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import signal
+import time
+import typing
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import ModelConfig, TrainConfig, to_dict
+from ..errors import UserError
+from .checkpoint import atomic_write_text, load_latest, save_checkpoint
+
+if typing.TYPE_CHECKING:
+    from ..data import Dataset
+
+log = logging.getLogger(__name__)
+
+
+def backbone_spec(mcfg: ModelConfig, data: Dataset) -> dict:
+    """The backbone's class name and constructor arguments for this data (saved in model.json)."""
+    arch = mcfg.arch if mcfg.arch != "auto" else ("mlp" if data.kind == "vector" else "unet")
+    classes = data.num_classes if mcfg.conditional else 0
+    if arch == "mlp":
+        if data.kind != "vector":
+            raise UserError(f"model.arch=mlp needs vector data, but '{data.spec}' holds images; use arch=unet")
+        return {"arch": "mlp", "kwargs": dict(dim=data.shape[0], hidden=mcfg.hidden, depth=mcfg.depth,
+                                              emb_dim=mcfg.emb_dim, dropout=mcfg.dropout, num_classes=classes)}
+    if arch == "unet":
+        if data.kind != "image":
+            raise UserError(f"model.arch=unet needs image data, but '{data.spec}' holds vectors; use arch=mlp")
+        c, h, w = data.shape
+        if h != w:
+            raise UserError(f"the UNet needs square images, got {h}x{w}")
+        return {"arch": "unet", "kwargs": dict(
+            in_channels=c, resolution=h, model_channels=mcfg.channels, channel_mult=tuple(mcfg.channel_mult),
+            num_res_blocks=mcfg.num_res_blocks, attn_resolutions=tuple(mcfg.attn_resolutions),
+            dropout=mcfg.dropout, num_classes=classes)}
+    raise UserError(f"model.arch must be 'mlp', 'unet' or 'auto', got '{arch}'")
+
+
+def data_info(data: Dataset) -> dict:
+    """What a trained model must remember of its data (saved in model.json)."""
+    return {"spec": data.spec, "kind": data.kind, "shape": list(data.shape), "num_classes": data.num_classes,
+            "normalizer": data.normalizer.to_dict(),
+            "mixture": data.mixture.to_dict() if data.mixture is not None else None}
+
+
+def build_backbone(spec: dict) -> nn.Module:
+    if spec["arch"] == "mlp":
+        from ..nets.mlp import MLP
+        return MLP(**spec["kwargs"])
+    from ..nets.unet import UNet
+    kw = dict(spec["kwargs"])
+    kw["channel_mult"], kw["attn_resolutions"] = tuple(kw["channel_mult"]), tuple(kw["attn_resolutions"])
+    return UNet(**kw)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA GPU is available; use device=cpu or auto")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, rate: float) -> None:
+    """theta_ema <- rate * theta_ema + (1 - rate) * theta (buffers copied)."""
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p.detach(), 1 - rate)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    m = copy.deepcopy(model).eval()
+    m.requires_grad_(False)
+    return m
+
+
+def make_optimizer(params, tcfg: TrainConfig, lr: float | None = None, betas=(0.9, 0.999)):
+    lr = tcfg.lr if lr is None else lr
+    if tcfg.optimizer == "radam":
+        return torch.optim.RAdam(params, lr=lr, betas=betas)
+    if tcfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=betas)
+    raise UserError(f"train.optimizer must be 'adam' or 'radam', got '{tcfg.optimizer}'")
+
+
+def check_train_config(t: TrainConfig) -> None:
+    """Range checks with one clear message each."""
+    checks = [(t.steps >= 1, "train.steps must be >= 1"), (t.batch_size >= 1, "train.batch_size must be >= 1"),
+              (t.micro_batches >= 1 and t.batch_size % t.micro_batches == 0,
+               "train.micro_batches must be >= 1 and divide train.batch_size"),
+              (t.lr > 0 and math.isfinite(t.lr), "train.lr must be a positive number"),
+              (t.ckpt_every >= 1, "train.ckpt_every must be >= 1"), (t.log_every >= 1, "train.log_every must be >= 1"),
+              (all(0 < r < 1 for r in t.ema) and len(t.ema) >= 1, "train.ema must be a list of rates in (0, 1)"),
+              (t.precision in ("fp32", "bf16", "fp16"), "train.precision must be fp32, bf16 or fp16"),
+              (t.warmup >= 0 and t.grad_clip >= 0, "train.warmup and train.grad_clip must be >= 0"),
+              (t.max_bad_steps >= 1, "train.max_bad_steps must be >= 1")]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+
+
+class Run:
+    """A training run in a folder: subclasses set self.nets / self.opts and implement train_step()."""
+
+    kind = "run"
+
+    def __init__(self, cfg, out: str | Path, data: Dataset, resume: bool = False):
+        check_train_config(cfg.train)
+        self.cfg, self.tcfg, self.data, self.resume = cfg, cfg.train, data, resume
+        self.out = Path(out)
+        self.device = pick_device(cfg.train.device)
+        self.gen = torch.Generator().manual_seed(cfg.train.seed + 1)   # all data/noise draws (CPU, then moved)
+        self.step, self.bad_in_a_row, self.bad_total = 0, 0, 0
+        self.nets: dict[str, nn.Module] = {}
+        self.opts: dict[str, torch.optim.Optimizer] = {}
+        self._stop = False
+
+    # -- state ---------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"step": self.step, "bad_total": self.bad_total, "gen": self.gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "nets": {k: m.state_dict() for k, m in self.nets.items()},
+                "opts": {k: o.state_dict() for k, o in self.opts.items()}}
+
+    def load_state(self, st: dict) -> None:
+        self.step, self.bad_total = int(st["step"]), int(st["bad_total"])
+        self.gen.set_state(st["gen"])
+        torch.set_rng_state(st["torch_rng"])
+        for k, m in self.nets.items():
+            m.load_state_dict(st["nets"][k])
+        for k, o in self.opts.items():
+            o.load_state_dict(_opt_state_fix(st["opts"][k]))
+
+    def model_info(self) -> dict:
+        """Saved as model.json: what load_model needs to rebuild the network and map samples back."""
+        raise NotImplementedError
+
+    def train_step(self) -> dict:
+        raise NotImplementedError
+
+    # -- helpers for subclasses ------------------------------------------------------------------------
+    def autocast(self):
+        p = self.tcfg.precision
+        if p == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
+
+    def set_lr(self, opt: torch.optim.Optimizer, base_lr: float) -> None:
+        scale = min(1.0, (self.step + 1) / self.tcfg.warmup) if self.tcfg.warmup > 0 else 1.0
+        for group in opt.param_groups:
+            group["lr"] = base_lr * scale
+
+    def apply(self, opt: torch.optim.Optimizer, params, loss: torch.Tensor) -> bool:
+        """Step `opt` if the loss and gradients are finite (clipping if configured); else skip. Returns ok."""
+        params = [p for p in params if p.grad is not None]
+        finite = bool(torch.isfinite(loss).all()) and all(bool(torch.isfinite(p.grad).all()) for p in params)
+        if finite:
+            if self.tcfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, self.tcfg.grad_clip)
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        return finite
+
+    def batch(self, n: int):
+        x, labels = self.data.sample_batch(n, self.gen)
+        x = x.to(self.device)
+        return x, (labels.to(self.device) if labels is not None and self.use_labels else None)
+
+    @property
+    def use_labels(self) -> bool:
+        return self.cfg.model.conditional and self.data.num_classes > 0
+
+    def randn(self, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.gen).to(self.device)
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def _prepare_dir(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        atomic_write_text(self.out / "model.json", json.dumps(self.model_info(), indent=1))
+
+    def fit(self, progress: bool = True) -> Path:
+        """Train to cfg.train.steps (resuming if asked), checkpointing; returns the run folder."""
+        ckpt_dir = self.out / "checkpoints"
+        if self.resume:
+            found = load_latest(ckpt_dir)
+            if found is None:
+                log.warning("no valid checkpoint in %s: starting from scratch", ckpt_dir)
+            else:
+                self.load_state(found[0])
+                log.warning("resuming from %s (step %d)", found[1].name, self.step)
+        elif any(ckpt_dir.glob("ckpt-*.safetensors")):
+            raise UserError(f"'{self.out}' already holds checkpoints; pass --resume to continue, or pick a new --out")
+        self._prepare_dir()
+        stats_path = self.out / "stats.jsonl"
+        _truncate_stats(stats_path, self.step)
+        old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        acc: dict[str, float] = {}
+        n_acc, t0 = 0, time.time()
+        bar = tqdm(total=self.tcfg.steps, initial=self.step, disable=not progress, desc=self.kind, dynamic_ncols=True)
+        try:
+            while self.step < self.tcfg.steps and not self._stop:
+                stats = self.train_step()
+                if stats.pop("_ok", True):
+                    self.bad_in_a_row = 0
+                else:
+                    self.bad_in_a_row += 1
+                    self.bad_total += 1
+                    if self.bad_in_a_row >= self.tcfg.max_bad_steps:
+                        raise UserError(f"training diverged: {self.bad_in_a_row} non-finite steps in a row at step "
+                                        f"{self.step}; the last good checkpoint is kept (try a lower train.lr)")
+                self.step += 1
+                for k, v in stats.items():
+                    acc[k] = acc.get(k, 0.0) + float(v)
+                n_acc += 1
+                bar.update(1)
+                if self.step % self.tcfg.log_every == 0 or self.step == self.tcfg.steps:
+                    line = {"step": self.step, **{k: v / n_acc for k, v in acc.items()},
+                            "bad_steps": self.bad_total, "time": time.time() - t0}
+                    with open(stats_path, "a") as f:
+                        f.write(json.dumps(line) + "\n")
+                    bar.set_postfix(loss=f"{line.get('loss', float('nan')):.4g}")
+                    acc, n_acc = {}, 0
+                if self.step % self.tcfg.ckpt_every == 0 or self.step == self.tcfg.steps:
+                    save_checkpoint(ckpt_dir, self.step, self.state())
+            if self._stop:
+                save_checkpoint(ckpt_dir, self.step, self.state())
+                raise UserError(f"interrupted at step {self.step}: checkpoint written; continue with --resume")
+        finally:
+            bar.close()
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        return self.out
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop = True
+
+
+def _opt_state_fix(sd: dict) -> dict:
+    """Optimiser state dicts come back from JSON with string keys where torch had ints."""
+    state = {int(k): v for k, v in sd["state"].items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def _truncate_stats(path: Path, step: int) -> None:
+    """Drop stats lines past `step` (after resuming from an earlier checkpoint)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
