@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import functools
-import io
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -97,6 +95,29 @@ def train_teacher(data, out, preset, config_file, steps, batch_size, seed, ckpt_
     click.echo(f"teacher trained: {out}")
 
 
+@main.command("distill")
+@click.option("--teacher", default=None,
+              help="Teacher run folder, or 'exact' for data with a known density (gmm:PATH.json, ring, grid).")
+@training_options
+@user_errors
+def distill(teacher, data, out, preset, config_file, steps, batch_size, seed, ckpt_every, resume, quiet, overrides):
+    """Distill a CTM G(x_t, t, s) from a teacher (CTM + DSM + GAN losses).
+
+    The student starts from the teacher's weights (ctm.init_from_teacher). Switch terms with ctm.dsm=false,
+    ctm.gan=false, start the GAN late with ctm.gan_start=N; ctm.teacher_free=true trains without a teacher.
+    `ctmkit config distill` lists every key. Writes config.yaml, model.json, checkpoints/, stats.jsonl.
+    """
+    from .config import DistillConfig, load_config
+    from .data import load_data
+    from .train.ctm import CTMRun
+
+    cfg = load_config(DistillConfig, preset, config_file, list(overrides), data=data, teacher=teacher,
+                      **_train_flags(steps, batch_size, seed, ckpt_every))
+    dataset = load_data(cfg.data, n=cfg.n_data or None, seed=cfg.train.seed)
+    CTMRun(cfg, out, dataset, resume=resume).fit(progress=not quiet)
+    click.echo(f"CTM distilled: {out}")
+
+
 @main.command("config")
 @click.argument("command", type=click.Choice(["teacher", "distill"]))
 @click.option("--preset", default=None, help="Show a preset resolved on top of the defaults.")
@@ -128,76 +149,6 @@ def _parse_labels(spec: str | None, n: int, num_classes: int):
     return torch.tensor(vals)[torch.arange(n) % len(vals)]
 
 
-def generate(model, n: int, nfe: int | None, gamma: float, seed: int, labels, batch_size: int = 500,
-             sampler: str = "auto", progress: bool = True):
-    """Model-space samples [n, ...] from a teacher (Heun) or a CTM (gamma-sampling, or Heun with its denoiser);
-    noise is per-sample seeded, so results do not depend on batch_size."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from .sampling import gamma_sample, heun_sample, per_sample_normal, sample_schedule
-    info = model.info
-    shape = tuple(info["data"]["shape"])
-    is_ctm = info["kind"] == "ctm"
-    if sampler == "auto":
-        sampler = "gamma" if is_ctm else "heun"
-    if sampler == "gamma" and not is_ctm:
-        raise UserError("--sampler gamma needs a CTM model; a teacher samples with heun")
-    nfe = nfe or (1 if sampler == "gamma" else 35)
-    if nfe < 1:
-        raise UserError(f"--nfe must be >= 1, got {nfe}")
-    if not 0 <= gamma <= 1:
-        raise UserError(f"--gamma must be in [0, 1], got {gamma}")
-    smin, smax = info["sigma_min"], info["sigma_max"]
-    out = []
-    with torch.no_grad():
-        for start in tqdm(range(0, n, batch_size), desc=f"sampling {sampler} nfe={nfe}", disable=not progress,
-                          leave=False):
-            b = min(batch_size, n - start)
-            z = per_sample_normal(b, (nfe,) + shape, seed, start)   # [b, nfe, ...]: initial + re-noising draws
-            lab = labels[start:start + b] if labels is not None else None
-            if sampler == "gamma":
-                x = gamma_sample(model, z[:, 0], sample_schedule(nfe, smin, smax), gamma, labels=lab,
-                                 step_noise=z[:, 1:])
-            else:
-                den = model.denoise if is_ctm else model
-                x = heun_sample(den, z[:, 0], nfe=nfe, labels=lab, sigma_max=smax, sigma_min=smin)
-            out.append(x)
-    return torch.cat(out)
-
-
-def write_samples(x, labels, info: dict, out: Path) -> list[Path]:
-    """Write samples in the data's own space: FILE.npz (samples, labels) and, for images or 2-D data, a PNG."""
-    import numpy as np
-
-    from .data import Normalizer
-    from .report import save_image_grid, save_scatter
-    from .train.checkpoint import atomic_write_bytes
-    out = Path(out)
-    if out.suffix not in (".npz", ".png"):
-        raise UserError(f"--out must end in .npz or .png, got '{out.name}'")
-    if not out.parent.exists():
-        raise UserError(f"output folder '{out.parent}' does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"output folder '{out.parent}' is not writable")
-    written = []
-    if out.suffix == ".npz":
-        data = Normalizer.from_dict(info["data"]["normalizer"]).to_data(x.cpu())
-        buf = io.BytesIO()
-        arrays = {"samples": data} | ({"labels": labels.numpy()} if labels is not None else {})
-        np.savez(buf, **arrays)
-        atomic_write_bytes(out, buf.getvalue())
-        written.append(out)
-    png = out.with_suffix(".png")
-    if info["data"]["kind"] == "image":
-        save_image_grid(x[:256], png)
-        written.append(png)
-    elif x.shape[1] == 2:
-        save_scatter([("samples", x.cpu().numpy())], png)
-        written.append(png)
-    return written
-
-
 @main.command("sample")
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="A run folder (teacher or CTM).")
 @click.option("--n", "n", type=int, default=1000, show_default=True, help="Number of samples.")
@@ -220,6 +171,7 @@ def sample(model_dir, n, nfe, gamma, sampler, seed, labels, batch_size, out, qui
         raise UserError("--n and --batch-size must be >= 1")
     model = load_model(model_dir)
     lab = _parse_labels(labels, n, model.info["data"]["num_classes"] if _conditional(model) else 0)
+    from .generate import generate, write_samples
     x = generate(model, n, nfe, gamma, seed, lab, batch_size, sampler, progress=not quiet)
     for p in write_samples(x, lab, model.info, Path(out)):
         click.echo(f"wrote {p}")

@@ -55,6 +55,17 @@ def make_distance(name: str, dim: int, huber_c: float = 0.0,
     raise ValueError(f"unknown distance {name!r}; choose huber, l2 or feature")
 
 
+def ctm_pair(G: Callable, G_target: Callable, x_t: Tensor, x_u: Tensor, t: Tensor, u: Tensor, s: Tensor,
+             sigma_min: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """CTM step 5, both sides transported to sigma_min by the target network theta^-:
+    estimate = G_{theta^-}(G_theta(x_t, t, s), s, sigma_min)   (gradient flows through G_{theta^-} into G_theta)
+    target   = G_{theta^-}(G_{sg(theta)}(x_u, u, s), s, sigma_min)   (no grad)."""
+    estimate = G_target(G(x_t, t, s, labels), s, sigma_min, labels)
+    with torch.no_grad():
+        target = G_target(G(x_u, u, s, labels), s, sigma_min, labels)
+    return estimate, target
+
+
 def gan_d_loss(d_real: Tensor, d_fake: Tensor) -> Tensor:
     """Discriminator hinge loss: mean relu(1 - D(real)) + mean relu(1 + D(fake))."""
     return torch.relu(1 - d_real).mean() + torch.relu(1 + d_fake).mean()

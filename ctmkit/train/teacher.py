@@ -45,7 +45,7 @@ class TeacherRun(Run):
             with self.autocast():
                 loss = dsm_loss(self.net, x0, sigma, noise, cfg.model.sigma_data, labels)
             (loss / self.tcfg.micro_batches).backward()
-            total += float(loss) / self.tcfg.micro_batches
+            total += float(loss.detach()) / self.tcfg.micro_batches
         ok = self.apply(opt, self.net.parameters(), torch.tensor(total))
         if ok:
             for e, rate in zip(self.emas, self.tcfg.ema):

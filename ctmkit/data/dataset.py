@@ -1,0 +1,195 @@
+"""The Dataset container and its constructors: validated arrays, samplers and exact Gaussian mixtures.
+
+Everything a Dataset holds is in model space (see normalize.py); `normalizer` maps back to the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ctmkit.data.normalize import Normalizer, fit_images, fit_vectors, vector_normalizer
+from ctmkit.errors import UserError
+from ctmkit.teachers import GaussianMixture
+
+Sampler = Callable[[int, "torch.Generator | None"], Tensor]
+_F32_MAX = float(np.finfo(np.float32).max)
+MAX_CLASSES = 1_000_000
+
+
+@dataclass
+class Dataset:
+    """Model-space data: a finite pool `x` (+ labels), plus a fresh sampler / exact mixture when known."""
+
+    x: Tensor  # model space float32, [N, D] or [N, C, H, W]
+    labels: Tensor | None  # int64 [N] or None
+    num_classes: int  # 0 when unlabelled
+    normalizer: Normalizer
+    spec: str
+    mixture: GaussianMixture | None = None  # GaussianMixture: exact density in model space, when known
+    sampler: Sampler | None = None  # fresh model-space samples (generated sets)
+
+    @property
+    def shape(self) -> tuple:
+        """Per-sample shape, e.g. (2,) or (1, 8, 8)."""
+        return tuple(self.x.shape[1:])
+
+    @property
+    def kind(self) -> str:
+        """'vector' or 'image'."""
+        return self.normalizer.kind
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def sample_batch(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
+        """Training batch (x [n, ...], labels [n] | None): fresh from `sampler`, else pool draws."""
+        if self.sampler is not None:
+            return self.sampler(n, generator), None
+        idx = torch.randint(self.x.shape[0], (n,), generator=generator)
+        return self.x[idx], (None if self.labels is None else self.labels[idx])
+
+    def fresh(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n true samples [n, ...] for evaluation: fresh from `sampler`, else a random subset of the pool."""
+        if self.sampler is not None:
+            return self.sampler(n, generator)
+        size = self.x.shape[0]
+        if n <= size:
+            return self.x[torch.randperm(size, generator=generator)[:n]]
+        return self.x[torch.randint(size, (n,), generator=generator)]
+
+
+# ---- validation ---------------------------------------------------------------------------------
+def check_n(n: int | None) -> None:
+    """`n` must be None or a positive integer."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
+        raise UserError(f"n must be a positive integer, got {n!r}")
+
+
+def infer_layout(shape: tuple) -> str:
+    """'ND', 'NHW', 'NHWC' or 'NCHW' from an array shape (channels last when the last dim is 1, 3 or 4)."""
+    if len(shape) == 2:
+        return "ND"
+    if len(shape) == 3:
+        return "NHW"
+    if len(shape) == 4 and shape[3] in (1, 3, 4):
+        return "NHWC"
+    if len(shape) == 4 and shape[1] in (1, 3):
+        return "NCHW"
+    raise UserError(f"expected [N, D] vectors or [N, H, W(, C)] images, got shape {tuple(shape)}")
+
+
+def check_array(a: np.ndarray, what: str = "data") -> str:
+    """Validate a raw data array (dtype, emptiness, NaN/Inf, float32 range); returns its dtype name."""
+    if not isinstance(a, np.ndarray):
+        raise UserError(f"{what} must be a numeric array, got {type(a).__name__}")
+    if a.dtype.kind not in "uif":
+        raise UserError(f"{what} has dtype {a.dtype}; expected uint8 or floating-point numbers")
+    if a.ndim == 0 or a.size == 0:
+        raise UserError(f"{what} is empty (shape {tuple(a.shape)}); it needs at least one sample")
+    if a.dtype.kind == "f":
+        bad = ~np.isfinite(a)
+        if bad.any():
+            first = int(np.argwhere(bad.reshape(a.shape[0], -1).any(1))[0, 0])
+            raise UserError(f"{what} contains NaN or Inf values (first at index {first}); remove or fix them")
+        if a.dtype.itemsize > 4:
+            big = np.abs(a) > _F32_MAX
+            if big.any():
+                first = int(np.argwhere(big.reshape(a.shape[0], -1).any(1))[0, 0])
+                raise UserError(f"{what} has values beyond the float32 range (first at index {first}); "
+                                "rescale it")
+    return "uint8" if a.dtype == np.uint8 else "float32"
+
+
+def check_labels(labels: np.ndarray | None, n: int,
+                 num_classes: int | None = None) -> tuple[Tensor | None, int]:
+    """Validate integer labels [n] (>= 0, < num_classes when given); returns (int64 tensor, num_classes)."""
+    if labels is None:
+        return None, 0
+    lab = np.asarray(labels)
+    if lab.dtype.kind not in "ui":
+        if lab.dtype.kind == "f" and lab.size and np.all(np.isfinite(lab)) and np.all(lab == np.round(lab)):
+            lab = lab.astype(np.int64)
+        else:
+            raise UserError(f"labels must be integers, got dtype {lab.dtype}")
+    if lab.ndim != 1 or lab.shape[0] != n:
+        raise UserError(f"labels have shape {tuple(lab.shape)} but the data has {n} samples; "
+                        "need one label each")
+    if lab.size and lab.min() < 0:
+        raise UserError(f"labels must be >= 0, found {int(lab.min())}")
+    top = int(lab.max()) + 1 if lab.size else 0
+    if top > MAX_CLASSES:
+        raise UserError(f"label {top - 1} is too large; labels must be class indices 0..K-1 "
+                        f"(K <= {MAX_CLASSES})")
+    if num_classes is None:
+        num_classes = top
+    elif top > num_classes:
+        raise UserError(f"label {top - 1} is out of range for {num_classes} classes (0..{num_classes - 1})")
+    return torch.from_numpy(lab.astype(np.int64)), int(num_classes)
+
+
+# ---- constructors -------------------------------------------------------------------------------
+def from_array(a: np.ndarray, spec: str, labels: np.ndarray | None = None, num_classes: int | None = None,
+               n: int | None = None, layout: str | None = None,
+               normalizer: Normalizer | None = None) -> Dataset:
+    """A finite Dataset from a data-space array (first n items), validated and normalised."""
+    check_n(n)
+    dtype = check_array(a)
+    if n is not None:
+        a = a[:n]
+        labels = None if labels is None else np.asarray(labels)[:n]
+    layout = layout or infer_layout(a.shape)
+    lab, k = check_labels(labels, a.shape[0], num_classes)
+    if normalizer is None:
+        normalizer = fit_vectors(a, dtype) if layout == "ND" else fit_images(a, layout, dtype)
+    x = normalizer.to_model(a)
+    if not torch.isfinite(x).all():
+        raise UserError("data values are too large to normalise; rescale the data")
+    return Dataset(x=x, labels=lab, num_classes=k, normalizer=normalizer, spec=spec)
+
+
+def from_sampler(data_sampler: Sampler, normalizer: Normalizer, spec: str, n: int | None, seed: int,
+                 default_n: int = 20000) -> Dataset:
+    """Generated vector Dataset: `data_sampler(n, g)` gives data-space samples; pool of n drawn at `seed`."""
+    check_n(n)
+
+    def sampler(k: int, generator: torch.Generator | None = None) -> Tensor:
+        return normalizer.to_model(data_sampler(k, generator))
+
+    x = sampler(n or default_n, torch.Generator().manual_seed(seed))
+    return Dataset(x=x, labels=None, num_classes=0, normalizer=normalizer, spec=spec, sampler=sampler)
+
+
+def mixture_moments(means: Tensor, stds: Tensor, weights: Tensor) -> tuple[np.ndarray, float]:
+    """Exact per-dim mean [D] and mean per-dim variance of an isotropic mixture (float64)."""
+    w = weights / weights.sum()
+    mean = w @ means
+    second = w @ (means * means) + (w * stds * stds).sum()
+    var = float((second - mean * mean).clamp_min(0).mean())
+    return mean.numpy(), var
+
+
+def from_mixture(means, stds, weights, spec: str, n: int | None, seed: int,
+                 default_n: int = 20000) -> Dataset:
+    """A Dataset from a data-space isotropic Gaussian mixture; `mixture` is the exact model-space density."""
+    check_n(n)
+    means = torch.as_tensor(means, dtype=torch.float64)
+    stds = torch.as_tensor(stds, dtype=torch.float64)
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    mean, var = mixture_moments(means, stds, weights)
+    norm = vector_normalizer(mean, var)
+    shift = torch.tensor(norm.shift, dtype=torch.float64)
+    model = GaussianMixture((means - shift) * norm.scale, stds * norm.scale, weights / weights.sum())
+
+    def sampler(k: int, generator: torch.Generator | None = None) -> Tensor:
+        return model.sample(k, generator=generator)
+
+    x = sampler(n or default_n, torch.Generator().manual_seed(seed))
+    if not torch.isfinite(x).all():
+        raise UserError(f"mixture '{spec}' has values too large to normalise; rescale its means/stds")
+    return Dataset(x=x, labels=None, num_classes=0, normalizer=norm, spec=spec, mixture=model,
+                   sampler=sampler)
