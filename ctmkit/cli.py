@@ -32,7 +32,41 @@ def user_errors(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _OneLineUsageError(click.ClickException):
+    """A click usage error (bad option value, missing option, unknown command) shown as one line, exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"ctmkit: error: {self.format_message()}", err=True)
+
+
+class _Group(click.Group):
+    """click prints usage errors as usage + hint + message; ctmkit prints every user error as one line."""
+
+    @staticmethod
+    def _one_line(e: click.UsageError) -> _OneLineUsageError:
+        path = e.ctx.command_path if e.ctx is not None else "ctmkit"
+        return _OneLineUsageError(f"{e.format_message().rstrip('.')} (see `{path} --help`)")
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise self._one_line(e) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise self._one_line(e) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Log more (INFO level).")
 def main(verbose: bool) -> None:
     """ctmkit: Consistency Trajectory Models (Kim et al., ICLR 2024).
@@ -118,6 +152,26 @@ def distill(teacher, data, out, preset, config_file, steps, batch_size, seed, ck
     click.echo(f"CTM distilled: {out}")
 
 
+@main.command("demo")
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Run folder (must be new or empty).")
+@click.option("--preset", default="toy", show_default=True,
+              help="toy (2-D set, ~5 min on 2 CPU cores), digits (scikit-learn 8x8 digits), mnist (needs --data).")
+@click.option("--data", default=None, help="Data SPEC; default: the preset's (toy: moons). " + DATA_HELP)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.argument("overrides", nargs=-1)
+@user_errors
+def demo(out, preset, data, quiet, overrides):
+    """The main job: train a teacher, distill a CTM, sample at NFE 1, 2, 4, 8 (gamma 0 and 1), evaluate
+    against the teacher's Heun solver and write OUT/report.md with plots.
+
+    key=value overrides apply to both stages (e.g. train.steps=500 for a quick look)."""
+    from .demo import run_demo
+    if preset == "mnist" and not data:
+        raise UserError("--preset mnist needs --data PATH_TO_MNIST_IDX_FOLDER")
+    run_demo(Path(out), preset, data, tuple(overrides), progress=not quiet, echo=click.echo)
+
+
 @main.command("config")
 @click.argument("command", type=click.Choice(["teacher", "distill"]))
 @click.option("--preset", default=None, help="Show a preset resolved on top of the defaults.")
@@ -169,6 +223,13 @@ def sample(model_dir, n, nfe, gamma, sampler, seed, labels, batch_size, out, qui
     from .loading import load_model
     if n < 1 or batch_size < 1:
         raise UserError("--n and --batch-size must be >= 1")
+    if nfe is not None and nfe < 1:  # checked here: generate() reads --nfe 0 as "use the default"
+        raise UserError(f"--nfe must be >= 1, got {nfe}")
+    out_path = Path(out)  # checked before sampling, not after all the work is done
+    if out_path.suffix not in (".npz", ".png"):
+        raise UserError(f"--out must end in .npz or .png, got '{out_path.name}'")
+    if not out_path.parent.is_dir():
+        raise UserError(f"output folder '{out_path.parent}' does not exist; create it first")
     model = load_model(model_dir)
     lab = _parse_labels(labels, n, model.info["data"]["num_classes"] if _conditional(model) else 0)
     from .generate import generate, write_samples

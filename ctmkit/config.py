@@ -191,6 +191,7 @@ def load_config(cls, preset: str | None = None, config_file: str | None = None, 
         except yaml.YAMLError:
             value = raw
         _set(d, _resolve_key(cls, key.strip()), value)
+    from_dict(cls, d)  # type-check the overrides before flags can replace them
     for key, value in flags.items():
         if value is not None:
             _set(d, _resolve_key(cls, key), value)

@@ -24,7 +24,7 @@ def generate(model, n: int, nfe: int | None, gamma: float, seed: int, labels, ba
         sampler = "gamma" if is_ctm else "heun"
     if sampler == "gamma" and not is_ctm:
         raise UserError("--sampler gamma needs a CTM model; a teacher samples with heun")
-    nfe = nfe or (1 if sampler == "gamma" else 35)
+    nfe = (1 if sampler == "gamma" else 35) if nfe is None else nfe
     if nfe < 1:
         raise UserError(f"--nfe must be >= 1, got {nfe}")
     if not 0 <= gamma <= 1:

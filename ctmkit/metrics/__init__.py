@@ -1,5 +1,6 @@
 """Sample-quality metrics: sliced Wasserstein and MMD for vectors; Frechet distances (features of any network)."""
 
+from .frechet import frechet_distance
 from .swd import mmd_rbf, sliced_w1, swd_ratio, true_floor
 
-__all__ = ["sliced_w1", "mmd_rbf", "swd_ratio", "true_floor"]
+__all__ = ["frechet_distance", "sliced_w1", "mmd_rbf", "swd_ratio", "true_floor"]

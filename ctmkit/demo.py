@@ -1,0 +1,176 @@
+"""`ctmkit demo`: the whole method end to end on an embedded data set, with a report a person can read.
+
+Trains an EDM teacher, distills a CTM from it, samples the CTM at NFE 1, 2, 4, 8 with gamma 0 and 1 and the
+teacher with Heun at several NFE, evaluates everything on the same metric, and writes report.md with plots."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .config import DistillConfig, TeacherConfig, load_config
+from .data import load_data
+from .errors import UserError
+from .evaluate import heun_nfes, swd_sweep
+from .loading import load_model
+from .report import save_curves, save_loss_curves, save_scatter
+from .train.checkpoint import atomic_write_text
+from .train.ctm import CTMRun
+from .train.teacher import TeacherRun
+
+CTM_NFES = (1, 2, 4, 8)
+
+
+def run_demo(out: Path, preset: str = "toy", data: str | None = None, overrides: tuple[str, ...] = (),
+             progress: bool = True, echo=print) -> dict:
+    """Run the demo into `out`; returns the summary dict also written to summary.json."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"demo output folder '{out}' is not empty; pick a new --out")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tcfg = load_config(TeacherConfig, preset, None, list(overrides), data=data)
+    dcfg = load_config(DistillConfig, preset, None, list(overrides), data=data or tcfg.data,
+                       teacher=str(out / "teacher"))
+    dataset = load_data(tcfg.data, n=tcfg.n_data or None, seed=tcfg.train.seed)
+    times = {}
+
+    echo(f"[1/3] training the EDM teacher on '{tcfg.data}' ({tcfg.train.steps} steps)")
+    t0 = time.time()
+    TeacherRun(tcfg, out / "teacher", dataset).fit(progress)
+    times["teacher_s"] = time.time() - t0
+
+    echo(f"[2/3] distilling the CTM ({dcfg.train.steps} steps)")
+    t0 = time.time()
+    CTMRun(dcfg, out / "ctm", dataset).fit(progress)
+    times["distill_s"] = time.time() - t0
+
+    echo("[3/3] sampling and evaluating")
+    t0 = time.time()
+    teacher, ctm = load_model(out / "teacher"), load_model(out / "ctm")
+    if dataset.kind == "vector":
+        summary = _evaluate_vectors(out, dataset, teacher, ctm)
+    else:
+        summary = _evaluate_images(out, dataset, teacher, ctm)
+    times["eval_s"] = time.time() - t0
+    summary["times"] = {k: round(v, 1) for k, v in times.items()}
+    save_loss_curves(out / "teacher" / "stats.jsonl", out / "loss_teacher.png")
+    save_loss_curves(out / "ctm" / "stats.jsonl", out / "loss_ctm.png")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "report.md", _report(summary, tcfg, dcfg))
+    echo(_table(summary))
+    echo(f"report: {out / 'report.md'}")
+    return summary
+
+
+def _evaluate_vectors(out: Path, data, teacher, ctm) -> dict:
+    """SWD ratios (sliced W1 / true-vs-true floor) for CTM gamma 0/1 at each NFE and teacher Heun at each NFE."""
+    points = [("gamma", n, g) for g in (0.0, 1.0) for n in CTM_NFES]
+    rows = swd_sweep(ctm, data, points) + swd_sweep(teacher, data, [("heun", n, 0.0) for n in heun_nfes()])
+    for r in rows[len(points):]:
+        r["model"] = "teacher"
+    for r in rows[:len(points)]:
+        r["model"] = "ctm"
+    _vector_plots(out, data, teacher, ctm)
+    ctm_by = {(r["nfe"], r["gamma"]): r["ratio"] for r in rows if r["model"] == "ctm"}
+    heun = {r["nfe"]: r["ratio"] for r in rows if r["model"] == "teacher"}
+    save_curves({"CTM gamma=0": (list(CTM_NFES), [ctm_by[(n, 0.0)] for n in CTM_NFES]),
+                 "CTM gamma=1": (list(CTM_NFES), [ctm_by[(n, 1.0)] for n in CTM_NFES]),
+                 "teacher Heun": (list(heun), list(heun.values()))},
+                out / "quality_vs_nfe.png", "NFE", "sliced W1 / true-vs-true floor (lower is better)",
+                f"{data.spec}: quality vs NFE", hline=("true data (1.0)", 1.0))
+    return {"data": data.spec, "metric": "swd_ratio", "rows": rows,
+            "ctm_nfe1_vs_teacher_heun35": ctm_by[(1, 0.0)] / heun[35]}
+
+
+@torch.no_grad()
+def _vector_plots(out: Path, data, teacher, ctm) -> None:
+    from .generate import generate
+    n = 2000
+    true = data.fresh(n, torch.Generator().manual_seed(0)).numpy()
+    panels = [("data", true), ("teacher Heun 35", generate(teacher, n, 35, 0.0, 1, None, progress=False).numpy())]
+    panels += [(f"CTM NFE {k}, gamma 0", generate(ctm, n, k, 0.0, 1, None, progress=False).numpy()) for k in CTM_NFES]
+    panels += [("CTM NFE 4, gamma 1", generate(ctm, n, 4, 1.0, 1, None, progress=False).numpy())]
+    save_scatter(panels, out / "samples.png")
+    _trajectory_plot(out / "trajectories.png", true, teacher, ctm)
+
+
+@torch.no_grad()
+def _trajectory_plot(path: Path, true, teacher, ctm, t_start: float = 3.0, n_paths: int = 12) -> None:
+    """Teacher PF-ODE trajectories (lines) from t_start down to sigma_min, and CTM anytime-to-anytime jumps:
+    G(x_T, T, s) for s along the way (dots), and jumps from mid-way points (crosses). Jumps on the lines = faithful."""
+    from .report import _plt, _save_fig
+    from .schedules import karras_sigmas
+    from .solvers import solve_pf_ode
+    plt = _plt()
+    g = torch.Generator().manual_seed(3)
+    x_T = torch.randn(n_paths, 2, generator=g) * t_start
+    sig = karras_sigmas(81, 0.002, t_start)
+    path_pts = [x_T]
+    for i in range(80):
+        path_pts.append(solve_pf_ode(teacher, path_pts[-1], sig[i:i + 2], "heun"))
+    traj = torch.stack(path_pts)                                          # [81, n, 2]
+    s_marks = sig[::10]                                                   # 9 levels
+    jumps = torch.stack([ctm(x_T, torch.full((n_paths,), t_start), torch.full((n_paths,), float(s)))
+                         for s in s_marks[1:]])
+    mid = traj[40]                                                        # teacher's point at t = sig[40]
+    t_mid = float(sig[40])
+    jumps_mid = torch.stack([ctm(mid, torch.full((n_paths,), t_mid), torch.full((n_paths,), float(s)))
+                             for s in s_marks[5:]])
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.scatter(true[:, 0], true[:, 1], s=1, c="lightgray", label="data")
+    for i in range(n_paths):
+        ax.plot(traj[:, i, 0], traj[:, i, 1], c="tab:blue", lw=0.8, label="teacher ODE" if i == 0 else None)
+    ax.scatter(jumps[..., 0].flatten(), jumps[..., 1].flatten(), s=10, c="tab:red",
+               label=f"CTM G(x_T, T={t_start:g}, s)")
+    ax.scatter(jumps_mid[..., 0].flatten(), jumps_mid[..., 1].flatten(), s=18, marker="x", c="tab:green",
+               label=f"CTM G(x_t, t={t_mid:.2g}, s)")
+    ax.set_aspect("equal"), ax.legend(fontsize=7, loc="upper right")
+    ax.set_title("anytime-to-anytime jumps on the teacher's trajectories", fontsize=9)
+    _save_fig(fig, path)
+
+
+def _evaluate_images(out: Path, data, teacher, ctm) -> dict:
+    from .image_eval import evaluate_images
+    return evaluate_images(out, data, teacher, ctm, CTM_NFES)
+
+
+def _table(summary: dict) -> str:
+    metric = summary["metric"]
+    lines = [f"{'model':8} {'sampler':8} {'NFE':>4} {'gamma':>6} {metric:>12}"]
+    for r in summary["rows"]:
+        lines.append(f"{r['model']:8} {r['sampler']:8} {r['nfe']:>4} {r['gamma']:>6.1f} {r[_key(metric)]:>12.3f}")
+    return "\n".join(lines)
+
+
+def _key(metric: str) -> str:
+    return "ratio" if metric == "swd_ratio" else "value"
+
+
+def _report(summary: dict, tcfg, dcfg) -> str:
+    metric = summary["metric"]
+    what = ("sliced W1 distance to fresh data divided by the true-vs-true floor (1.0 = as close as two true samples; "
+            "mean of 4 sampling seeds x 2000 samples, floor from 5 pairs of true draws)" if metric == "swd_ratio"
+            else summary.get("metric_doc", metric))
+    md = [f"# ctmkit demo: {summary['data']}", "",
+          f"Teacher: EDM, {tcfg.train.steps} steps. CTM: {dcfg.train.steps} steps (CTM + DSM"
+          f"{' + GAN from step ' + str(dcfg.ctm.gan_start) if dcfg.ctm.gan else ''}), initialised from the teacher.",
+          "", f"Metric: {what}. Lower is better.", "",
+          f"**CTM NFE 1 (gamma 0) / teacher Heun 35 NFE: {summary['ctm_nfe1_vs_teacher_heun35']:.2f}**", "",
+          "| model | sampler | NFE | gamma | value |", "|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        md.append(f"| {r['model']} | {r['sampler']} | {r['nfe']} | {r['gamma']:.1f} | {r[_key(metric)]:.3f} |")
+    if metric != "swd_ratio":
+        md += ["", f"Feature classifier accuracy on the data: {summary['classifier_accuracy']:.3f}; "
+               f"Frechet distance between two halves of the data: {summary['data_vs_data']:.3f}.", "",
+               "Samples (CTM gamma 0, NFE 1): ![nfe1](samples_ctm_nfe1.png) NFE 2: ![nfe2](samples_ctm_nfe2.png)",
+               "", "Teacher Heun 35: ![heun](samples_teacher_heun35.png) Data: ![data](samples_data.png)"]
+    md += ["", f"Time: teacher {summary['times']['teacher_s']:.0f} s, CTM {summary['times']['distill_s']:.0f} s, "
+           f"evaluation {summary['times']['eval_s']:.0f} s.", "",
+           "![quality vs NFE](quality_vs_nfe.png)", ""]
+    if metric == "swd_ratio":
+        md += ["![samples](samples.png)", "", "![trajectories](trajectories.png)", ""]
+    md += ["![teacher loss](loss_teacher.png) ![CTM loss](loss_ctm.png)", ""]
+    return "\n".join(md)

@@ -1,0 +1,67 @@
+"""Image evaluation for the demo and benches: sample grids per NFE and a Frechet distance in the features of
+a small classifier trained on the same labelled data (domain-specific, documented as such: not FID)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .generate import generate
+from .metrics.frechet import classifier_accuracy, feature_stats, frechet_distance, train_classifier
+from .report import save_curves, save_image_grid
+
+METRIC_DOC = ("Frechet distance between Gaussian fits of the 64-d penultimate features of a small CNN classifier "
+              "trained on the same data (domain-specific; not FID, not comparable across data sets)")
+
+
+def evaluate_images(out: Path, data, teacher, ctm, nfes=(1, 2, 4, 8), n: int = 2000, heun=(3, 5, 9, 17, 35)) -> dict:
+    if data.labels is None:
+        raise ValueError("the classifier-feature Frechet distance needs a labelled image set")
+    net = train_classifier(data.x, data.labels, data.num_classes)
+    acc = classifier_accuracy(net, data.x, data.labels)
+    n = min(n, len(data))
+    real = data.fresh(n, torch.Generator().manual_seed(0))
+    mu_r, s_r = feature_stats(net.features(real))
+    conditional = ctm.info["backbone"]["kwargs"].get("num_classes", 0) > 0
+    labels = torch.arange(n) % data.num_classes if conditional else None
+
+    def fd(model, nfe, gamma, sampler):
+        x = generate(model, n, nfe, gamma, 1, labels, 500, sampler, progress=False)
+        mu, s = feature_stats(net.features(x))
+        return x, frechet_distance(mu, s, mu_r, s_r)
+
+    rows = []
+    for gamma in (0.0, 1.0):
+        for k in nfes:
+            x, v = fd(ctm, k, gamma, "gamma")
+            rows.append({"model": "ctm", "sampler": "gamma", "nfe": k, "gamma": gamma, "value": v})
+            if gamma == 0.0:
+                save_image_grid(x[:100], out / f"samples_ctm_nfe{k}.png", nrow=10)
+    for k in heun:
+        x, v = fd(teacher, k, 0.0, "heun")
+        rows.append({"model": "teacher", "sampler": "heun", "nfe": k, "gamma": 0.0, "value": v})
+        if k == 35:
+            save_image_grid(x[:100], out / "samples_teacher_heun35.png", nrow=10)
+    save_image_grid(real[:100], out / "samples_data.png", nrow=10)
+    _, floor = _split_floor(net, data, n)
+    by = {(r["model"], r["nfe"], r["gamma"]): r["value"] for r in rows}
+    save_curves({"CTM gamma=0": (list(nfes), [by[("ctm", k, 0.0)] for k in nfes]),
+                 "CTM gamma=1": (list(nfes), [by[("ctm", k, 1.0)] for k in nfes]),
+                 "teacher Heun": (list(heun), [by[("teacher", k, 0.0)] for k in heun])},
+                out / "quality_vs_nfe.png", "NFE", "classifier-feature Frechet distance", f"{data.spec}",
+                hline=("data vs data", floor))
+    return {"data": data.spec, "metric": "frechet_classifier", "metric_doc": METRIC_DOC, "rows": rows,
+            "classifier_accuracy": acc, "data_vs_data": floor,
+            "ctm_nfe1_vs_teacher_heun35": by[("ctm", 1, 0.0)] / by[("teacher", 35, 0.0)]}
+
+
+@torch.no_grad()
+def _split_floor(net, data, n: int):
+    """Frechet distance between two disjoint halves of the data (the metric's floor at n/2 samples)."""
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(1))
+    half = min(n, len(data)) // 2
+    a, b = data.x[perm[:half]], data.x[perm[half:2 * half]]
+    ma, sa = feature_stats(net.features(a))
+    mb, sb = feature_stats(net.features(b))
+    return half, frechet_distance(ma, sa, mb, sb)
