@@ -45,3 +45,29 @@ def flow_map_error(model, mixture, pairs: int = 1024, num_scales: int = 18, seed
                                                                        dtype=torch.float64)
     exact = flow_map(mixture, x_t, t, s, steps=128)
     return float((model(x_t.float(), t.float(), s.float()).double() - exact).norm(dim=1).mean())
+
+
+def sweep(model, data, points: list[tuple[str, int, float]], n: int = 2000, seeds: int = 4, png=None) -> dict:
+    """Evaluate sampling points (sampler, nfe, gamma): vectors by SWD ratio, labelled images by classifier-feature
+    Frechet distance. Rows carry 'value'; an optional PNG plots value vs NFE per (sampler, gamma)."""
+    if data.kind == "vector":
+        rows = swd_sweep(model, data, points, n, seeds)
+        for r in rows:
+            r["value"] = r["ratio"]
+        result = {"metric": "swd_ratio", "metric_doc": "sliced W1 to true data / true-vs-true floor"}
+    else:
+        from .image_eval import METRIC_DOC, ClassifierFD
+        fd = ClassifierFD(data, n)
+        rows = [{"sampler": sm, "nfe": k, "gamma": g, "value": fd(model, k, g, sm)[1]} for sm, k, g in points]
+        result = {"metric": "frechet_classifier", "metric_doc": METRIC_DOC, "classifier_accuracy": fd.accuracy}
+    result.update(model_kind=model.info["kind"], data=data.spec, rows=rows)
+    if png is not None:
+        from .report import save_curves
+        series: dict = {}
+        for r in rows:
+            name = f"{r['sampler']} gamma={r['gamma']:g}" if r["sampler"] == "gamma" else "heun (denoiser)"
+            series.setdefault(name, ([], []))
+            series[name][0].append(r["nfe"])
+            series[name][1].append(r["value"])
+        save_curves(series, png, "NFE", result["metric"], f"{data.spec}")
+    return result

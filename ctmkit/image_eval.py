@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
 from .generate import generate
 from .metrics.frechet import classifier_accuracy, feature_stats, frechet_distance, train_classifier
 from .report import save_curves, save_image_grid
@@ -15,21 +16,32 @@ METRIC_DOC = ("Frechet distance between Gaussian fits of the 64-d penultimate fe
               "trained on the same data (domain-specific; not FID, not comparable across data sets)")
 
 
-def evaluate_images(out: Path, data, teacher, ctm, nfes=(1, 2, 4, 8), n: int = 2000, heun=(3, 5, 9, 17, 35)) -> dict:
-    if data.labels is None:
-        raise ValueError("the classifier-feature Frechet distance needs a labelled image set")
-    net = train_classifier(data.x, data.labels, data.num_classes)
-    acc = classifier_accuracy(net, data.x, data.labels)
-    n = min(n, len(data))
-    real = data.fresh(n, torch.Generator().manual_seed(0))
-    mu_r, s_r = feature_stats(net.features(real))
-    conditional = ctm.info["backbone"]["kwargs"].get("num_classes", 0) > 0
-    labels = torch.arange(n) % data.num_classes if conditional else None
+class ClassifierFD:
+    """Frechet distance of a model's samples to n real items, in a classifier trained on the labelled data."""
 
-    def fd(model, nfe, gamma, sampler):
-        x = generate(model, n, nfe, gamma, 1, labels, 500, sampler, progress=False)
-        mu, s = feature_stats(net.features(x))
-        return x, frechet_distance(mu, s, mu_r, s_r)
+    def __init__(self, data, n: int = 2000):
+        if data.labels is None:
+            raise UserError(f"'{data.spec}' has no labels: the classifier-feature Frechet distance needs a labelled "
+                            "image set (FID for unlabelled images is not available yet)")
+        self.data, self.n = data, min(n, len(data))
+        self.net = train_classifier(data.x, data.labels, data.num_classes)
+        self.accuracy = classifier_accuracy(self.net, data.x, data.labels)
+        self.real = data.fresh(self.n, torch.Generator().manual_seed(0))
+        self.mu_r, self.s_r = feature_stats(self.net.features(self.real))
+
+    @torch.no_grad()
+    def __call__(self, model, nfe: int, gamma: float, sampler: str, seed: int = 1):
+        """(samples, Frechet distance) for one sampling point; class-conditional models get balanced labels."""
+        conditional = model.info["backbone"]["kwargs"].get("num_classes", 0) > 0
+        labels = torch.arange(self.n) % self.data.num_classes if conditional else None
+        x = generate(model, self.n, nfe, gamma, seed, labels, 500, sampler, progress=False)
+        mu, s = feature_stats(self.net.features(x))
+        return x, frechet_distance(mu, s, self.mu_r, self.s_r)
+
+
+def evaluate_images(out: Path, data, teacher, ctm, nfes=(1, 2, 4, 8), n: int = 2000, heun=(3, 5, 9, 17, 35)) -> dict:
+    fd = ClassifierFD(data, n)
+    net, acc, real, n = fd.net, fd.accuracy, fd.real, fd.n
 
     rows = []
     for gamma in (0.0, 1.0):

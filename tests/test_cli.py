@@ -54,7 +54,10 @@ def teacher(tmp_path_factory) -> Path:
     (["distill"], ["Distill", "--teacher", "--data", "--resume"]),
     (["sample"], ["Sample", "--model", "--nfe", "--gamma", "--labels"]),
     (["config"], ["config", "teacher", "distill"]),
-], ids=["group", "train-teacher", "distill", "sample", "config"])
+    (["eval"], ["sweep", "--nfe", "--gamma", "--heun", "floor"]),
+    (["nll"], ["log-likelihood", "bits/dim", "--rtol"]),
+    (["demo"], ["main job", "--preset", "--out"]),
+], ids=["group", "train-teacher", "distill", "sample", "config", "eval", "nll", "demo"])
 def test_help(cmd, words, tmp_path):
     res = ok(ctmkit(*cmd, "--help", cwd=tmp_path))
     for w in words:
@@ -194,3 +197,16 @@ def test_bad_input_gives_one_line_error(case, teacher, tmp_path):
         assert last_stats(t)["step"] == 3  # the run was left as it was
     if case.startswith("sample"):
         assert not (tmp_path / "s.npz").exists()
+
+
+def test_eval_and_nll_on_a_tiny_ctm(tmp_path):
+    ok(ctmkit("distill", "--teacher", "exact", "--data", "ring", "--out", "ctm", *TINY, *MLP, "ctm.gan=false",
+              cwd=tmp_path))
+    ok(ctmkit("eval", "--model", "ctm", "--data", "ring", "--nfe", "1,2", "--gamma", "0,1", "--heun", "3", "--n",
+              "200", "--seeds", "1", "--out", "ev.json", cwd=tmp_path))
+    res = json.loads((tmp_path / "ev.json").read_text())
+    assert res["metric"] == "swd_ratio" and len(res["rows"]) == 5 and (tmp_path / "ev.png").exists()
+    assert all(r["value"] > 0 for r in res["rows"])
+    out = json.loads(ok(ctmkit("nll", "--model", "ctm", "--data", "ring", "--n", "8", "--rtol", "1e-3", "--atol",
+                               "1e-3", cwd=tmp_path)).stdout)
+    assert out["n"] == 8 and out["dim"] == 2 and np.isfinite(out["nats_per_dim"])
