@@ -51,7 +51,7 @@ def main() -> None:
             if (out / "checkpoints").exists():
                 cmd.append("--resume")
             t0 = time.time()
-            subprocess.run(cmd, check=True)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             train_s = time.time() - t0
             rows = swd_sweep(load_model(out), data, [("gamma", n, g) for g in (0.0, 1.0) for n in (1, 2, 4, 8)])
             res = {"ctm_gamma0": {r["nfe"]: round(r["ratio"], 3) for r in rows if r["gamma"] == 0.0},

@@ -33,7 +33,7 @@ def main() -> None:
         if (out / "checkpoints").exists():
             cmd.append("--resume")
         t0 = time.time()
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         train_s = time.time() - t0
         rows = swd_sweep(load_model(out), load_data(name), [("heun", 35, 0.0)])
         results[name] = {"heun35_swd_ratio": rows[0]["ratio"], "swd": rows[0]["swd"], "floor": rows[0]["floor"],

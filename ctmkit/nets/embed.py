@@ -39,9 +39,10 @@ class TimeEmbedding(nn.Module):
     the CTM ``s`` input, so a student copied from a teacher starts out ignoring ``s``).
     """
 
-    def __init__(self, emb_dim: int, fourier_channels: int = 64, zero_out: bool = False) -> None:
+    def __init__(self, emb_dim: int, fourier_channels: int = 64, zero_out: bool = False,
+                 fourier_scale: float = 16.0) -> None:
         super().__init__()
-        self.fourier = FourierEmbedding(fourier_channels)
+        self.fourier = FourierEmbedding(fourier_channels, fourier_scale)
         self.fc1 = nn.Linear(fourier_channels, emb_dim)
         self.fc2 = nn.Linear(emb_dim, emb_dim)
         if zero_out:

@@ -126,6 +126,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         num_classes: int = 0,
         emb_mult: int = 4,
+        fourier_scale: float = 16.0,
     ) -> None:
         super().__init__()
         if len(channel_mult) == 0:
@@ -136,8 +137,8 @@ class UNet(nn.Module):
         emb_dim = model_channels * emb_mult
         self.emb_dim = emb_dim
 
-        self.t_embed = TimeEmbedding(emb_dim)
-        self.s_embed = TimeEmbedding(emb_dim, zero_out=True)  # name relied on by teacher->student init
+        self.t_embed = TimeEmbedding(emb_dim, fourier_scale=fourier_scale)
+        self.s_embed = TimeEmbedding(emb_dim, zero_out=True, fourier_scale=fourier_scale)  # teacher->student init
         self.label_embed = nn.Embedding(num_classes, emb_dim) if num_classes > 0 else None
 
         self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)

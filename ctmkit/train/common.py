@@ -36,7 +36,8 @@ def backbone_spec(mcfg: ModelConfig, data: Dataset) -> dict:
         if data.kind != "vector":
             raise UserError(f"model.arch=mlp needs vector data, but '{data.spec}' holds images; use arch=unet")
         return {"arch": "mlp", "kwargs": dict(dim=data.shape[0], hidden=mcfg.hidden, depth=mcfg.depth,
-                                              emb_dim=mcfg.emb_dim, dropout=mcfg.dropout, num_classes=classes)}
+                                              emb_dim=mcfg.emb_dim, dropout=mcfg.dropout, num_classes=classes,
+                                              fourier_scale=mcfg.fourier_scale)}
     if arch == "unet":
         if data.kind != "image":
             raise UserError(f"model.arch=unet needs image data, but '{data.spec}' holds vectors; use arch=mlp")
@@ -46,7 +47,7 @@ def backbone_spec(mcfg: ModelConfig, data: Dataset) -> dict:
         return {"arch": "unet", "kwargs": dict(
             in_channels=c, resolution=h, model_channels=mcfg.channels, channel_mult=tuple(mcfg.channel_mult),
             num_res_blocks=mcfg.num_res_blocks, attn_resolutions=tuple(mcfg.attn_resolutions),
-            dropout=mcfg.dropout, num_classes=classes)}
+            dropout=mcfg.dropout, num_classes=classes, fourier_scale=mcfg.fourier_scale)}
     raise UserError(f"model.arch must be 'mlp', 'unet' or 'auto', got '{arch}'")
 
 
@@ -213,6 +214,7 @@ class Run:
         old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         acc: dict[str, float] = {}
         n_acc, t0 = 0, time.time()
+        tb = _tensorboard(self.out / "tb")
         bar = tqdm(total=self.tcfg.steps, initial=self.step, disable=not progress, desc=self.kind, dynamic_ncols=True)
         try:
             while self.step < self.tcfg.steps and not self._stop:
@@ -235,6 +237,8 @@ class Run:
                             "bad_steps": self.bad_total, "time": time.time() - t0}
                     with open(stats_path, "a") as f:
                         f.write(json.dumps(line) + "\n")
+                    for k, v in line.items() if tb else ():
+                        tb.add_scalar(k, v, self.step)
                     bar.set_postfix(loss=f"{line.get('loss', float('nan')):.4g}")
                     acc, n_acc = {}, 0
                 if self.step % self.tcfg.ckpt_every == 0 or self.step == self.tcfg.steps:
@@ -244,12 +248,23 @@ class Run:
                 raise UserError(f"interrupted at step {self.step}: checkpoint written; continue with --resume")
         finally:
             bar.close()
+            if tb:
+                tb.close()
             for sig, handler in old.items():
                 signal.signal(sig, handler)
         return self.out
 
     def _on_signal(self, signum, frame) -> None:
         self._stop = True
+
+
+def _tensorboard(path: Path):
+    """A TensorBoard SummaryWriter when the tensorboard package is installed, else None (stats.jsonl always)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
 
 
 def _opt_state_fix(sd: dict) -> dict:
