@@ -253,10 +253,11 @@ def nll(model_dir, data, n, batch_size, rtol, atol, hutchinson, seed):
 @click.option("--preset", default="toy", show_default=True,
               help="toy (2-D set, ~5 min on 2 CPU cores), digits (scikit-learn 8x8 digits), mnist (needs --data).")
 @click.option("--data", default=None, help="Data SPEC; default: the preset's (toy: moons). " + DATA_HELP)
+@click.option("--eval-samples", type=int, default=2000, show_default=True, help="Samples per evaluated point.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.argument("overrides", nargs=-1)
 @user_errors
-def demo(out, preset, data, quiet, overrides):
+def demo(out, preset, data, eval_samples, quiet, overrides):
     """The main job: train a teacher, distill a CTM, sample at NFE 1, 2, 4, 8 (gamma 0 and 1), evaluate
     against the teacher's Heun solver and write OUT/report.md with plots.
 
@@ -264,7 +265,10 @@ def demo(out, preset, data, quiet, overrides):
     from .demo import run_demo
     if preset == "mnist" and not data:
         raise UserError("--preset mnist needs --data PATH_TO_MNIST_IDX_FOLDER")
-    run_demo(Path(out), preset, data, tuple(overrides), progress=not quiet, echo=click.echo)
+    if eval_samples < 10:
+        raise UserError("--eval-samples must be >= 10")
+    run_demo(Path(out), preset, data, tuple(overrides), progress=not quiet, echo=click.echo,
+             eval_samples=eval_samples)
 
 
 @main.command("config")

@@ -25,14 +25,15 @@ CTM_NFES = (1, 2, 4, 8)
 
 
 def run_demo(out: Path, preset: str = "toy", data: str | None = None, overrides: tuple[str, ...] = (),
-             progress: bool = True, echo=print) -> dict:
+             progress: bool = True, echo=print, eval_samples: int = 2000) -> dict:
     """Run the demo into `out`; returns the summary dict also written to summary.json."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"demo output folder '{out}' is not empty; pick a new --out")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    tcfg = load_config(TeacherConfig, preset, None, list(overrides), data=data)
-    dcfg = load_config(DistillConfig, preset, None, list(overrides), data=data or tcfg.data,
+    t_over, d_over = _split_overrides(overrides)
+    tcfg = load_config(TeacherConfig, preset, None, t_over, data=data)
+    dcfg = load_config(DistillConfig, preset, None, d_over, data=data or tcfg.data,
                        teacher=str(out / "teacher"))
     dataset = load_data(tcfg.data, n=tcfg.n_data or None, seed=tcfg.train.seed)
     times = {}
@@ -51,11 +52,13 @@ def run_demo(out: Path, preset: str = "toy", data: str | None = None, overrides:
     t0 = time.time()
     teacher, ctm = load_model(out / "teacher"), load_model(out / "ctm")
     if dataset.kind == "vector":
-        summary = _evaluate_vectors(out, dataset, teacher, ctm)
+        summary = _evaluate_vectors(out, dataset, teacher, ctm, eval_samples)
     else:
-        summary = _evaluate_images(out, dataset, teacher, ctm)
+        from .image_eval import evaluate_images
+        summary = evaluate_images(out, dataset, teacher, ctm, CTM_NFES, eval_samples)
     times["eval_s"] = time.time() - t0
     summary["times"] = {k: round(v, 1) for k, v in times.items()}
+    summary["eval_samples"] = eval_samples
     save_loss_curves(out / "teacher" / "stats.jsonl", out / "loss_teacher.png")
     save_loss_curves(out / "ctm" / "stats.jsonl", out / "loss_ctm.png")
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
@@ -65,15 +68,34 @@ def run_demo(out: Path, preset: str = "toy", data: str | None = None, overrides:
     return summary
 
 
-def _evaluate_vectors(out: Path, data, teacher, ctm) -> dict:
+def _split_overrides(overrides) -> tuple[list[str], list[str]]:
+    """key=value overrides go to each stage whose config has the key (train.steps=... goes to both)."""
+    from .config import _resolve_key
+    t_over, d_over = [], []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        hits = []
+        for cls, dest in ((TeacherConfig, t_over), (DistillConfig, d_over)):
+            try:
+                _resolve_key(cls, key)
+            except UserError:
+                continue
+            dest.append(item)
+            hits.append(cls)
+        if not hits:
+            _resolve_key(DistillConfig, key)  # raises the error that lists the valid keys
+    return t_over, d_over
+
+
+def _evaluate_vectors(out: Path, data, teacher, ctm, n: int) -> dict:
     """SWD ratios (sliced W1 / true-vs-true floor) for CTM gamma 0/1 at each NFE and teacher Heun at each NFE."""
     points = [("gamma", n, g) for g in (0.0, 1.0) for n in CTM_NFES]
-    rows = swd_sweep(ctm, data, points) + swd_sweep(teacher, data, [("heun", n, 0.0) for n in heun_nfes()])
+    rows = swd_sweep(ctm, data, points, n) + swd_sweep(teacher, data, [("heun", k, 0.0) for k in heun_nfes()], n)
     for r in rows[len(points):]:
         r["model"] = "teacher"
     for r in rows[:len(points)]:
         r["model"] = "ctm"
-    _vector_plots(out, data, teacher, ctm)
+    _vector_plots(out, data, teacher, ctm, n)
     ctm_by = {(r["nfe"], r["gamma"]): r["ratio"] for r in rows if r["model"] == "ctm"}
     heun = {r["nfe"]: r["ratio"] for r in rows if r["model"] == "teacher"}
     save_curves({"CTM gamma=0": (list(CTM_NFES), [ctm_by[(n, 0.0)] for n in CTM_NFES]),
@@ -86,9 +108,8 @@ def _evaluate_vectors(out: Path, data, teacher, ctm) -> dict:
 
 
 @torch.no_grad()
-def _vector_plots(out: Path, data, teacher, ctm) -> None:
+def _vector_plots(out: Path, data, teacher, ctm, n: int) -> None:
     from .generate import generate
-    n = 2000
     true = data.fresh(n, torch.Generator().manual_seed(0)).numpy()
     panels = [("data", true), ("teacher Heun 35", generate(teacher, n, 35, 0.0, 1, None, progress=False).numpy())]
     panels += [(f"CTM NFE {k}, gamma 0", generate(ctm, n, k, 0.0, 1, None, progress=False).numpy()) for k in CTM_NFES]
@@ -132,11 +153,6 @@ def _trajectory_plot(path: Path, true, teacher, ctm, t_start: float = 3.0, n_pat
     _save_fig(fig, path)
 
 
-def _evaluate_images(out: Path, data, teacher, ctm) -> dict:
-    from .image_eval import evaluate_images
-    return evaluate_images(out, data, teacher, ctm, CTM_NFES)
-
-
 def _table(summary: dict) -> str:
     metric = summary["metric"]
     lines = [f"{'model':8} {'sampler':8} {'NFE':>4} {'gamma':>6} {metric:>12}"]
@@ -151,9 +167,11 @@ def _key(metric: str) -> str:
 
 def _report(summary: dict, tcfg, dcfg) -> str:
     metric = summary["metric"]
-    what = ("sliced W1 distance to fresh data divided by the true-vs-true floor (1.0 = as close as two true samples; "
-            "mean of 4 sampling seeds x 2000 samples, floor from 5 pairs of true draws)" if metric == "swd_ratio"
-            else summary.get("metric_doc", metric))
+    what = summary.get("metric_doc", metric)
+    if metric == "swd_ratio":
+        what = ("sliced W1 distance to fresh data divided by the true-vs-true floor (1.0 = as close as two true "
+                f"samples; mean of 4 sampling seeds x {summary['eval_samples']} samples, floor from 5 pairs of true "
+                "draws)")
     md = [f"# ctmkit demo: {summary['data']}", "",
           f"Teacher: EDM, {tcfg.train.steps} steps. CTM: {dcfg.train.steps} steps (CTM + DSM"
           f"{' + GAN from step ' + str(dcfg.ctm.gan_start) if dcfg.ctm.gan else ''}), initialised from the teacher.",

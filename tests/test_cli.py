@@ -226,3 +226,14 @@ def test_class_conditional_sampling_gives_requested_classes(tmp_path):
         s = np.load(tmp_path / f"s{c}.npz")
         nearest = np.argmin(((s["samples"][:, None, :] - means[None]) ** 2).sum(-1), axis=1)
         assert (s["labels"] == c).all() and (nearest == c).mean() > 0.9, np.bincount(nearest, minlength=4)
+
+
+def test_demo_runs_end_to_end_on_a_tiny_config(tmp_path):
+    res = ok(ctmkit("demo", "--out", "d", "--quiet", "--eval-samples", "100", "train.steps=4", *MLP, "ctm.gan_start=2",
+                    cwd=tmp_path))
+    d = tmp_path / "d"
+    for f in ("report.md", "summary.json", "samples.png", "quality_vs_nfe.png", "trajectories.png", "loss_ctm.png"):
+        assert (d / f).exists(), f
+    summary = json.loads((d / "summary.json").read_text())
+    assert len(summary["rows"]) == 8 + 6 and "CTM NFE 1" in (d / "report.md").read_text()
+    assert "teacher" in res.stdout and "ctm" in res.stdout
