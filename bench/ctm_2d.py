@@ -11,6 +11,7 @@ Variants: full, nodsm (ctm.dsm=false), nogan (ctm.gan=false).
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -33,7 +34,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/ctm_2d")
     ap.add_argument("--steps", type=int, default=None)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     results = {}
     for case in args.cases.split(","):
         name, _, kind = case.partition(":")

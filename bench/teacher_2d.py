@@ -6,6 +6,7 @@ Prints JSON: per set, the sliced-W1 ratio to the true-vs-true floor (target < 2)
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override the toy preset's teacher steps")
     ap.add_argument("--out", default="bench/out/teacher_2d")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     results = {}
     for name in args.sets.split(","):
         out = Path(args.out) / name

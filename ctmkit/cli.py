@@ -329,7 +329,8 @@ def sample(model_dir, n, nfe, gamma, sampler, seed, labels, batch_size, out, qui
         raise UserError(f"--out must end in .npz or .png, got '{out_path.name}'")
     if not out_path.parent.is_dir():
         raise UserError(f"output folder '{out_path.parent}' does not exist; create it first")
-    model = load_model(model_dir)
+    import torch
+    model = load_model(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
     lab = _parse_labels(labels, n, model.info["data"]["num_classes"] if _conditional(model) else 0)
     from .generate import generate, write_samples
     x = generate(model, n, nfe, gamma, seed, lab, batch_size, sampler, progress=not quiet)

@@ -31,7 +31,7 @@ class ModelConfig:
     attn_resolutions: list = field(default_factory=lambda: [16])  # unet: self-attention at these resolutions
     dropout: float = 0.0            # dropout in residual blocks
     conditional: bool = True        # use class labels when the data has them
-    fourier_scale: float = 16.0     # std of the Fourier frequencies of the c_noise(t), c_noise(s) embeddings
+    fourier_scale: float = 1.0      # std of the Fourier frequencies of the c_noise(t), c_noise(s) embeddings
 
 
 @dataclass

@@ -30,20 +30,21 @@ def generate(model, n: int, nfe: int | None, gamma: float, seed: int, labels, ba
     if not 0 <= gamma <= 1:
         raise UserError(f"--gamma must be in [0, 1], got {gamma}")
     smin, smax = info["sigma_min"], info["sigma_max"]
+    device = next(model.parameters()).device
     out = []
     with torch.no_grad():
         for start in tqdm(range(0, n, batch_size), desc=f"sampling {sampler} nfe={nfe}", disable=not progress,
                           leave=False):
             b = min(batch_size, n - start)
-            z = per_sample_normal(b, (nfe,) + shape, seed, start)   # [b, nfe, ...]: initial + re-noising draws
-            lab = labels[start:start + b] if labels is not None else None
+            z = per_sample_normal(b, (nfe,) + shape, seed, start).to(device)  # [b, nfe, ...]: initial + re-noising
+            lab = labels[start:start + b].to(device) if labels is not None else None
             if sampler == "gamma":
                 x = gamma_sample(model, z[:, 0], sample_schedule(nfe, smin, smax), gamma, labels=lab,
                                  step_noise=z[:, 1:])
             else:
                 den = model.denoise if is_ctm else model
                 x = heun_sample(den, z[:, 0], nfe=nfe, labels=lab, sigma_max=smax, sigma_min=smin)
-            out.append(x)
+            out.append(x.cpu())
     return torch.cat(out)
 
 

@@ -19,7 +19,7 @@ class FourierEmbedding(nn.Module):
 
     freqs: Tensor
 
-    def __init__(self, num_channels: int, scale: float = 16.0) -> None:
+    def __init__(self, num_channels: int, scale: float = 1.0) -> None:
         super().__init__()
         if num_channels <= 0 or num_channels % 2:
             raise ValueError(f"FourierEmbedding needs a positive even num_channels, got {num_channels}")
@@ -40,7 +40,7 @@ class TimeEmbedding(nn.Module):
     """
 
     def __init__(self, emb_dim: int, fourier_channels: int = 64, zero_out: bool = False,
-                 fourier_scale: float = 16.0) -> None:
+                 fourier_scale: float = 1.0) -> None:
         super().__init__()
         self.fourier = FourierEmbedding(fourier_channels, fourier_scale)
         self.fc1 = nn.Linear(fourier_channels, emb_dim)

@@ -29,7 +29,7 @@ class MLP(nn.Module):
     """Backbone for x [B, D]: forward(x, noise_t [B], noise_s [B] | None, labels [B] | None) -> [B, D]."""
 
     def __init__(self, dim: int, hidden: int = 256, depth: int = 4, emb_dim: int = 128, dropout: float = 0.0,
-                 num_classes: int = 0, fourier_scale: float = 16.0):
+                 num_classes: int = 0, fourier_scale: float = 1.0):
         super().__init__()
         self.t_embed = TimeEmbedding(emb_dim, fourier_scale=fourier_scale)
         self.s_embed = TimeEmbedding(emb_dim, zero_out=True, fourier_scale=fourier_scale)

@@ -126,7 +126,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         num_classes: int = 0,
         emb_mult: int = 4,
-        fourier_scale: float = 16.0,
+        fourier_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if len(channel_mult) == 0:
