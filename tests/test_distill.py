@@ -37,3 +37,24 @@ def test_teacher_free_and_ablation_variants_train(tmp_path):
         assert ("loss_dsm" in last) == (name != "nodsm")
         if name == "fixed":
             assert last["lambda_dsm"] == 0.5 and "loss_d" in last
+
+
+def test_student_starts_as_the_teacher_weight_for_weight(tmp_path):
+    from ctmkit import load_model
+    from ctmkit.config import TeacherConfig
+    from ctmkit.precond import ctm_jump
+    from ctmkit.train.teacher import TeacherRun
+    data = load_data("moons")
+    tcfg = load_config(TeacherConfig, None, None, ["model.hidden=32", "model.depth=2"], data="moons",
+                       **{"train.steps": 5, "train.batch_size": 32})
+    TeacherRun(tcfg, tmp_path / "t", data).fit(progress=False)
+    teacher = load_model(tmp_path / "t")
+    dcfg = load_config(DistillConfig, None, None, [], data="moons", teacher=str(tmp_path / "t"),
+                       **{"train.steps": 1, "train.batch_size": 32})
+    student = CTMRun(dcfg, tmp_path / "c", data).net.eval()
+    x, t = torch.randn(64, 2), torch.rand(64) * 10 + 0.01
+    with torch.no_grad():
+        assert torch.allclose(student.denoise(x, t), teacher(x, t), atol=1e-6)
+        # with s ignored at init, the jump is the teacher's one-step (DDIM) jump
+        assert torch.allclose(student(x, t, t / 3), ctm_jump(x, t, t / 3, teacher(x, t)), atol=1e-5)
+    assert torch.count_nonzero(student.backbone.s_embed.fc2.weight) == 0
