@@ -65,7 +65,7 @@ def sweep(model, data, points: list[tuple[str, int, float]], n: int = 2000, seed
         from .report import save_curves
         series: dict = {}
         for r in rows:
-            name = f"{r['sampler']} gamma={r['gamma']:g}" if r["sampler"] == "gamma" else "heun (denoiser)"
+            name = f"CTM gamma={r['gamma']:g}" if r["sampler"] == "gamma" else "Heun (model as denoiser)"
             series.setdefault(name, ([], []))
             series[name][0].append(r["nfe"])
             series[name][1].append(r["value"])
