@@ -19,12 +19,13 @@ def main() -> None:
     ap.add_argument("--preset", default="digits")
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--eval-samples", type=int, default=2000)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     out = Path(args.out or f"bench/out/images_{args.preset}")
     shutil.rmtree(out, ignore_errors=True)
     summary = run_demo(out, args.preset, args.data, tuple(args.overrides), progress=False,
-                       echo=lambda *a, **k: None)
+                       echo=lambda *a, **k: None, eval_samples=args.eval_samples)
     print(json.dumps(summary, indent=1))
 
 

@@ -41,7 +41,7 @@ def image_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 1, scale: in
         r, q = divmod(i, nrow)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = arr[i]
     img = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    scale = scale or max(1, 256 // max(grid.shape[:2]))
+    scale = scale or max(1, 512 // max(grid.shape[:2]))
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 
 
