@@ -76,8 +76,17 @@ def gan_g_loss(d_fake: Tensor) -> Tensor:
     return -d_fake.mean()
 
 
+def last_layer_grad(loss: Tensor, last_layer: Tensor) -> Tensor:
+    """grad of a loss w.r.t. the last layer's weight, without touching .grad (the graph is kept)."""
+    return torch.autograd.grad(loss, last_layer, retain_graph=True)[0]
+
+
+def adaptive_weight_from_grads(g_ctm: Tensor, g_x: Tensor, lo: float, hi: float) -> Tensor:
+    """lambda_X = ||g_CTM|| / (||g_X|| + 1e-4), detached and clamped (CTM_SPEC step 8)."""
+    return (g_ctm.norm() / (g_x.norm() + 1e-4)).clamp(lo, hi).detach()
+
+
 def adaptive_weight(loss_ctm: Tensor, loss_x: Tensor, last_layer: Tensor, lo: float, hi: float) -> Tensor:
     """lambda_X = ||grad_last L_CTM|| / (||grad_last L_X|| + 1e-4), detached and clamped (CTM_SPEC step 8)."""
-    g_ctm = torch.autograd.grad(loss_ctm, last_layer, retain_graph=True)[0]
-    g_x = torch.autograd.grad(loss_x, last_layer, retain_graph=True)[0]
-    return (g_ctm.norm() / (g_x.norm() + 1e-4)).clamp(lo, hi).detach()
+    return adaptive_weight_from_grads(last_layer_grad(loss_ctm, last_layer), last_layer_grad(loss_x, last_layer),
+                                      lo, hi)

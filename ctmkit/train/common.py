@@ -1,5 +1,7 @@
 """What teacher and CTM training share: backbones from config, EMA, optimisers, the run loop with
-checkpoints, resume, stats.jsonl, a progress bar, non-finite-step skipping and SIGINT/SIGTERM handling."""
+checkpoints, resume, stats.jsonl, a progress bar, non-finite-step skipping and SIGINT/SIGTERM handling,
+and the multi-process plumbing (torchrun + DDP, see dist.py): global batches sliced per rank and
+micro-batch, rank-0-only files, fp16 gradient scaling, optional torch.compile."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..config import ModelConfig, TrainConfig, to_dict
 from ..errors import UserError
+from . import dist
 from .checkpoint import atomic_write_text, load_latest, save_checkpoint
 
 if typing.TYPE_CHECKING:
@@ -66,14 +69,6 @@ def build_backbone(spec: dict) -> nn.Module:
     kw = dict(spec["kwargs"])
     kw["channel_mult"], kw["attn_resolutions"] = tuple(kw["channel_mult"]), tuple(kw["attn_resolutions"])
     return UNet(**kw)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA GPU is available; use device=cpu or auto")
-    return torch.device(name)
 
 
 @torch.no_grad()
@@ -125,28 +120,44 @@ class Run:
         check_train_config(cfg.train)
         self.cfg, self.tcfg, self.data, self.resume = cfg, cfg.train, data, resume
         self.out = Path(out)
-        self.device = pick_device(cfg.train.device)
+        self.dist, self.device = dist.setup(cfg.train.device)
+        per_rank = self.dist.world * self.tcfg.micro_batches
+        if self.tcfg.batch_size % per_rank:
+            raise UserError(f"train.batch_size={self.tcfg.batch_size} must be divisible by the number of processes "
+                            f"({self.dist.world}) x train.micro_batches ({self.tcfg.micro_batches})")
+        if self.tcfg.precision == "fp16" and self.device.type != "cuda":
+            raise UserError("train.precision=fp16 (with a gradient scaler) needs a CUDA GPU; use bf16 on CPU")
         self.gen = torch.Generator().manual_seed(cfg.train.seed + 1)   # all data/noise draws (CPU, then moved)
         self.step, self.bad_in_a_row, self.bad_total = 0, 0, 0
         self.nets: dict[str, nn.Module] = {}
         self.opts: dict[str, torch.optim.Optimizer] = {}
+        self.scalers: dict[str, torch.amp.GradScaler] = {}
         self._stop = False
 
     # -- state ---------------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"step": self.step, "bad_total": self.bad_total, "gen": self.gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "nets": {k: m.state_dict() for k, m in self.nets.items()},
-                "opts": {k: o.state_dict() for k, o in self.opts.items()}}
+        st = {"step": self.step, "bad_total": self.bad_total, "gen": self.gen.get_state(),
+              "torch_rng": torch.get_rng_state(),
+              "nets": {k: m.state_dict() for k, m in self.nets.items()},
+              "opts": {k: o.state_dict() for k, o in self.opts.items()},
+              "scalers": {k: sc.state_dict() for k, sc in self.scalers.items()}}
+        if self.device.type == "cuda":
+            st["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return st
 
     def load_state(self, st: dict) -> None:
         self.step, self.bad_total = int(st["step"]), int(st["bad_total"])
         self.gen.set_state(st["gen"])
         torch.set_rng_state(st["torch_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in st:
+            torch.cuda.set_rng_state(st["cuda_rng"], self.device)
         for k, m in self.nets.items():
             m.load_state_dict(st["nets"][k])
         for k, o in self.opts.items():
             o.load_state_dict(_opt_state_fix(st["opts"][k]))
+        for k, sc in self.scalers.items():
+            if k in st.get("scalers", {}):
+                sc.load_state_dict(st["scalers"][k])
 
     def model_info(self) -> dict:
         """Saved as model.json: what load_model needs to rebuild the network and map samples back."""
@@ -167,31 +178,72 @@ class Run:
         for group in opt.param_groups:
             group["lr"] = base_lr * scale
 
-    def apply(self, opt: torch.optim.Optimizer, params, loss: torch.Tensor) -> bool:
-        """Step `opt` if the loss and gradients are finite (clipping if configured); else skip. Returns ok."""
+    def add_optimizer(self, name: str, opt: torch.optim.Optimizer) -> None:
+        """Register an optimiser (checkpointed), with its fp16 gradient scaler when precision=fp16."""
+        self.opts[name] = opt
+        if self.tcfg.precision == "fp16":
+            self.scalers[name] = torch.amp.GradScaler(self.device.type)
+
+    def backward(self, loss: torch.Tensor, opt_name: str) -> None:
+        sc = self.scalers.get(opt_name)
+        (sc.scale(loss) if sc is not None else loss).backward()
+
+    def apply(self, opt_name: str, params, loss: torch.Tensor) -> bool:
+        """Step an optimiser if the loss and gradients are finite (unscaling and clipping as configured); else
+        skip the step. Gradients are already averaged over ranks (DDP), so every rank takes the same decision."""
+        opt, sc = self.opts[opt_name], self.scalers.get(opt_name)
         params = [p for p in params if p.grad is not None]
+        if sc is not None:
+            sc.unscale_(opt)
         finite = bool(torch.isfinite(loss).all()) and all(bool(torch.isfinite(p.grad).all()) for p in params)
         if finite:
             if self.tcfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, self.tcfg.grad_clip)
-            opt.step()
+            sc.step(opt) if sc is not None else opt.step()
+        if sc is not None:
+            sc.update()
         opt.zero_grad(set_to_none=True)
         return finite
 
-    def batch(self, n: int):
-        x, labels = self.data.sample_batch(n, self.gen)
-        x = x.to(self.device)
-        return x, (labels.to(self.device) if labels is not None and self.use_labels else None)
+    def maybe_compile(self, module: nn.Module) -> None:
+        """torch.compile a backbone in place when train.compile is set (parameter names stay the same)."""
+        if self.tcfg.compile:
+            module.compile()
+
+    def parts(self, *tensors):
+        """Split global-batch tensors (drawn identically on every rank) into this rank's micro-batches on the
+        device: a list of tuples, one per micro-batch. None passes through."""
+        mb = self.tcfg.micro_batches
+        local = [dist.shard(t, self.dist) for t in tensors]
+        chunks = [t.chunk(mb) if t is not None else [None] * mb for t in local]
+        return [tuple(c[i].to(self.device) if c[i] is not None else None for c in chunks) for i in range(mb)]
+
+    def global_batch(self):
+        """The iteration's whole batch (x [B, ...], labels [B] | None) from the shared generator."""
+        x, labels = self.data.sample_batch(self.tcfg.batch_size, self.gen)
+        return x, (labels if labels is not None and self.use_labels else None)
+
+    def reduce_stats(self, stats: dict) -> dict:
+        """Mean of each statistic over ranks (one all-reduce); float values."""
+        if not self.dist.active or not stats:
+            return {k: float(v) for k, v in stats.items()}
+        keys = sorted(stats)
+        v = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_mean_(v, self.dist)
+        return dict(zip(keys, v.tolist()))
 
     @property
     def use_labels(self) -> bool:
         return self.cfg.model.conditional and self.data.num_classes > 0
 
     def randn(self, shape) -> torch.Tensor:
-        return torch.randn(shape, generator=self.gen).to(self.device)
+        """Draw from the shared generator (CPU)."""
+        return torch.randn(shape, generator=self.gen)
 
     # -- the loop ------------------------------------------------------------------------------------
     def _prepare_dir(self) -> None:
+        if not self.dist.main:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         atomic_write_text(self.out / "model.json", json.dumps(self.model_info(), indent=1))
@@ -205,19 +257,23 @@ class Run:
                 log.warning("no valid checkpoint in %s: starting from scratch", ckpt_dir)
             else:
                 self.load_state(found[0])
-                log.warning("resuming from %s (step %d)", found[1].name, self.step)
+                if self.dist.main:
+                    log.warning("resuming from %s (step %d)", found[1].name, self.step)
         elif any(ckpt_dir.glob("ckpt-*.safetensors")):
             raise UserError(f"'{self.out}' already holds checkpoints; pass --resume to continue, or pick a new --out")
         self._prepare_dir()
+        main = self.dist.main
         stats_path = self.out / "stats.jsonl"
-        _truncate_stats(stats_path, self.step)
+        if main:
+            _truncate_stats(stats_path, self.step)
         old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         acc: dict[str, float] = {}
         n_acc, t0 = 0, time.time()
-        tb = _tensorboard(self.out / "tb")
-        bar = tqdm(total=self.tcfg.steps, initial=self.step, disable=not progress, desc=self.kind, dynamic_ncols=True)
+        tb = _tensorboard(self.out / "tb") if main else None
+        bar = tqdm(total=self.tcfg.steps, initial=self.step, disable=not (progress and main), desc=self.kind,
+                   dynamic_ncols=True)
         try:
-            while self.step < self.tcfg.steps and not self._stop:
+            while self.step < self.tcfg.steps and not dist.any_rank(self._stop, self.dist, self.device):
                 stats = self.train_step()
                 if stats.pop("_ok", True):
                     self.bad_in_a_row = 0
@@ -232,7 +288,7 @@ class Run:
                     acc[k] = acc.get(k, 0.0) + float(v)
                 n_acc += 1
                 bar.update(1)
-                if self.step % self.tcfg.log_every == 0 or self.step == self.tcfg.steps:
+                if main and (self.step % self.tcfg.log_every == 0 or self.step == self.tcfg.steps):
                     line = {"step": self.step, **{k: v / n_acc for k, v in acc.items()},
                             "bad_steps": self.bad_total, "time": time.time() - t0}
                     with open(stats_path, "a") as f:
@@ -241,10 +297,12 @@ class Run:
                         tb.add_scalar(k, v, self.step)
                     bar.set_postfix(loss=f"{line.get('loss', float('nan')):.4g}")
                     acc, n_acc = {}, 0
-                if self.step % self.tcfg.ckpt_every == 0 or self.step == self.tcfg.steps:
+                if main and (self.step % self.tcfg.ckpt_every == 0 or self.step == self.tcfg.steps):
                     save_checkpoint(ckpt_dir, self.step, self.state())
-            if self._stop:
-                save_checkpoint(ckpt_dir, self.step, self.state())
+            if self.step < self.tcfg.steps:   # stopped by a signal (on some rank)
+                if main:
+                    save_checkpoint(ckpt_dir, self.step, self.state())
+                dist.barrier(self.dist)
                 raise UserError(f"interrupted at step {self.step}: checkpoint written; continue with --resume")
         finally:
             bar.close()
@@ -252,6 +310,7 @@ class Run:
                 tb.close()
             for sig, handler in old.items():
                 signal.signal(sig, handler)
+        dist.barrier(self.dist)   # every rank returns after rank 0's last checkpoint is on disk
         return self.out
 
     def _on_signal(self, signum, frame) -> None:

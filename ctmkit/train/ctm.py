@@ -3,6 +3,11 @@
 Per iteration: one k ~ P(k) prop. to k; per sample t = t_n, u = t_{n+k}, s = t_m (m >= n+k) on the Karras grid;
 x_u from k teacher Heun steps (no grad); both sides of the CTM loss transported to sigma_min by the target net.
 The generator step is followed by a discriminator step once the GAN term is active (both every iteration).
+
+Multi-process (torchrun): every rank draws the same global batch, k and noise, and trains on its slice; the
+student and the discriminator are wrapped in DDP; the adaptive weights use last-layer gradients averaged
+over ranks, so all ranks use the same lambda, the one a single process with the whole batch would use.
+With micro-batches, lambda is computed per micro-batch (as in the reference implementation).
 """
 
 from __future__ import annotations
@@ -14,10 +19,19 @@ import torch
 
 from ..config import DistillConfig
 from ..errors import UserError
-from ..losses import adaptive_weight, ctm_pair, dsm_loss, gan_d_loss, gan_g_loss, make_distance
+from ..losses import (
+    adaptive_weight_from_grads,
+    ctm_pair,
+    dsm_loss,
+    gan_d_loss,
+    gan_g_loss,
+    last_layer_grad,
+    make_distance,
+)
 from ..precond import CTM
 from ..schedules import karras_sigmas, sample_ctm_indices, sample_dsm_sigmas, sample_k
 from ..solvers import solve_pf_ode
+from . import dist
 from .common import Run, backbone_spec, build_backbone, data_info, ema_update, frozen_copy, make_optimizer
 
 if typing.TYPE_CHECKING:
@@ -79,7 +93,9 @@ class CTMRun(Run):
         self.target = frozen_copy(self.net)                                # theta^-: EMA rate ctm.target_ema
         self.emas = [frozen_copy(self.net) for _ in cfg.train.ema]         # evaluation EMAs
         self.nets = {"net": self.net, "target": self.target, **{f"ema{i}": e for i, e in enumerate(self.emas)}}
-        self.opts = {"opt": make_optimizer(self.net.parameters(), cfg.train)}
+        self.add_optimizer("opt", make_optimizer(self.net.parameters(), cfg.train))
+        self.maybe_compile(self.net.backbone)
+        self.ddp = dist.wrap(self.net, self.dist, self.device)
         if cfg.ctm.gan:
             from ..nets.disc import ImageDiscriminator, VectorDiscriminator
             classes = data.num_classes if self.use_labels else 0
@@ -88,7 +104,9 @@ class CTMRun(Run):
                          ImageDiscriminator(data.shape[0], data.shape[1], cfg.ctm.disc_hidden // 4, classes)
                          ).to(self.device)
             self.nets["disc"] = self.disc
-            self.opts["disc_opt"] = make_optimizer(self.disc.parameters(), cfg.train, cfg.ctm.disc_lr, (0.5, 0.9))
+            self.add_optimizer("disc_opt", make_optimizer(self.disc.parameters(), cfg.train, cfg.ctm.disc_lr,
+                                                          (0.5, 0.9)))
+            self.ddp_disc = dist.wrap(self.disc, self.dist, self.device)
         dim = int(torch.tensor(data.shape).prod())
         self.distance = make_distance(cfg.ctm.distance, dim, cfg.ctm.huber_c)
         self.grid = karras_sigmas(cfg.ctm.num_scales, cfg.sigma_min, cfg.sigma_max)   # t_0 > ... > t_{N-1}
@@ -123,77 +141,104 @@ class CTMRun(Run):
             return diff_augment(x, self.aug_gen)
         return x
 
-    def ctm_losses(self, x0, labels, k: int) -> dict:
-        """The loss terms of one micro-batch (graphs attached)."""
-        cfg, b = self.cfg, x0.shape[0]
+    def draw(self, k: int) -> tuple:
+        """Every random draw of one iteration, for the global batch, in a fixed order (identical on all ranks):
+        x0, labels, grid indices (n, u, m), the noise of x_t, and the DSM sigmas (shuffled) and noise."""
+        cfg = self.cfg
+        x0, labels = self.global_batch()
+        b = x0.shape[0]
         n, u, m = sample_ctm_indices(b, cfg.ctm.num_scales, k, self.gen)
-        t, t_u, s = (self.grid[i].to(self.device, torch.float32) for i in (n, u, m))
+        z = self.randn(x0.shape)
+        sig = z_dsm = None
+        if cfg.ctm.dsm:
+            sig = sample_dsm_sigmas(b, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
+                                    karras_frac=cfg.ctm.dsm_karras_frac, generator=self.gen)
+            sig = sig[torch.randperm(b, generator=self.gen)].float()
+            z_dsm = self.randn(x0.shape)
+        return x0, labels, n, u, m, z, sig, z_dsm
+
+    def ctm_losses(self, x0, labels, n, u, m, z, sig, z_dsm, k: int) -> dict:
+        """The loss terms of one micro-batch (graphs attached)."""
+        cfg = self.cfg
+        n = n.cpu()
+        t, t_u, s = (self.grid[i.cpu()].to(self.device, torch.float32) for i in (n, u, m))
         s_min = torch.full_like(t, cfg.sigma_min)
-        x_t = x0 + t.view(-1, *[1] * (x0.ndim - 1)) * self.randn(x0.shape)
+        x_t = x0 + t.view(-1, *[1] * (x0.ndim - 1)) * z
         with torch.no_grad():
             if cfg.ctm.teacher_free:  # self-learn: x_u from the target network's own jump
                 x_u = self.target(x_t, t, t_u, labels)
             else:
                 x_u = self.teacher_solve(x_t, n, k, labels)
+        G = lambda *a: self.ddp("forward", *a)   # noqa: E731  (through DDP: gradients synchronised)
         with self.autocast():
-            estimate, goal = ctm_pair(self.net, self.target, x_t, x_u, t, t_u, s, s_min, labels)
+            estimate, goal = ctm_pair(G, self.target, x_t, x_u, t, t_u, s, s_min, labels)
             out = {"ctm": self.distance(estimate, goal).mean(), "estimate": estimate}
             if cfg.ctm.dsm:
-                sig = sample_dsm_sigmas(b, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
-                                        karras_frac=cfg.ctm.dsm_karras_frac, generator=self.gen)
-                out["dsm"] = dsm_loss(self.net.denoise, x0, sig.to(self.device, torch.float32), self.randn(x0.shape),
-                                      cfg.model.sigma_data, labels)
+                out["dsm"] = dsm_loss(lambda *a: self.ddp("denoise", *a), x0, sig, z_dsm, cfg.model.sigma_data,
+                                      labels)
             if self.gan_active():
                 out["gan_g"] = gan_g_loss(self.disc(self.disc_in(estimate), labels))
         return out
 
     def weight(self, fixed: float, losses: dict, key: str, lo: float, hi: float) -> torch.Tensor:
+        """A fixed weight (>= 0), or the adaptive one from last-layer gradient norms averaged over ranks."""
         if fixed >= 0:
             return torch.tensor(fixed, device=self.device)
-        return adaptive_weight(losses["ctm"], losses[key], self.net.last_layer(), lo, hi)
+        last = self.net.last_layer()
+        if "_g_ctm" not in losses:
+            losses["_g_ctm"] = last_layer_grad(losses["ctm"], last)
+        grads = dist.all_mean_(torch.stack([losses["_g_ctm"], last_layer_grad(losses[key], last)]), self.dist)
+        return adaptive_weight_from_grads(grads[0], grads[1], lo, hi)
 
     def train_step(self) -> dict:
-        cfg, opt = self.cfg, self.opts["opt"]
-        self.set_lr(opt, self.tcfg.lr)
+        cfg, mb = self.cfg, self.tcfg.micro_batches
+        self.set_lr(self.opts["opt"], self.tcfg.lr)
         self.net.train()
-        k = sample_k(cfg.ctm.max_k, self.gen)       # one k per iteration, shared by the whole batch
-        mb = self.tcfg.micro_batches
+        k = sample_k(cfg.ctm.max_k, self.gen)       # one k per iteration, shared by the whole batch (all ranks)
         stats: dict[str, float] = {"k": float(k)}
         fakes, reals = [], []
-        for _ in range(mb):
-            x0, labels = self.batch(self.tcfg.batch_size // mb)
-            losses = self.ctm_losses(x0, labels, k)
-            total = losses["ctm"]
-            if "dsm" in losses:
-                lam = self.weight(cfg.ctm.dsm_weight, losses, "dsm", 0.0, 1e4)
-                total = total + lam * losses["dsm"]
-                _add(stats, {"loss_dsm": losses["dsm"], "lambda_dsm": lam}, mb)
-            if "gan_g" in losses:
-                lam = self.weight(cfg.ctm.gan_weight, losses, "gan_g", 0.01, 10.0)
-                total = total + lam * losses["gan_g"]
-                _add(stats, {"loss_gan_g": losses["gan_g"], "lambda_gan": lam}, mb)
-            (total / mb).backward()
+        gan = self.gan_active()
+        if gan:
+            self.disc.requires_grad_(False)          # the generator's loss flows through D without training it
+        for i, part in enumerate(self.parts(*self.draw(k))):
+            x0, labels = part[0], part[1]
+            with dist.no_sync(self.ddp, sync=i == mb - 1):
+                losses = self.ctm_losses(*part, k=k)
+                total = losses["ctm"]
+                if "dsm" in losses:
+                    lam = self.weight(cfg.ctm.dsm_weight, losses, "dsm", 0.0, 1e4)
+                    total = total + lam * losses["dsm"]
+                    _add(stats, {"loss_dsm": losses["dsm"], "lambda_dsm": lam}, mb)
+                if "gan_g" in losses:
+                    lam = self.weight(cfg.ctm.gan_weight, losses, "gan_g", 0.01, 10.0)
+                    total = total + lam * losses["gan_g"]
+                    _add(stats, {"loss_gan_g": losses["gan_g"], "lambda_gan": lam}, mb)
+                self.backward(total / mb, "opt")
             _add(stats, {"loss": total, "loss_ctm": losses["ctm"]}, mb)
             fakes.append((losses["estimate"].detach(), labels))
             reals.append((x0, labels))
-        ok = self.apply(opt, self.net.parameters(), torch.tensor(stats["loss"]))
+        stats = self.reduce_stats(stats)
+        ok = self.apply("opt", self.net.parameters(), torch.tensor(stats["loss"]))
         if ok:
             ema_update(self.target, self.net, cfg.ctm.target_ema)
             for e, rate in zip(self.emas, self.tcfg.ema):
                 ema_update(e, self.net, rate)
-        if self.gan_active():
+        if gan:
+            self.disc.requires_grad_(True)
             self.disc.train()
-            dopt = self.opts["disc_opt"]
-            self.set_lr(dopt, cfg.ctm.disc_lr)
-            dopt.zero_grad(set_to_none=True)  # drop what the generator's backward left on D
+            self.set_lr(self.opts["disc_opt"], cfg.ctm.disc_lr)
             d_total = torch.zeros((), device=self.device)
-            for (fake, lf), (real, lr_) in zip(fakes, reals):
-                with self.autocast():
-                    d_loss = gan_d_loss(self.disc(self.disc_in(real), lr_), self.disc(self.disc_in(fake), lf))
-                (d_loss / mb).backward()
+            for i, ((fake, lf), (real, lr_)) in enumerate(zip(fakes, reals)):
+                with dist.no_sync(self.ddp_disc, sync=i == mb - 1):
+                    with self.autocast():   # real and fake in one forward pass (one DDP forward per backward)
+                        both = self.disc_in(torch.cat([real, fake]))
+                        d_out = self.ddp_disc("forward", both, None if lr_ is None else torch.cat([lr_, lf]))
+                        d_loss = gan_d_loss(*d_out.chunk(2))
+                    self.backward(d_loss / mb, "disc_opt")
                 d_total = d_total + d_loss.detach() / mb
-            ok = self.apply(dopt, self.disc.parameters(), d_total) and ok
-            stats["loss_d"] = float(d_total)
+            d_stats = self.reduce_stats({"loss_d": d_total})
+            ok = self.apply("disc_opt", self.disc.parameters(), torch.tensor(d_stats["loss_d"])) and ok
+            stats.update(d_stats)
         stats["_ok"] = ok
         return stats
 

@@ -13,6 +13,7 @@ if typing.TYPE_CHECKING:
     from ..data import Dataset
 from ..losses import dsm_loss
 from ..precond import EDMDenoiser
+from . import dist
 from .common import Run, backbone_spec, build_backbone, data_info, ema_update, frozen_copy, make_optimizer
 
 
@@ -24,9 +25,12 @@ class TeacherRun(Run):
         self.spec = backbone_spec(cfg.model, data)
         torch.manual_seed(cfg.train.seed)
         self.net = EDMDenoiser(build_backbone(self.spec), cfg.model.sigma_data).to(self.device)
+        self.net.backbone.s_embed.requires_grad_(False)   # a teacher never sees s (and DDP needs every grad)
         self.emas = [frozen_copy(self.net) for _ in cfg.train.ema]
         self.nets = {"net": self.net, **{f"ema{i}": e for i, e in enumerate(self.emas)}}
-        self.opts = {"opt": make_optimizer(self.net.parameters(), cfg.train)}
+        self.add_optimizer("opt", make_optimizer(self.net.parameters(), cfg.train))
+        self.maybe_compile(self.net.backbone)
+        self.ddp = dist.wrap(self.net, self.dist, self.device)
 
     def model_info(self) -> dict:
         return {"kind": "teacher", "backbone": self.spec, "sigma_data": self.cfg.model.sigma_data,
@@ -34,20 +38,22 @@ class TeacherRun(Run):
                 "ema": list(self.tcfg.ema)}
 
     def train_step(self) -> dict:
-        cfg, opt = self.cfg, self.opts["opt"]
-        self.set_lr(opt, self.tcfg.lr)
+        cfg, mb = self.cfg, self.tcfg.micro_batches
+        self.set_lr(self.opts["opt"], self.tcfg.lr)
         self.net.train()
+        xb, lb = self.global_batch()        # the global batch and its noise, identical on every rank
+        sb = (cfg.p_mean + cfg.p_std * torch.randn(xb.shape[0], generator=self.gen)).exp()
         total = 0.0
-        for _ in range(self.tcfg.micro_batches):
-            x0, labels = self.batch(self.tcfg.batch_size // self.tcfg.micro_batches)
-            sigma = (cfg.p_mean + cfg.p_std * torch.randn(x0.shape[0], generator=self.gen)).exp().to(self.device)
-            noise = self.randn(x0.shape)
-            with self.autocast():
-                loss = dsm_loss(self.net, x0, sigma, noise, cfg.model.sigma_data, labels)
-            (loss / self.tcfg.micro_batches).backward()
-            total += float(loss.detach()) / self.tcfg.micro_batches
-        ok = self.apply(opt, self.net.parameters(), torch.tensor(total))
+        for i, (x0, labels, sigma, noise) in enumerate(self.parts(xb, lb, sb, self.randn(xb.shape))):
+            with dist.no_sync(self.ddp, sync=i == mb - 1):
+                with self.autocast():
+                    loss = dsm_loss(lambda *a: self.ddp("forward", *a), x0, sigma, noise, cfg.model.sigma_data,
+                                    labels)
+                self.backward(loss / mb, "opt")
+            total += float(loss.detach()) / mb
+        stats = self.reduce_stats({"loss": total})
+        ok = self.apply("opt", self.net.parameters(), torch.tensor(stats["loss"]))
         if ok:
             for e, rate in zip(self.emas, self.tcfg.ema):
                 ema_update(e, self.net, rate)
-        return {"loss": total, "_ok": ok}
+        return {**stats, "_ok": ok}
