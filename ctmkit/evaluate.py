@@ -47,25 +47,67 @@ def flow_map_error(model, mixture, pairs: int = 1024, num_scales: int = 18, seed
     return float((model(x_t.float(), t.float(), s.float()).double() - exact).norm(dim=1).mean())
 
 
-def sweep(model, data, points: list[tuple[str, int, float]], n: int = 2000, seeds: int = 4, png=None) -> dict:
-    """Evaluate sampling points (sampler, nfe, gamma): vectors by SWD ratio, labelled images by classifier-feature
-    Frechet distance. Rows carry 'value'; an optional PNG plots value vs NFE per (sampler, gamma)."""
+METRICS = ("auto", "swd", "classifier", "fid")
+
+
+def resolve_metric(metric: str, data) -> str:
+    """'auto' -> 'swd' for vectors, 'classifier' for labelled images, 'fid' for unlabelled images (fid extra);
+    an explicit choice is checked against the data (and the fid extra) before any sampling."""
+    from .errors import UserError
+    if metric not in METRICS:
+        raise UserError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
     if data.kind == "vector":
-        rows = swd_sweep(model, data, points, n, seeds)
+        if metric in ("auto", "swd"):
+            return "swd"
+        raise UserError(f"--metric {metric} needs images, but '{data.spec}' holds vectors: use --metric swd")
+    if metric == "auto":
+        from .metrics.fid import INSTALL_HINT, fid_available
+        if data.labels is not None:
+            return "classifier"
+        if not fid_available():
+            raise UserError(f"'{data.spec}' has no labels (the classifier-feature distance needs them) and "
+                            f"{INSTALL_HINT} (or use --metric swd)")
+        return "fid"
+    if metric == "classifier" and data.labels is None:
+        raise UserError(f"'{data.spec}' has no labels: --metric classifier needs a labelled image set "
+                        "(use --metric fid)")
+    if metric == "fid":
+        from .metrics.fid import inception_path
+        inception_path()  # UserError with the install line when the extra is missing
+    return metric
+
+
+def sweep(model, data, points: list[tuple[str, int, float]], n: int = 2000, seeds: int = 4, png=None,
+          metric: str = "auto", teacher=None, progress: bool | None = False) -> dict:
+    """Evaluate sampling points (sampler, nfe, gamma) by `metric` (see resolve_metric): SWD ratio (vectors, or
+    flattened images), classifier-feature Frechet distance or FID (images). 'heun' points run on `teacher` when
+    given, else on the model as a denoiser. Rows carry 'value'; an optional PNG plots value vs NFE per series."""
+    metric = resolve_metric(metric, data)
+    heun_model = teacher if teacher is not None else model
+    if metric == "swd":
+        rows = [swd_sweep(heun_model if p[0] == "heun" else model, data, [p], n, seeds)[0] for p in points]
         for r in rows:
             r["value"] = r["ratio"]
         result = {"metric": "swd_ratio", "metric_doc": "sliced W1 to true data / true-vs-true floor"}
     else:
-        from .image_eval import METRIC_DOC, ClassifierFD
-        fd = ClassifierFD(data, n)
-        rows = [{"sampler": sm, "nfe": k, "gamma": g, "value": fd(model, k, g, sm)[1]} for sm, k, g in points]
-        result = {"metric": "frechet_classifier", "metric_doc": METRIC_DOC, "classifier_accuracy": fd.accuracy}
+        from .image_eval import feature_fd
+        fd = feature_fd(metric, data, n, progress=progress)
+        rows = [{"sampler": sm, "nfe": k, "gamma": g, "value": fd(heun_model if sm == "heun" else model, k, g, sm)[1]}
+                for sm, k, g in points]
+        result = {"metric": fd.name, "metric_doc": fd.doc}
+        if metric == "classifier":
+            result["classifier_accuracy"] = fd.accuracy
+        else:
+            result["reference_n"] = fd.n_ref
+    for r in rows:
+        r["model"] = "teacher" if teacher is not None and r["sampler"] == "heun" else model.info["kind"]
     result.update(model_kind=model.info["kind"], data=data.spec, rows=rows)
     if png is not None:
         from .report import save_curves
         series: dict = {}
+        heun_name = "teacher Heun" if teacher is not None else "Heun (model as denoiser)"
         for r in rows:
-            name = f"CTM gamma={r['gamma']:g}" if r["sampler"] == "gamma" else "Heun (model as denoiser)"
+            name = f"CTM gamma={r['gamma']:g}" if r["sampler"] == "gamma" else heun_name
             series.setdefault(name, ([], []))
             series[name][0].append(r["nfe"])
             series[name][1].append(r["value"])
