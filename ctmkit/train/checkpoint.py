@@ -24,10 +24,18 @@ from ..errors import UserError
 log = logging.getLogger(__name__)
 
 
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A temp file next to `path`; an OSError names `path` (what the user asked for), not the temp file."""
+    try:
+        return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, str(path)) from None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file atomically: temp file in the same folder, fsync, rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -84,7 +92,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int = 3) -> Pa
     tensors: dict = {}
     skeleton = _flatten(state, "s", tensors)
     path = ckpt_dir / f"ckpt-{step:08d}.safetensors"
-    fd, tmp = tempfile.mkstemp(dir=ckpt_dir, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_beside(path)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"ctmkit_state": json.dumps(skeleton)})
@@ -99,6 +107,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int = 3) -> Pa
     for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
         old.with_suffix(".json").unlink(missing_ok=True)
+    for stale in ckpt_dir.glob(".ckpt-*.tmp"):  # left by a process killed while writing (one writer per run)
+        stale.unlink(missing_ok=True)
     return path
 
 
@@ -117,23 +127,43 @@ def load_checkpoint(path: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"checkpoint '{path}' is incomplete: its metadata '{meta_path.name}' is missing or unreadable"
                         ) from None
-    if not path.exists() or sha256_file(path) != expected:
+    if not path.is_file() or sha256_file(path) != expected:
         raise UserError(f"checkpoint '{path}' is corrupt or truncated (SHA-256 does not match its metadata)")
     try:
         tensors = load_file(str(path))
         from safetensors import safe_open
         with safe_open(str(path), "pt") as f:
             skeleton = json.loads(f.metadata()["ctmkit_state"])
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"checkpoint '{path}' cannot be read: {e}") from None
-    return _unflatten(skeleton, tensors)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"checkpoint '{path}' is not a ctmkit safetensors checkpoint ({why}); "
+                        "ctmkit never loads pickled (torch.save) files") from None
+    try:
+        state = _unflatten(skeleton, tensors)
+    except (KeyError, TypeError, ValueError, RecursionError):
+        state = None
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint '{path}' has a malformed state structure; it was not written by ctmkit")
+    return state
 
 
-def load_latest(ckpt_dir: Path) -> tuple[dict, Path] | None:
-    """The newest intact checkpoint in ckpt_dir (skipping and reporting broken ones), or None."""
+def load_latest(ckpt_dir: Path, strict: bool = False) -> tuple[dict, Path] | None:
+    """The newest intact checkpoint in ckpt_dir (broken newer ones skipped, one warning line each), or None if
+    there is none. When every checkpoint is broken: None with the warnings, or (strict) one UserError that gives
+    the newest one's problem."""
+    problems = []
     for path in reversed(list_checkpoints(ckpt_dir)):
         try:
-            return load_checkpoint(path), path
+            found = load_checkpoint(path), path
         except UserError as e:
-            log.warning("skipping %s", e)
+            problems.append(str(e))
+            continue
+        for why in problems:
+            log.warning("skipping %s", why)
+        return found
+    if problems and strict:
+        raise UserError(f"no intact checkpoint in '{ckpt_dir}' ({len(problems)} broken, newest: {problems[0]}); "
+                        "move them away to start from scratch")
+    for why in problems:
+        log.warning("skipping %s", why)
     return None

@@ -252,9 +252,9 @@ class Run:
         """Train to cfg.train.steps (resuming if asked), checkpointing; returns the run folder."""
         ckpt_dir = self.out / "checkpoints"
         if self.resume:
-            found = load_latest(ckpt_dir)
+            found = load_latest(ckpt_dir, strict=True)
             if found is None:
-                log.warning("no valid checkpoint in %s: starting from scratch", ckpt_dir)
+                log.warning("no checkpoint in %s: starting from scratch", ckpt_dir)
             else:
                 self.load_state(found[0])
                 if self.dist.main:
@@ -336,5 +336,12 @@ def _truncate_stats(path: Path, step: int) -> None:
     """Drop stats lines past `step` (after resuming from an earlier checkpoint)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    keep = []
+    for ln in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(ln)
+        except ValueError:   # a line cut short by a crash (kill -9 mid-write)
+            continue
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            keep.append(ln)
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
