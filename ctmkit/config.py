@@ -50,7 +50,7 @@ class TrainConfig:
     seed: int = 0                   # seed of every random draw (data, noise, init)
     ckpt_every: int = 1000          # checkpoint period in steps (and at the end)
     log_every: int = 50             # stats.jsonl period in steps
-    precision: str = "fp32"         # "fp32", "bf16" (autocast) or "fp16" (autocast + grad scaler, GPU)
+    precision: str = "fp32"         # "fp32", "bf16" (autocast) or "fp16" (autocast + grad scaler; for GPUs)
     max_bad_steps: int = 20         # stop after this many non-finite losses in a row
     device: str = "auto"            # "auto", "cpu", "cuda" (under torchrun: cuda:LOCAL_RANK)
     compile: bool = False           # torch.compile the backbone (state dicts unchanged)

@@ -125,8 +125,6 @@ class Run:
         if self.tcfg.batch_size % per_rank:
             raise UserError(f"train.batch_size={self.tcfg.batch_size} must be divisible by the number of processes "
                             f"({self.dist.world}) x train.micro_batches ({self.tcfg.micro_batches})")
-        if self.tcfg.precision == "fp16" and self.device.type != "cuda":
-            raise UserError("train.precision=fp16 (with a gradient scaler) needs a CUDA GPU; use bf16 on CPU")
         self.gen = torch.Generator().manual_seed(cfg.train.seed + 1)   # all data/noise draws (CPU, then moved)
         self.step, self.bad_in_a_row, self.bad_total = 0, 0, 0
         self.nets: dict[str, nn.Module] = {}
