@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .metrics import swd_ratio
+from .metrics import mmd_rbf, swd_ratio
 
 
 def true_sampler(data):
@@ -15,12 +15,15 @@ def true_sampler(data):
 
 def swd_sweep(model, data, points: list[tuple[str, int, float]], n: int = 2000, seeds: int = 4,
               progress: bool = False) -> list[dict]:
-    """For each (sampler, nfe, gamma): {'sampler', 'nfe', 'gamma', 'swd', 'floor', 'ratio'} in model space."""
+    """For each (sampler, nfe, gamma): {'sampler', 'nfe', 'gamma', 'swd', 'floor', 'ratio', 'mmd'} in model space
+    (mmd: unbiased squared RBF-kernel MMD of the first seed's samples to a fresh true sample, at most 2000 each)."""
     from .generate import generate
     rows = []
     for sampler, nfe, gamma in points:
         samples = [generate(model, n, nfe, gamma, 1000 + s, None, n, sampler, progress=False) for s in range(seeds)]
         r = swd_ratio([x.float() for x in samples], true_sampler(data))
+        m = min(n, 2000)
+        r["mmd"] = mmd_rbf(samples[0][:m].float(), true_sampler(data)(m, torch.Generator().manual_seed(7000)))
         rows.append({"sampler": sampler, "nfe": nfe, "gamma": gamma, **r})
     return rows
 

@@ -206,7 +206,7 @@ def test_eval_and_nll_on_a_tiny_ctm(tmp_path):
               "200", "--seeds", "1", "--out", "ev.json", cwd=tmp_path))
     res = json.loads((tmp_path / "ev.json").read_text())
     assert res["metric"] == "swd_ratio" and len(res["rows"]) == 5 and (tmp_path / "ev.png").exists()
-    assert all(r["value"] > 0 for r in res["rows"])
+    assert all(r["value"] > 0 and np.isfinite(r["mmd"]) for r in res["rows"])
     out = json.loads(ok(ctmkit("nll", "--model", "ctm", "--data", "ring", "--n", "8", "--rtol", "1e-3", "--atol",
                                "1e-3", cwd=tmp_path)).stdout)
     assert out["n"] == 8 and out["dim"] == 2 and np.isfinite(out["nats_per_dim"])

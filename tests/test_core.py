@@ -157,3 +157,18 @@ def test_ctm_jump_identity_at_s_equals_t():
     t = torch.rand(16) * 10 + 0.01
     assert torch.equal(model(x, t, t), x)
     assert not torch.allclose(model(x, t, t / 2), x)
+
+
+def test_mmd_rbf_matches_the_closed_form_for_gaussians():
+    """Squared MMD with one RBF kernel (bandwidth h) between N(0, I_d) and N(m, I_d):
+    2 (h^2 / (h^2 + 2))^(d/2) (1 - exp(-|m|^2 / (2 (h^2 + 2)))); and about 0 for equal distributions."""
+    import math
+
+    from ctmkit.metrics import mmd_rbf
+    g = torch.Generator().manual_seed(0)
+    d, h, n = 2, 1.0, 3000
+    m = torch.tensor([1.0, 0.5])
+    a, b, c = (torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(3))
+    exact = 2 * (h * h / (h * h + 2)) ** (d / 2) * (1 - math.exp(-float(m @ m) / (2 * (h * h + 2))))
+    assert abs(mmd_rbf(a, b + m, (h,)) - exact) < 0.1 * exact, exact
+    assert abs(mmd_rbf(a, c, (h,))) < 0.1 * exact
