@@ -80,7 +80,11 @@ def main(verbose: bool) -> None:
       ctmkit distill --teacher runs/teacher --data moons --out runs/ctm
       ctmkit sample --model runs/ctm --n 1000 --nfe 1 --out samples.npz
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="ctmkit: %(message)s")
+    import os
+    level = logging.INFO if verbose else logging.WARNING
+    if int(os.environ.get("RANK", "0")) > 0:   # under torchrun, rank 0 alone logs (errors excepted)
+        level = logging.ERROR
+    logging.basicConfig(level=level, format="ctmkit: %(message)s")
 
 
 def training_options(fn):
