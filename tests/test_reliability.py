@@ -450,6 +450,23 @@ def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     assert files_under(tmp_path) == {"ck"}
 
 
+def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):
+    """Outputs (samples, checkpoints, reports) follow the umask like open() would, not mkstemp's private 0600."""
+    from ctmkit.train import checkpoint
+
+    old = os.umask(0o027)
+    try:
+        checkpoint.atomic_write_text(tmp_path / "a.json", "{}")
+        save_checkpoint(tmp_path / "ck", 1, _state(1))
+        (tmp_path / "plain").write_text("x")
+    finally:
+        os.umask(old)
+    want = (tmp_path / "plain").stat().st_mode & 0o777
+    assert want == 0o640
+    for f in [tmp_path / "a.json", *(tmp_path / "ck").iterdir()]:
+        assert f.stat().st_mode & 0o777 == want, f
+
+
 # ---- 4. property tests: readers and the config parser fail only with UserError ------------------------------
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -24,12 +24,22 @@ from ..errors import UserError
 log = logging.getLogger(__name__)
 
 
+def _plain_mode() -> int:
+    """The mode a plain open() gives a new file: 0666 less the umask (mkstemp's files are a private 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _temp_beside(path: Path) -> tuple[int, str]:
-    """A temp file next to `path`; an OSError names `path` (what the user asked for), not the temp file."""
+    """A temp file next to `path`, with the mode of a plain open() (so outputs shared on a cluster follow the
+    user's umask); an OSError names `path` (what the user asked for), not the temp file."""
     try:
-        return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         raise type(e)(e.errno, e.strerror, str(path)) from None
+    os.fchmod(fd, _plain_mode())
+    return fd, tmp
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -96,6 +106,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int = 3) -> Pa
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"ctmkit_state": json.dumps(skeleton)})
+        os.chmod(tmp, _plain_mode())  # safetensors recreates the file
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         digest = sha256_file(Path(tmp))
