@@ -43,6 +43,10 @@ def main() -> None:
     ap.add_argument("--nll", action="store_true")
     ap.add_argument("--nll-n", type=int, default=256)
     ap.add_argument("--out", default="bench/results/mnist_fid.json")
+    ap.add_argument("--label", default="CTM", help="legend name of this file's CTM curves")
+    ap.add_argument("--also", action="append", default=[], metavar="JSON:LABEL",
+                    help="add the CTM curves of another results file to the PNG, e.g. "
+                         "bench/results/mnist_fid_long.json:'CTM 2000 steps'")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     out = Path(args.out)
@@ -83,7 +87,8 @@ def main() -> None:
             res["nll"][name] = {**r, "seconds": time.time() - t0}
             print(name, json.dumps(res["nll"][name]), flush=True)
             save()
-    plot(res, out.with_suffix(".png"))
+    also = [(json.loads(Path(a.rsplit(":", 1)[0]).read_text()), a.rsplit(":", 1)[1]) for a in args.also]
+    plot(res, out.with_suffix(".png"), args.label, also)
     save()
 
 
@@ -101,15 +106,18 @@ def fid_stats_of(inc, x):
     return fid_stats(inc(x))
 
 
-def plot(res: dict, png: Path) -> None:
-    rows = [r for r in res["rows"] if r["n"] == res["n"]]
+def plot(res: dict, png: Path, label: str = "CTM", also: list = ()) -> None:
     curves = {}
-    series = (("CTM gamma=0", "ctm", 0.0), ("CTM gamma=1", "ctm", 1.0), ("teacher Heun", "teacher", 0.0))
-    for label, model, gamma in series:
-        pts = sorted((r["nfe"], r["fid"]) for r in rows if r["model"] == model and r["gamma"] == gamma
-                     or (label == "CTM gamma=1" and r["model"] == "ctm" and r["nfe"] == 1))
-        if pts:
-            curves[label] = ([p[0] for p in pts], [p[1] for p in pts])
+    for r_, prefix in [(res, label)] + [(a, lbl) for a, lbl in also]:
+        rows = [r for r in r_["rows"] if r["n"] == res["n"]]
+        series = ((f"{prefix} gamma=0", "ctm", 0.0), (f"{prefix} gamma=1", "ctm", 1.0))
+        series += (("teacher Heun", "teacher", 0.0),) if r_ is res else ()
+        for label, model, gamma in series:
+            # NFE 1 is the same point for every gamma (one jump from T to 0)
+            pts = sorted((r["nfe"], r["fid"]) for r in rows if r["model"] == model
+                         and (r["gamma"] == gamma or (model == "ctm" and r["nfe"] == 1)))
+            if pts:
+                curves[label] = ([p[0] for p in pts], [p[1] for p in pts])
     if curves:
         save_curves(curves, png, "NFE", f"FID ({res['n']} samples)", f"MNIST ({res['runs']})")
 
