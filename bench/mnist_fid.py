@@ -87,7 +87,7 @@ def main() -> None:
             res["nll"][name] = {**r, "seconds": time.time() - t0}
             print(name, json.dumps(res["nll"][name]), flush=True)
             save()
-    also = [(json.loads(Path(a.rsplit(":", 1)[0]).read_text()), a.rsplit(":", 1)[1]) for a in args.also]
+    also = [(json.loads(Path(f).read_text()), name) for f, _, name in (a.rpartition(":") for a in args.also)]
     plot(res, out.with_suffix(".png"), args.label, also)
     save()
 
@@ -108,16 +108,16 @@ def fid_stats_of(inc, x):
 
 def plot(res: dict, png: Path, label: str = "CTM", also: list = ()) -> None:
     curves = {}
-    for r_, prefix in [(res, label)] + [(a, lbl) for a, lbl in also]:
-        rows = [r for r in r_["rows"] if r["n"] == res["n"]]
+    for results, prefix in [(res, label), *also]:
+        rows = [r for r in results["rows"] if r["n"] == res["n"]]
         series = ((f"{prefix} gamma=0", "ctm", 0.0), (f"{prefix} gamma=1", "ctm", 1.0))
-        series += (("teacher Heun", "teacher", 0.0),) if r_ is res else ()
-        for label, model, gamma in series:
+        series += (("teacher Heun", "teacher", 0.0),) if results is res else ()
+        for name, model, gamma in series:
             # NFE 1 is the same point for every gamma (one jump from T to 0)
             pts = sorted((r["nfe"], r["fid"]) for r in rows if r["model"] == model
                          and (r["gamma"] == gamma or (model == "ctm" and r["nfe"] == 1)))
             if pts:
-                curves[label] = ([p[0] for p in pts], [p[1] for p in pts])
+                curves[name] = ([p[0] for p in pts], [p[1] for p in pts])
     if curves:
         save_curves(curves, png, "NFE", f"FID ({res['n']} samples)", f"MNIST ({res['runs']})")
 

@@ -106,7 +106,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int = 3) -> Pa
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"ctmkit_state": json.dumps(skeleton)})
-        os.chmod(tmp, _plain_mode())  # safetensors recreates the file
+        os.chmod(tmp, _plain_mode())  # save_file replaces tmp by a new file of mode 0600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         digest = sha256_file(Path(tmp))
