@@ -24,12 +24,21 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
+            _leave_job()
             click.echo(f"ctmkit: error: {e}", err=True)
             sys.exit(2)
         except (PermissionError, IsADirectoryError, NotADirectoryError, FileNotFoundError) as e:
+            _leave_job()
             click.echo(f"ctmkit: error: {one_line(f'cannot write or read {e.filename!r}: {e.strerror}')}", err=True)
             sys.exit(2)
     return wrapper
+
+
+def _leave_job() -> None:
+    """Under torchrun, leave the process group before exiting (only if torch is already loaded)."""
+    if "torch.distributed" in sys.modules:
+        from .train import dist
+        dist.leave_on_error()
 
 
 class _OneLineUsageError(click.ClickException):

@@ -157,3 +157,35 @@ def test_compiled_backbone_matches_eager(tmp_path):
     TeacherRun(teacher_cfg(3, 32), tmp_path / "eager", data).fit(progress=False)
     TeacherRun(teacher_cfg(3, 32, ["train.compile=true"]), tmp_path / "compiled", data).fit(progress=False)
     assert_same_nets(final_state(tmp_path / "eager"), final_state(tmp_path / "compiled"), atol=1e-5)
+
+
+TEARDOWN_SCRIPT = """
+import gc, weakref, torch, torch.distributed as dist
+from ctmkit.train import dist as d
+gc.disable()                                    # deterministic: only teardown() may collect the cycle
+info, dev = d.setup("cpu")
+class Holder:                                   # a finished run: DDP wrapper inside a reference cycle
+    pass
+h = Holder()
+h.me = h
+h.ddp = d.wrap(torch.nn.Linear(2, 2), info, dev)
+h.ddp("forward", torch.ones(4, 2)).sum().backward()
+freed_while_group_alive = []
+weakref.finalize(h.ddp, lambda: freed_while_group_alive.append(dist.is_initialized()))
+del h
+d.teardown()
+assert freed_while_group_alive == [True], freed_while_group_alive
+print("ok")
+"""
+
+
+def test_teardown_frees_ddp_before_destroying_the_group(tmp_path):
+    """DDP reducers hold the process group: a wrapper left in a cycle must die before destroy_process_group,
+    not at interpreter shutdown, where gloo's threads can abort the process (a flaky SIGABRT otherwise)."""
+    script = tmp_path / "teardown.py"
+    script.write_text(TEARDOWN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("ok") == 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -73,8 +74,21 @@ def is_main_process() -> bool:
 
 
 def teardown() -> None:
+    """Leave the job: free what still holds the process group, then destroy it on every rank.
+
+    A finished run sits in reference cycles, so its DistributedDataParallel wrappers (whose reducers hold the
+    group) would otherwise outlive destroy_process_group and die during interpreter shutdown, where gloo's
+    worker threads can abort the process (SIGABRT, 'terminate called without an active exception')."""
     if dist.is_initialized():
+        gc.collect()
         dist.barrier()
+        dist.destroy_process_group()
+
+
+def leave_on_error() -> None:
+    """Leave the job after an error on this rank: as teardown(), without waiting for the other ranks."""
+    if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
