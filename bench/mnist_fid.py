@@ -36,13 +36,13 @@ POINTS = [("ctm", 1, 0.0), ("teacher", 35, 0.0), ("ctm", 2, 0.0), ("ctm", 2, 1.0
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", default="bench/out/images_mnist_cpu")
-    ap.add_argument("--data", default="../shared/data/mnist")
-    ap.add_argument("--n", type=int, default=5000)
+    ap.add_argument("--runs", default="bench/out/images_mnist_cpu", help="folder holding teacher/ and ctm/ runs")
+    ap.add_argument("--data", default="../shared/data/mnist", help="MNIST folder (idx .gz files)")
+    ap.add_argument("--n", type=int, default=5000, help="samples per point, and training images for the reference")
     ap.add_argument("--points", default="all", help="'all', 'none', or e.g. ctm:1:0,teacher:35:0")
-    ap.add_argument("--nll", action="store_true")
-    ap.add_argument("--nll-n", type=int, default=256)
-    ap.add_argument("--out", default="bench/results/mnist_fid.json")
+    ap.add_argument("--nll", action="store_true", help="also bits/dim of teacher and CTM")
+    ap.add_argument("--nll-n", type=int, default=256, help="test images for --nll")
+    ap.add_argument("--out", default="bench/results/mnist_fid.json", help="results JSON (PNG beside it)")
     ap.add_argument("--label", default="CTM", help="legend name of this file's CTM curves")
     ap.add_argument("--also", action="append", default=[], metavar="JSON:LABEL",
                     help="add the CTM curves of another results file to the PNG, e.g. "
