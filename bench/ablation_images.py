@@ -21,9 +21,9 @@ import torch
 from ctmkit import load_model
 from ctmkit.config import DistillConfig, load_config
 from ctmkit.data import load_data
-from ctmkit.image_eval import feature_fd
-from ctmkit.report import save_curves
-from ctmkit.train.checkpoint import atomic_write_text
+from ctmkit.eval.quality import make_quality
+from ctmkit.eval.report import save_curves
+from ctmkit.io.atomic import atomic_write_text
 from ctmkit.train.ctm import CTMRun
 
 VARIANTS = {"full": [], "nodsm": ["ctm.dsm=false"], "nogan": ["ctm.gan=false"]}
@@ -55,9 +55,9 @@ def main() -> None:
             CTMRun(cfg, run_dir, data, resume=(run_dir / "checkpoints").exists()).fit(progress=False)
             train_s = time.time() - t0
             if fd is None:
-                fd = feature_fd("classifier", data, args.n)
+                fd = make_quality("classifier", data, args.n)
             model = load_model(run_dir)
-            rows = [{"nfe": k, "gamma": g, "value": fd(model, k, g, "gamma")[1]} for g in (0.0, 1.0)
+            rows = [{"nfe": k, "gamma": g, "value": fd.point(model, "gamma", k, g)[0]} for g in (0.0, 1.0)
                     for k in (1, 2, 4, 8)]
             res[name] = {"overrides": VARIANTS[name], "train_seconds": train_s, "rows": rows}
             print(name, json.dumps(res[name]), flush=True)

@@ -21,7 +21,8 @@ import torch
 
 from ctmkit import load_model
 from ctmkit.data import load_data
-from ctmkit.evaluate import heun_nfes, swd_sweep
+from ctmkit.eval.quality import SWDQuality
+from ctmkit.eval.sweep import heun_nfes, sweep
 
 VARIANTS = {"full": [], "nodsm": ["ctm.dsm=false"], "nogan": ["ctm.gan=false"]}
 
@@ -42,8 +43,8 @@ def main() -> None:
         teacher = "exact" if kind == "exact" else str(Path(args.teachers) / name)
         ref = None
         if teacher != "exact":
-            rows = swd_sweep(load_model(teacher), data, [("heun", n, 0.0) for n in heun_nfes()])
-            ref = {r["nfe"]: round(r["ratio"], 3) for r in rows}
+            rows = sweep(load_model(teacher), data, [("heun", n, 0.0) for n in heun_nfes()], SWDQuality(data)).rows
+            ref = {r.nfe: round(r.value, 3) for r in rows}
         for variant in args.variants.split(","):
             out = Path(args.out) / f"{name}_{kind or 'teacher'}_{variant}"
             cmd = [sys.executable, "-m", "ctmkit", "distill", "--teacher", teacher, "--data", name, "--out", str(out),
@@ -54,9 +55,10 @@ def main() -> None:
             t0 = time.time()
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             train_s = time.time() - t0
-            rows = swd_sweep(load_model(out), data, [("gamma", n, g) for g in (0.0, 1.0) for n in (1, 2, 4, 8)])
-            res = {"ctm_gamma0": {r["nfe"]: round(r["ratio"], 3) for r in rows if r["gamma"] == 0.0},
-                   "ctm_gamma1": {r["nfe"]: round(r["ratio"], 3) for r in rows if r["gamma"] == 1.0},
+            points = [("gamma", n, g) for g in (0.0, 1.0) for n in (1, 2, 4, 8)]
+            rows = sweep(load_model(out), data, points, SWDQuality(data)).rows
+            res = {"ctm_gamma0": {r.nfe: round(r.value, 3) for r in rows if r.gamma == 0.0},
+                   "ctm_gamma1": {r.nfe: round(r.value, 3) for r in rows if r.gamma == 1.0},
                    "teacher_heun": ref, "train_seconds": round(train_s, 1)}
             nfe1 = res["ctm_gamma0"][1]
             if ref is None:

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from ctmkit.config import DistillConfig, TeacherConfig, load_config
+from ctmkit.core.sampling import gamma_sample
+from ctmkit.core.schedules import sample_schedule
 from ctmkit.data import load_data
-from ctmkit.sampling import gamma_sample
-from ctmkit.schedules import sample_schedule
 from ctmkit.train.ctm import CTMRun
 from ctmkit.train.teacher import TeacherRun
 

@@ -24,11 +24,11 @@ import torch
 
 from ctmkit import load_model
 from ctmkit.data import load_data
-from ctmkit.generate import generate
+from ctmkit.eval.generate import generate
+from ctmkit.eval.report import save_curves
+from ctmkit.io.atomic import atomic_write_text
 from ctmkit.metrics.fid import InceptionFeatures, reference_stats
 from ctmkit.metrics.frechet import frechet_distance
-from ctmkit.report import save_curves
-from ctmkit.train.checkpoint import atomic_write_text
 
 POINTS = [("ctm", 1, 0.0), ("teacher", 35, 0.0), ("ctm", 2, 0.0), ("ctm", 2, 1.0), ("ctm", 4, 0.0),
           ("ctm", 4, 1.0), ("ctm", 8, 0.0), ("ctm", 8, 1.0), ("teacher", 17, 0.0), ("teacher", 9, 0.0)]
@@ -67,7 +67,7 @@ def main() -> None:
         if (model_name, nfe, gamma, args.n) in done:
             continue
         model = models[model_name]
-        conditional = model.info["backbone"]["kwargs"].get("num_classes", 0) > 0
+        conditional = model.card.conditional
         labels = torch.arange(args.n) % data.num_classes if conditional else None
         t0 = time.time()
         x = generate(model, args.n, nfe, gamma, 1, labels, 500, "heun" if model_name == "teacher" else "gamma")
@@ -79,7 +79,7 @@ def main() -> None:
         print(json.dumps(res["rows"][-1]), flush=True)
         save()
     if args.nll:
-        from ctmkit.likelihood import data_nll
+        from ctmkit.eval.likelihood import data_nll
         test = load_data(str(test_split(Path(args.data))))
         for name, model in models.items():
             t0 = time.time()

@@ -1,7 +1,7 @@
 """bench: PF-ODE likelihood of trained models on exact 2-D Gaussian mixtures, against the true log-density.
 
 For each run folder (a CTM, used through its denoiser g(x, t, t), or a teacher), computes the NLL of the first
---n data points with `ctmkit.likelihood.data_nll` (exact divergence, RK45) and the true NLL of the same points:
+--n data points with `ctmkit.eval.likelihood.data_nll` (exact divergence, RK45) and the true NLL of the same points:
 -log p_{sigma_min}(x) of the mixture (the density the ODE integral estimates: data at sigma_min), in the data's
 own units. Also the exact mixture denoiser itself (checks the solver alone). Target (issue 5): a trained CTM
 within 0.1 nats per sample of the true value. Prints and writes JSON.
@@ -17,12 +17,13 @@ import json
 import math
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from ctmkit import load_model
 from ctmkit.data import load_data
-from ctmkit.likelihood import data_nll
+from ctmkit.eval.likelihood import data_nll
 
 
 def true_nll(data, n: int, sigma_min: float) -> float:
@@ -36,7 +37,9 @@ class Exact:
     """The mixture's exact denoiser dressed as a loaded model (what data_nll expects)."""
 
     def __init__(self, data, sigma_min=0.002, sigma_max=80.0):
-        self.mix, self.info = data.mixture, {"kind": "teacher", "sigma_min": sigma_min, "sigma_max": sigma_max}
+        self.mix = data.mixture
+        self.card = SimpleNamespace(kind="teacher", is_ctm=False, conditional=False, sigma_min=sigma_min,
+                                    sigma_max=sigma_max)
 
     def __call__(self, x, sigma, labels=None):
         return self.mix(x.double(), sigma.double()).to(x.dtype)
@@ -56,16 +59,16 @@ def main() -> None:
     rows, exact_done = [], set()
     for run in args.runs.split(","):
         model = load_model(run)
-        spec = model.info["data"]["spec"]
+        spec = model.card.data.spec
         data = load_data(spec)
         if data.mixture is None:
             raise SystemExit(f"{run}: data '{spec}' has no exact density")
-        truth = true_nll(data, args.n, model.info["sigma_min"])
+        truth = true_nll(data, args.n, model.card.sigma_min)
         todo = [(run, model)] + ([] if spec in exact_done else [(f"exact:{spec}", Exact(data))])
         exact_done.add(spec)
         for name, m in todo:
             r = data_nll(m, data, args.n, 512, args.rtol, args.atol, exact=True)
-            rows.append({"model": name, "kind": m.info["kind"], "data": spec, "n": args.n,
+            rows.append({"model": name, "kind": m.card.kind, "data": spec, "n": args.n,
                          "nll_model": r["nats_per_sample"], "nll_true": truth,
                          "diff_nats_per_sample": r["nats_per_sample"] - truth})
             print(json.dumps(rows[-1]), flush=True)

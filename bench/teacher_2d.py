@@ -16,7 +16,8 @@ import torch
 
 from ctmkit import load_model
 from ctmkit.data import load_data
-from ctmkit.evaluate import swd_sweep
+from ctmkit.eval.quality import SWDQuality
+from ctmkit.eval.sweep import sweep
 
 
 def main() -> None:
@@ -36,9 +37,10 @@ def main() -> None:
         t0 = time.time()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         train_s = time.time() - t0
-        rows = swd_sweep(load_model(out), load_data(name), [("heun", 35, 0.0)])
-        results[name] = {"heun35_swd_ratio": rows[0]["ratio"], "swd": rows[0]["swd"], "floor": rows[0]["floor"],
-                         "train_seconds": round(train_s, 1), "target_ratio": 2.0, "pass": rows[0]["ratio"] < 2.0}
+        data = load_data(name)
+        row = sweep(load_model(out), data, [("heun", 35, 0.0)], SWDQuality(data)).rows[0]
+        results[name] = {"heun35_swd_ratio": row.value, "swd": row.extras["swd"], "floor": row.extras["floor"],
+                         "train_seconds": round(train_s, 1), "target_ratio": 2.0, "pass": row.value < 2.0}
         print(json.dumps({name: results[name]}), file=sys.stderr)
     print(json.dumps(results, indent=1))
 

@@ -238,8 +238,11 @@ def evaluate_cmd(model_dir, data, nfe, gamma, heun, n, seeds, metric, teacher_di
     import json
 
     from .data import load_data
-    from .evaluate import sweep
-    from .loading import load_model
+    from .eval.quality import make_quality, resolve_metric
+    from .eval.sweep import plot_result, sweep
+    from .io.atomic import atomic_write_text
+    from .io.runs import load_model
+    from .teachers import load_teacher
     out = Path(out)
     if out.suffix != ".json":
         raise UserError(f"--out must end in .json, got '{out.name}'")
@@ -248,25 +251,20 @@ def evaluate_cmd(model_dir, data, nfe, gamma, heun, n, seeds, metric, teacher_di
         raise UserError("--n must be >= 2 and --seeds >= 1")
     model = load_model(model_dir)
     dataset = load_data(data)
-    if tuple(dataset.shape) != tuple(model.info["data"]["shape"]):
-        raise UserError(f"the model was trained on shape {tuple(model.info['data']['shape'])}, "
-                        f"but '{data}' has shape {tuple(dataset.shape)}")
+    model.card.check_data(dataset)
     points = []
-    if model.info["kind"] == "ctm":
+    if model.card.is_ctm:
         points += [("gamma", k, g) for g in _float_list(gamma, "--gamma") for k in _int_list(nfe, "--nfe")]
     points += [("heun", k, 0.0) for k in _int_list(heun, "--heun")]
     if not points:
         raise UserError("nothing to evaluate: give --nfe/--gamma (CTM) or --heun")
-    teacher = load_model(teacher_dir) if teacher_dir is not None else None
-    if teacher is not None and tuple(teacher.info["data"]["shape"]) != tuple(dataset.shape):
-        raise UserError(f"the teacher was trained on shape {tuple(teacher.info['data']['shape'])}, "
-                        f"but '{data}' has shape {tuple(dataset.shape)}")
-    result = sweep(model, dataset, points, n, seeds, out.with_suffix(".png"), metric=metric, teacher=teacher,
-                   progress=None)
-    from .train.checkpoint import atomic_write_text
-    atomic_write_text(out, json.dumps(result, indent=1))
-    for r in result["rows"]:
-        click.echo(f"{r['sampler']:6} nfe={r['nfe']:<3} gamma={r['gamma']:.2f}  {result['metric']}={r['value']:.4f}")
+    resolve_metric(metric, dataset)  # a bad choice is refused before a teacher is loaded or anything sampled
+    teacher = load_teacher(teacher_dir, dataset) if teacher_dir is not None else None
+    result = sweep(model, dataset, points, make_quality(metric, dataset, n, seeds, progress=None), teacher=teacher)
+    plot_result(result, out.with_suffix(".png"))
+    atomic_write_text(out, json.dumps(result.to_dict(), indent=1))
+    for r in result.rows:
+        click.echo(f"{r.sampler:6} nfe={r.nfe:<3} gamma={r.gamma:.2f}  {result.metric}={r.value:.4f}")
     click.echo(f"wrote {out} and {out.with_suffix('.png')}")
 
 
@@ -288,16 +286,14 @@ def nll(model_dir, data, n, batch_size, rtol, atol, hutchinson, seed):
     8-bit images."""
     import json
 
-    from .likelihood import data_nll
-    from .loading import load_model
+    from .eval.likelihood import data_nll
+    from .io.runs import load_model
     if n < 1 or batch_size < 1 or rtol <= 0 or atol <= 0:
         raise UserError("--n, --batch-size, --rtol and --atol must be positive")
     from .data import load_data
     model = load_model(model_dir)
     dataset = load_data(data, n=n)
-    if tuple(dataset.shape) != tuple(model.info["data"]["shape"]):
-        raise UserError(f"the model was trained on shape {tuple(model.info['data']['shape'])}, "
-                        f"but '{data}' has shape {tuple(dataset.shape)}")
+    model.card.check_data(dataset)
     result = data_nll(model, dataset, n, batch_size, rtol, atol,
                       None if hutchinson is None else not hutchinson, seed)
     click.echo(json.dumps(result))
@@ -375,7 +371,7 @@ def _parse_labels(spec: str | None, n: int, num_classes: int):
 @user_errors
 def sample(model_dir, n, nfe, gamma, sampler, seed, labels, batch_size, out, quiet):
     """Sample a trained teacher or CTM; samples come back in the data's own space and layout."""
-    from .loading import load_model
+    from .io.runs import load_model
     if n < 1 or batch_size < 1:
         raise UserError("--n and --batch-size must be >= 1")
     if nfe is not None and nfe < 1:  # checked here: generate() reads --nfe 0 as "use the default"
@@ -386,16 +382,11 @@ def sample(model_dir, n, nfe, gamma, sampler, seed, labels, batch_size, out, qui
     _check_out_dir(out_path)
     import torch
     model = load_model(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
-    lab = _parse_labels(labels, n, model.info["data"]["num_classes"] if _conditional(model) else 0)
-    from .generate import generate, write_samples
+    lab = _parse_labels(labels, n, model.card.num_classes)
+    from .eval.generate import generate, write_samples
     x = generate(model, n, nfe, gamma, seed, lab, batch_size, sampler, progress=not quiet)
-    for p in write_samples(x, lab, model.info, Path(out)):
+    for p in write_samples(x, lab, model.card, Path(out)):
         click.echo(f"wrote {p}")
-
-
-def _conditional(model) -> bool:
-    kw = model.info["backbone"]["kwargs"]
-    return kw.get("num_classes", 0) > 0
 
 
 if __name__ == "__main__":

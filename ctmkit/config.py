@@ -1,7 +1,8 @@
 """Typed run configuration: dataclasses with commented defaults, YAML presets and ``key=value`` overrides.
 
 Keys are dotted (``train.lr=2e-4``); a leaf name that is unique across sections works alone (``lr=2e-4``).
-Unknown keys and values of the wrong type are UserErrors that list what is valid.
+Unknown keys and values of the wrong type are UserErrors that list what is valid. Each section dataclass checks
+its own ranges in `validate()` (the one place for them); `load_config` and the training runs call it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,19 @@ class ModelConfig:
     conditional: bool = True        # use class labels when the data has them
     fourier_scale: float = 1.0      # std of the Fourier frequencies of the c_noise(t), c_noise(s) embeddings
 
+    def validate(self) -> None:
+        _check([
+            (self.arch in ("auto", "mlp", "unet"), f"model.arch must be 'mlp', 'unet' or 'auto', got '{self.arch}'"),
+            (self.sigma_data > 0, "model.sigma_data must be > 0"),
+            (self.hidden >= 1 and self.depth >= 1, "model.hidden and model.depth must be >= 1"),
+            (self.emb_dim >= 1 and self.channels >= 1, "model.emb_dim and model.channels must be >= 1"),
+            (len(self.channel_mult) >= 1 and all(v >= 1 for v in self.channel_mult),
+             "model.channel_mult must be a non-empty list of integers >= 1, e.g. [1, 2, 2]"),
+            (self.num_res_blocks >= 1, "model.num_res_blocks must be >= 1"),
+            (all(v >= 1 for v in self.attn_resolutions), "model.attn_resolutions must be a list of resolutions >= 1"),
+            (0 <= self.dropout < 1, "model.dropout must be in [0, 1)"),
+            (self.fourier_scale > 0, "model.fourier_scale must be > 0")])
+
 
 @dataclass
 class TrainConfig:
@@ -55,6 +69,23 @@ class TrainConfig:
     device: str = "auto"            # "auto", "cpu", "cuda" (under torchrun: cuda:LOCAL_RANK)
     compile: bool = False           # torch.compile the backbone (state dicts unchanged)
 
+    def validate(self) -> None:
+        _check([
+            (self.steps >= 1, "train.steps must be >= 1"), (self.batch_size >= 1, "train.batch_size must be >= 1"),
+            (self.micro_batches >= 1 and self.batch_size % self.micro_batches == 0,
+             "train.micro_batches must be >= 1 and divide train.batch_size"),
+            (self.lr > 0 and math.isfinite(self.lr), "train.lr must be a positive number"),
+            (self.optimizer in ("adam", "radam"), f"train.optimizer must be 'adam' or 'radam', got '{self.optimizer}'"),
+            (self.ckpt_every >= 1, "train.ckpt_every must be >= 1"),
+            (self.log_every >= 1, "train.log_every must be >= 1"),
+            (all(0 < r < 1 for r in self.ema) and len(self.ema) >= 1, "train.ema must be a list of rates in (0, 1)"),
+            (self.precision in ("fp32", "bf16", "fp16"), "train.precision must be fp32, bf16 or fp16"),
+            (self.warmup >= 0 and self.grad_clip >= 0, "train.warmup and train.grad_clip must be >= 0"),
+            (self.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
+            (0 <= self.seed < 2 ** 62, "train.seed must be in [0, 2^62)"),
+            (self.device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", self.device) is not None,
+             f"train.device must be auto, cpu, cuda, cuda:N or mps, got '{self.device}'")])
+
 
 @dataclass
 class TeacherConfig:
@@ -67,6 +98,13 @@ class TeacherConfig:
     sigma_min: float = 0.002
     sigma_max: float = 80.0
 
+    def validate(self) -> None:
+        self.model.validate()
+        self.train.validate()
+        _check([(self.n_data >= 0, "n_data must be >= 0 (0 = the data's default size)"),
+                (0 < self.sigma_min < self.sigma_max, "need 0 < sigma_min < sigma_max"),
+                (self.p_std > 0, "p_std must be > 0")])
+
 
 @dataclass
 class CTMConfig:
@@ -77,15 +115,32 @@ class CTMConfig:
     huber_c: float = 0.0            # pseudo-Huber c; 0 = 0.00054 * sqrt(dim) (Song & Dhariwal 2023)
     dsm: bool = True                # add the DSM loss on g(x, t, t)
     dsm_weight: float = -1.0        # lambda_DSM: < 0 = adaptive (last-layer gradient norms), else fixed
+    dsm_weight_max: float = 1e4     # adaptive lambda_DSM is clamped to [0, dsm_weight_max]
     dsm_karras_frac: float = 0.5    # share of DSM sigmas drawn on the Karras curve (rest log-normal)
     gan: bool = True                # add the GAN loss (stage 2)
     gan_start: int = 0              # step at which the GAN term starts
     gan_weight: float = -1.0        # lambda_GAN: < 0 = adaptive, else fixed
+    gan_weight_min: float = 0.01    # adaptive lambda_GAN is clamped to [gan_weight_min, gan_weight_max]
+    gan_weight_max: float = 10.0
     disc_lr: float = 2e-3           # discriminator RAdam learning rate (betas 0.5, 0.9)
     disc_hidden: int = 256          # discriminator width (mlp) / channels (conv)
     augment: bool = True            # DiffAugment on discriminator inputs (images only)
     teacher_free: bool = False      # self-learn variant: x_u from the target network, no teacher
     init_from_teacher: bool = True  # copy the teacher's weights into the student
+
+    def validate(self) -> None:
+        _check([
+            (self.num_scales >= 2, "ctm.num_scales must be >= 2"),
+            (1 <= self.max_k <= self.num_scales - 1, "ctm.max_k must be in [1, ctm.num_scales - 1]"),
+            (0 < self.target_ema < 1, "ctm.target_ema must be in (0, 1)"),
+            (self.distance in ("huber", "l2"), "ctm.distance must be 'huber' or 'l2'"),
+            (self.huber_c >= 0, "ctm.huber_c must be >= 0 (0 = automatic)"),
+            (self.disc_lr > 0 and self.gan_start >= 0, "ctm.disc_lr must be > 0 and ctm.gan_start >= 0"),
+            (self.disc_hidden >= 4, "ctm.disc_hidden must be >= 4"),
+            (0 <= self.dsm_karras_frac <= 1, "ctm.dsm_karras_frac must be in [0, 1]"),
+            (self.dsm_weight_max > 0, "ctm.dsm_weight_max must be > 0"),
+            (0 < self.gan_weight_min <= self.gan_weight_max,
+             "need 0 < ctm.gan_weight_min <= ctm.gan_weight_max")])
 
 
 @dataclass
@@ -98,6 +153,21 @@ class DistillConfig:
     ctm: CTMConfig = field(default_factory=CTMConfig)
     sigma_min: float = 0.002
     sigma_max: float = 80.0
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.train.validate()
+        self.ctm.validate()
+        _check([(self.n_data >= 0, "n_data must be >= 0 (0 = the data's default size)"),
+                (0 < self.sigma_min < self.sigma_max, "need 0 < sigma_min < sigma_max"),
+                (bool(str(self.teacher).strip()), "teacher must be a teacher run folder or 'exact'")])
+
+
+def _check(checks: list[tuple[bool, str]]) -> None:
+    """Raise a UserError with the message of the first failed check."""
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
 
 
 SECTION = {TeacherConfig: "teacher", DistillConfig: "distill"}
@@ -195,7 +265,8 @@ def _set(d: dict, dotted: str, value) -> None:
     d[leaf] = value
 
 
-def _resolve_key(cls, key: str) -> str:
+def resolve_key(cls, key: str) -> str:
+    """A dotted key or a unique leaf name -> the dotted key; UserError listing the valid keys otherwise."""
     keys = valid_keys(cls)
     if key in keys:
         return key
@@ -218,7 +289,7 @@ def load_config(cls, preset: str | None = None, config_file: str | None = None, 
         if "=" not in item:
             raise UserError(f"override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
-        key = _resolve_key(cls, key.strip())
+        key = resolve_key(cls, key.strip())
         try:
             value = yaml.safe_load(raw) if raw else ""
         except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: e.g. a date like 2024-13-01
@@ -229,9 +300,9 @@ def load_config(cls, preset: str | None = None, config_file: str | None = None, 
     from_dict(cls, d)  # type-check the overrides before flags can replace them
     for key, value in flags.items():
         if value is not None:
-            _set(d, _resolve_key(cls, key), value)
+            _set(d, resolve_key(cls, key), value)
     cfg = from_dict(cls, d)
-    check_config(cfg)
+    cfg.validate()
     return cfg
 
 
@@ -252,38 +323,6 @@ def _merge(d: dict, new: dict, prefix: str = "") -> None:
             _merge(d[k], v, f"{prefix}{k}.")
         else:
             d[k] = v
-
-
-def check_config(cfg) -> None:
-    """Range checks on a resolved config, one clear message each (train.* ranges: train/common.py)."""
-    m, t = cfg.model, cfg.train
-    checks = [
-        (m.arch in ("auto", "mlp", "unet"), f"model.arch must be 'mlp', 'unet' or 'auto', got '{m.arch}'"),
-        (m.sigma_data > 0, "model.sigma_data must be > 0"),
-        (m.hidden >= 1 and m.depth >= 1, "model.hidden and model.depth must be >= 1"),
-        (m.emb_dim >= 1 and m.channels >= 1, "model.emb_dim and model.channels must be >= 1"),
-        (len(m.channel_mult) >= 1 and all(v >= 1 for v in m.channel_mult),
-         "model.channel_mult must be a non-empty list of integers >= 1, e.g. [1, 2, 2]"),
-        (m.num_res_blocks >= 1, "model.num_res_blocks must be >= 1"),
-        (all(v >= 1 for v in m.attn_resolutions), "model.attn_resolutions must be a list of resolutions >= 1"),
-        (0 <= m.dropout < 1, "model.dropout must be in [0, 1)"),
-        (m.fourier_scale > 0, "model.fourier_scale must be > 0"),
-        (cfg.n_data >= 0, "n_data must be >= 0 (0 = the data's default size)"),
-        (0 <= t.seed < 2 ** 62, "train.seed must be in [0, 2^62)"),
-        (t.device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", t.device) is not None,
-         f"train.device must be auto, cpu, cuda, cuda:N or mps, got '{t.device}'"),
-        (0 < cfg.sigma_min < cfg.sigma_max, "need 0 < sigma_min < sigma_max"),
-    ]
-    if hasattr(cfg, "p_std"):
-        checks.append((cfg.p_std > 0, "p_std must be > 0"))
-    if hasattr(cfg, "ctm"):
-        c = cfg.ctm
-        checks += [(c.huber_c >= 0, "ctm.huber_c must be >= 0 (0 = automatic)"),
-                   (c.disc_hidden >= 4, "ctm.disc_hidden must be >= 4"),
-                   (bool(str(cfg.teacher).strip()), "teacher must be a teacher run folder or 'exact'")]
-    for ok, msg in checks:
-        if not ok:
-            raise UserError(msg)
 
 
 def preset_names() -> list[str]:

@@ -11,17 +11,21 @@ from pathlib import Path
 
 import torch
 
-from .config import DistillConfig, TeacherConfig, load_config
+from .config import DistillConfig, TeacherConfig, load_config, resolve_key
+from .core.schedules import SIGMA_MIN, karras_sigmas
+from .core.solvers import solve_pf_ode
 from .data import load_data
 from .errors import UserError
-from .evaluate import heun_nfes, swd_sweep
-from .loading import load_model
-from .report import save_curves, save_loss_curves, save_scatter
-from .train.checkpoint import atomic_write_text
+from .eval.generate import generate
+from .eval.quality import make_quality
+from .eval.report import pyplot, save_fig, save_image_grid, save_loss_curves, save_scatter
+from .eval.sweep import CTM_NFES, heun_nfes, plot_result, sweep
+from .io.atomic import atomic_write_text
+from .io.runs import load_model
 from .train.ctm import CTMRun
 from .train.teacher import TeacherRun
 
-CTM_NFES = (1, 2, 4, 8)
+IMAGE_HEUN_NFES = (3, 5, 9, 17, 35)
 
 
 def run_demo(out: Path, preset: str = "toy", data: str | None = None, overrides: tuple[str, ...] = (),
@@ -51,11 +55,7 @@ def run_demo(out: Path, preset: str = "toy", data: str | None = None, overrides:
     echo("[3/3] sampling and evaluating")
     t0 = time.time()
     teacher, ctm = load_model(out / "teacher"), load_model(out / "ctm")
-    if dataset.kind == "vector":
-        summary = _evaluate_vectors(out, dataset, teacher, ctm, eval_samples)
-    else:
-        from .image_eval import evaluate_images
-        summary = evaluate_images(out, dataset, teacher, ctm, CTM_NFES, eval_samples)
+    summary = evaluate_demo(out, dataset, teacher, ctm, eval_samples)
     times["eval_s"] = time.time() - t0
     summary["times"] = {k: round(v, 1) for k, v in times.items()}
     summary["eval_samples"] = eval_samples
@@ -70,46 +70,54 @@ def run_demo(out: Path, preset: str = "toy", data: str | None = None, overrides:
 
 def _split_overrides(overrides) -> tuple[list[str], list[str]]:
     """key=value overrides go to each stage whose config has the key (train.steps=... goes to both)."""
-    from .config import _resolve_key
     t_over, d_over = [], []
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         hits = []
         for cls, dest in ((TeacherConfig, t_over), (DistillConfig, d_over)):
             try:
-                _resolve_key(cls, key)
+                resolve_key(cls, key)
             except UserError:
                 continue
             dest.append(item)
             hits.append(cls)
         if not hits:
-            _resolve_key(DistillConfig, key)  # raises the error that lists the valid keys
+            resolve_key(DistillConfig, key)  # raises the error that lists the valid keys
     return t_over, d_over
 
 
-def _evaluate_vectors(out: Path, data, teacher, ctm, n: int) -> dict:
-    """SWD ratios (sliced W1 / true-vs-true floor) for CTM gamma 0/1 at each NFE and teacher Heun at each NFE."""
-    points = [("gamma", n, g) for g in (0.0, 1.0) for n in CTM_NFES]
-    rows = swd_sweep(ctm, data, points, n) + swd_sweep(teacher, data, [("heun", k, 0.0) for k in heun_nfes()], n)
-    for r in rows[len(points):]:
-        r["model"] = "teacher"
-    for r in rows[:len(points)]:
-        r["model"] = "ctm"
-    _vector_plots(out, data, teacher, ctm, n)
-    ctm_by = {(r["nfe"], r["gamma"]): r["ratio"] for r in rows if r["model"] == "ctm"}
-    heun = {r["nfe"]: r["ratio"] for r in rows if r["model"] == "teacher"}
-    save_curves({"CTM gamma=0": (list(CTM_NFES), [ctm_by[(n, 0.0)] for n in CTM_NFES]),
-                 "CTM gamma=1": (list(CTM_NFES), [ctm_by[(n, 1.0)] for n in CTM_NFES]),
-                 "teacher Heun": (list(heun), list(heun.values()))},
-                out / "quality_vs_nfe.png", "NFE", "sliced W1 / true-vs-true floor (lower is better)",
-                f"{data.spec}: quality vs NFE", hline=("true data (1.0)", 1.0))
-    return {"data": data.spec, "metric": "swd_ratio", "rows": rows,
-            "ctm_nfe1_vs_teacher_heun35": ctm_by[(1, 0.0)] / heun[35]}
+def evaluate_demo(out: Path, data, teacher, ctm, n: int) -> dict:
+    """The CTM at each NFE (gamma 0 and 1) and the teacher's Heun budgets on the data's default metric (the same
+    sweep as `ctmkit eval`), the metric's floor, the quality-vs-NFE plot and the sample pictures."""
+    quality = make_quality("auto" if data.kind == "vector" else "classifier", data, n)
+    heun = heun_nfes() if data.kind == "vector" else IMAGE_HEUN_NFES
+    points = [("gamma", k, g) for g in (0.0, 1.0) for k in CTM_NFES] + [("heun", k, 0.0) for k in heun]
+    on_samples = None
+    if data.kind == "image":
+        real = data.fresh(min(n, len(data), 100), torch.Generator().manual_seed(0))
+        on_samples = lambda row, x: _image_grids(out, row, x)  # noqa: E731
+    result = sweep(ctm, data, points, quality, teacher=teacher, on_samples=on_samples)
+    floor = quality.floor()
+    plot_result(result, out / "quality_vs_nfe.png", f"{data.spec}: quality vs NFE", hline=floor)
+    summary = result.to_dict()
+    if data.kind == "vector":
+        _vector_plots(out, data, teacher, ctm, n)
+    else:
+        save_image_grid(real[:100], out / "samples_data.png", nrow=10)
+        summary["data_vs_data"] = floor[1]
+    return summary
+
+
+def _image_grids(out: Path, row, x) -> None:
+    """Sample grids of the CTM at gamma 0 (every NFE) and of the teacher's Heun 35."""
+    if row.sampler == "gamma" and row.gamma == 0.0:
+        save_image_grid(x[:100], out / f"samples_ctm_nfe{row.nfe}.png", nrow=10)
+    elif row.sampler == "heun" and row.nfe == 35:
+        save_image_grid(x[:100], out / "samples_teacher_heun35.png", nrow=10)
 
 
 @torch.no_grad()
 def _vector_plots(out: Path, data, teacher, ctm, n: int) -> None:
-    from .generate import generate
     true = data.fresh(n, torch.Generator().manual_seed(0)).numpy()
     panels = [("data", true), ("teacher Heun 35", generate(teacher, n, 35, 0.0, 1, None, progress=False).numpy())]
     panels += [(f"CTM NFE {k}, gamma 0", generate(ctm, n, k, 0.0, 1, None, progress=False).numpy()) for k in CTM_NFES]
@@ -122,13 +130,10 @@ def _vector_plots(out: Path, data, teacher, ctm, n: int) -> None:
 def _trajectory_plot(path: Path, true, teacher, ctm, t_start: float = 3.0, n_paths: int = 12) -> None:
     """Teacher PF-ODE trajectories (lines) from t_start down to sigma_min, and CTM anytime-to-anytime jumps:
     G(x_T, T, s) for s along the way (dots), and jumps from mid-way points (crosses). Jumps on the lines = faithful."""
-    from .report import _plt, _save_fig
-    from .schedules import karras_sigmas
-    from .solvers import solve_pf_ode
-    plt = _plt()
+    plt = pyplot()
     g = torch.Generator().manual_seed(3)
     x_T = torch.randn(n_paths, 2, generator=g) * t_start
-    sig = karras_sigmas(81, 0.002, t_start)
+    sig = karras_sigmas(81, SIGMA_MIN, t_start)
     path_pts = [x_T]
     for i in range(80):
         path_pts.append(solve_pf_ode(teacher, path_pts[-1], sig[i:i + 2], "heun"))
@@ -150,19 +155,15 @@ def _trajectory_plot(path: Path, true, teacher, ctm, t_start: float = 3.0, n_pat
                label=f"CTM G(x_t, t={t_mid:.2g}, s)")
     ax.set_aspect("equal"), ax.legend(fontsize=7, loc="upper right")
     ax.set_title("anytime-to-anytime jumps on the teacher's trajectories", fontsize=9)
-    _save_fig(fig, path)
+    save_fig(fig, path)
 
 
 def _table(summary: dict) -> str:
     metric = summary["metric"]
     lines = [f"{'model':8} {'sampler':8} {'NFE':>4} {'gamma':>6} {metric:>12}"]
     for r in summary["rows"]:
-        lines.append(f"{r['model']:8} {r['sampler']:8} {r['nfe']:>4} {r['gamma']:>6.1f} {r[_key(metric)]:>12.3f}")
+        lines.append(f"{r['model']:8} {r['sampler']:8} {r['nfe']:>4} {r['gamma']:>6.1f} {r['value']:>12.3f}")
     return "\n".join(lines)
-
-
-def _key(metric: str) -> str:
-    return "ratio" if metric == "swd_ratio" else "value"
 
 
 def _report(summary: dict, tcfg, dcfg) -> str:
@@ -179,7 +180,7 @@ def _report(summary: dict, tcfg, dcfg) -> str:
           f"**CTM NFE 1 (gamma 0) / teacher Heun 35 NFE: {summary['ctm_nfe1_vs_teacher_heun35']:.2f}**", "",
           "| model | sampler | NFE | gamma | value |", "|---|---|---|---|---|"]
     for r in summary["rows"]:
-        md.append(f"| {r['model']} | {r['sampler']} | {r['nfe']} | {r['gamma']:.1f} | {r[_key(metric)]:.3f} |")
+        md.append(f"| {r['model']} | {r['sampler']} | {r['nfe']} | {r['gamma']:.1f} | {r['value']:.3f} |")
     if metric != "swd_ratio":
         md += ["", f"Feature classifier accuracy on the data: {summary['classifier_accuracy']:.3f}; "
                f"Frechet distance between two halves of the data: {summary['data_vs_data']:.3f}.", "",

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ctmkit import CTM, EmpiricalDenoiser, GaussianMixture, flow_map, heun_sample, karras_sigmas, solve_pf_ode
+from ctmkit.core.precond import c_in, c_noise, c_out, c_skip
+from ctmkit.core.schedules import heun_schedule, sample_ctm_indices, sample_dsm_sigmas, sample_k, sample_schedule
 from ctmkit.metrics import swd_ratio
-from ctmkit.precond import c_in, c_noise, c_out, c_skip
-from ctmkit.schedules import heun_schedule, sample_ctm_indices, sample_dsm_sigmas, sample_k, sample_schedule
 
 
 def test_karras_grid_endpoints_and_order():

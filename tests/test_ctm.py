@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from ctmkit import flow_map, gamma_sample, karras_sigmas, sample_schedule, solve_pf_ode
-from ctmkit.losses import ctm_pair, l2
+from ctmkit.core.losses import ctm_pair, l2
+from ctmkit.core.schedules import sample_ctm_indices, sample_k
 from ctmkit.metrics import swd_ratio
-from ctmkit.schedules import sample_ctm_indices, sample_k
 
 from .conftest import ring_mixture
 
@@ -52,7 +52,7 @@ def test_gamma_sampling_with_exact_flow_map_reproduces_mixture(ring, gamma, nfe)
 
 
 def test_gamma_sampling_same_seed_same_sample_whatever_the_batch(ring):
-    from ctmkit.sampling import per_sample_normal
+    from ctmkit.core.sampling import per_sample_normal
     G = exact_G(ring, steps=8)
     big = per_sample_normal(10, (4, 2), seed=3)
     small = per_sample_normal(4, (4, 2), seed=3)

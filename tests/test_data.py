@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
+from ctmkit.core.mixtures import GaussianMixture
 from ctmkit.data import Dataset, Normalizer, RestrictedUnpickler, builtin_names, load_data
 from ctmkit.errors import UserError
-from ctmkit.teachers import GaussianMixture
 
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 

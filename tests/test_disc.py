@@ -1,11 +1,12 @@
-"""Contract tests for the GAN discriminators and DiffAugment (ctmkit.nets.disc)."""
+"""Contract tests for the GAN discriminators and DiffAugment (ctmkit.nets.disc, ctmkit.nets.augment)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ctmkit.nets.disc import ImageDiscriminator, VectorDiscriminator, diff_augment
+from ctmkit.nets.augment import diff_augment
+from ctmkit.nets.disc import ImageDiscriminator, VectorDiscriminator
 
 
 @pytest.mark.parametrize("num_classes", [0, 5])

@@ -7,7 +7,7 @@ import torch
 
 from ctmkit.config import DistillConfig, load_config
 from ctmkit.data import load_data
-from ctmkit.evaluate import flow_map_error
+from ctmkit.eval.diagnostics import flow_map_error
 from ctmkit.train.ctm import CTMRun
 
 
@@ -42,7 +42,7 @@ def test_teacher_free_and_ablation_variants_train(tmp_path):
 def test_student_starts_as_the_teacher_weight_for_weight(tmp_path):
     from ctmkit import load_model
     from ctmkit.config import TeacherConfig
-    from ctmkit.precond import ctm_jump
+    from ctmkit.core.precond import ctm_jump
     from ctmkit.train.teacher import TeacherRun
     data = load_data("moons")
     tcfg = load_config(TeacherConfig, None, None, ["model.hidden=32", "model.depth=2"], data="moons",

@@ -249,7 +249,7 @@ def test_cli_eval_fid_ctm_with_teacher_heun(tmp_path):
 def test_metric_resolution():
     from types import SimpleNamespace
 
-    from ctmkit.evaluate import resolve_metric
+    from ctmkit.eval.quality import resolve_metric
     vec = SimpleNamespace(kind="vector", labels=None, spec="ring")
     labelled = SimpleNamespace(kind="image", labels=torch.zeros(3), spec="digits")
     unlabelled = SimpleNamespace(kind="image", labels=None, spec="imgs")

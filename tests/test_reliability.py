@@ -45,7 +45,7 @@ from ctmkit.cli import main
 from ctmkit.config import DistillConfig, TeacherConfig, load_config, valid_keys
 from ctmkit.data import load_data
 from ctmkit.errors import UserError
-from ctmkit.train.checkpoint import list_checkpoints, load_checkpoint, load_latest, save_checkpoint
+from ctmkit.io.checkpoint import list_checkpoints, load_checkpoint, load_latest, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "ctmkit"]
@@ -437,14 +437,14 @@ def test_read_only_output_folder(teacher, tmp_path):
 
 def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     """atomic_write_bytes: a failure while writing leaves neither the target nor a temp file behind."""
-    from ctmkit.train import checkpoint
+    from ctmkit.io import atomic
 
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.os, "replace", boom)
+    monkeypatch.setattr(atomic.os, "replace", boom)
     with pytest.raises(OSError):
-        checkpoint.atomic_write_bytes(tmp_path / "x.npz", b"data" * 1000)
+        atomic.atomic_write_bytes(tmp_path / "x.npz", b"data" * 1000)
     with pytest.raises(OSError):
         save_checkpoint(tmp_path / "ck", 1, _state(1))
     assert files_under(tmp_path) == {"ck"}
@@ -452,11 +452,11 @@ def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
 def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):
     """Outputs (samples, checkpoints, reports) follow the umask like open() would, not mkstemp's private 0600."""
-    from ctmkit.train import checkpoint
+    from ctmkit.io import atomic
 
     old = os.umask(0o027)
     try:
-        checkpoint.atomic_write_text(tmp_path / "a.json", "{}")
+        atomic.atomic_write_text(tmp_path / "a.json", "{}")
         save_checkpoint(tmp_path / "ck", 1, _state(1))
         (tmp_path / "plain").write_text("x")
     finally:

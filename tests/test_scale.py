@@ -12,7 +12,7 @@ import torch
 
 from ctmkit.config import DistillConfig, TeacherConfig, load_config
 from ctmkit.data import load_data
-from ctmkit.train.checkpoint import load_latest
+from ctmkit.io.checkpoint import load_latest
 from ctmkit.train.ctm import CTMRun
 from ctmkit.train.teacher import TeacherRun
 

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ctmkit.core.mixtures import GaussianMixture
 from ctmkit.data.normalize import Normalizer, fit_images, fit_vectors, vector_normalizer
 from ctmkit.errors import UserError
-from ctmkit.teachers import GaussianMixture
 
 Sampler = Callable[[int, "torch.Generator | None"], Tensor]
 _F32_MAX = float(np.finfo(np.float32).max)

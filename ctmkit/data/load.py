@@ -1,4 +1,4 @@
-"""load_data(SPEC): one entry point for every data source (DESIGN.md, "Data SPEC")."""
+"""load_data(SPEC): one entry point for every data source (README, "Data SPEC")."""
 
 from __future__ import annotations
 

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..io.atomic import atomic_write_bytes
+from ..progress import progress_bar
 from .frechet import feature_stats, frechet_distance
 
 log = logging.getLogger(__name__)
@@ -126,9 +127,8 @@ class InceptionFeatures:
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> Tensor:
         out = []
-        disable = None if self.progress is None else not self.progress  # None: tqdm shows bars on terminals only
-        for i in tqdm(range(0, images.shape[0], self.batch_size), desc="inception features", disable=disable,
-                      leave=False):
+        for i in progress_bar(range(0, images.shape[0], self.batch_size), desc="inception features",
+                              enabled=self.progress, transient=True):
             x = to_uint8_rgb(images[i:i + self.batch_size].to(self.device))
             x = (resize_299(x) - 128) / 128  # the network's input range [-1, 127/128]
             x = x.contiguous(memory_format=torch.channels_last)  # same features (to ~1e-6), ~25% faster on CPU
@@ -214,7 +214,6 @@ def reference_stats(data, n: int, cache_dir: Path | str | None = None, features=
     buf = io.BytesIO()
     np.savez(buf, mu=mu, sigma=sigma, key=np.array(key_json))
     try:
-        from ..train.checkpoint import atomic_write_bytes
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, buf.getvalue())
     except OSError as e:  # a read-only cache is no reason to fail the evaluation

@@ -10,7 +10,8 @@ import numpy as np
 import scipy.linalg
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+from ..progress import progress_bar
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -72,7 +73,7 @@ def train_classifier(x: Tensor, labels: Tensor, num_classes: int, steps: int = 1
     g = torch.Generator().manual_seed(seed)
     net = ClassifierFeatures(x.shape[1], num_classes)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
-    for _ in tqdm(range(steps), desc="feature classifier", disable=not progress, leave=False):
+    for _ in progress_bar(range(steps), desc="feature classifier", enabled=progress, transient=True):
         idx = torch.randint(0, x.shape[0], (batch,), generator=g)
         xb = x[idx]
         dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=g))

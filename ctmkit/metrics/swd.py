@@ -1,4 +1,4 @@
-"""Sliced Wasserstein-1 distance and RBF MMD for vector samples (DESIGN.md section 5).
+"""Sliced Wasserstein-1 distance and RBF MMD for vector samples (docs/method.md section 6).
 
 Sliced W1 of two equal-size samples: mean over random unit directions of the W1 distance between the
 projected samples (mean absolute difference of the sorted projections). Quality is reported as a ratio to

@@ -1,6 +1,6 @@
 """MLP backbone for vector data: F(x, c_noise(t), c_noise(s), labels) with residual blocks.
 
-Time t and (for CTM students) time s enter through Fourier embeddings added together (CTM_SPEC section 2);
+Time t and (for CTM students) time s enter through Fourier embeddings added together (docs/method.md section 2);
 the s embedding's last layer starts at zero, so a student copied from a teacher starts as that teacher."""
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A DDPM++/ADM-style U-Net: residual blocks with scale-shift conditioning on a noise embedding,
 self-attention at chosen resolutions, skip connections from encoder to decoder. The embedding is
 ``t_embed(c_noise(t)) + s_embed(c_noise(s)) + label_embed(labels)``; ``s_embed`` is zero-initialised
-so a student initialised from a teacher starts out ignoring ``s`` (CTM_SPEC section 2).
+so a student initialised from a teacher starts out ignoring ``s`` (docs/method.md section 2).
 The EDM preconditioning (c_skip, c_out, c_in) lives outside, in the CTM wrapper.
 """
 
@@ -26,7 +26,8 @@ def _groups(ch: int) -> int:
     return g
 
 
-def _norm(ch: int) -> nn.GroupNorm:
+def group_norm(ch: int) -> nn.GroupNorm:
+    """GroupNorm with _groups(ch) groups and eps 1e-6 (shared with the image discriminator)."""
     return nn.GroupNorm(_groups(ch), ch, eps=1e-6)
 
 
@@ -38,10 +39,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.norm1 = _norm(in_ch)
+        self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, 2 * out_ch)
-        self.norm2 = _norm(out_ch)
+        self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -60,7 +61,7 @@ class AttnBlock(nn.Module):
     def __init__(self, ch: int) -> None:
         super().__init__()
         self.heads = max(1, ch // 64) if ch % 64 == 0 else 1
-        self.norm = _norm(ch)
+        self.norm = group_norm(ch)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = nn.Conv2d(ch, ch, 1)
 
@@ -142,48 +143,57 @@ class UNet(nn.Module):
         self.label_embed = nn.Embedding(num_classes, emb_dim) if num_classes > 0 else None
 
         self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
-        # Encoder: record the channel count of every tensor pushed onto the skip stack.
-        self.down = nn.ModuleList()
-        skip_chs = [model_channels]
-        ch, res = model_channels, resolution
-        for level, mult in enumerate(channel_mult):
-            out_ch = model_channels * mult
-            for _ in range(num_res_blocks):
-                self.down.append(ResAttnBlock(ch, out_ch, emb_dim, dropout, res in attn_resolutions))
-                ch = out_ch
-                skip_chs.append(ch)
-            if level < len(channel_mult) - 1:
-                self.down.append(Downsample(ch))
-                skip_chs.append(ch)
-                res = (res + 1) // 2
-
+        self.down, skip_chs, ch, res = self._encoder(model_channels, channel_mult, num_res_blocks, attn_resolutions,
+                                                     dropout)
         self.mid1 = ResBlock(ch, ch, emb_dim, dropout)
         self.mid_attn = AttnBlock(ch)
         self.mid2 = ResBlock(ch, ch, emb_dim, dropout)
+        self.up, ch = self._decoder(model_channels, channel_mult, num_res_blocks, attn_resolutions, dropout,
+                                    skip_chs, ch, res)
 
-        # Decoder: num_res_blocks + 1 blocks per level, each consuming one skip.
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            out_ch = model_channels * mult
-            for _ in range(num_res_blocks + 1):
-                in_ch = ch + skip_chs.pop()
-                self.up.append(ResAttnBlock(in_ch, out_ch, emb_dim, dropout, res in attn_resolutions))
-                ch = out_ch
-            if level > 0:
-                self.up.append(Upsample(ch))
-                res = resolution
-                for _ in range(level - 1):
-                    res = (res + 1) // 2
-
-        self.norm_out = _norm(ch)
+        self.norm_out = group_norm(ch)
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
         # EDM-style init_zero: tiny output weights so F ~ 0 (g ~ c_skip x) at init.
         with torch.no_grad():
             self.conv_out.weight.mul_(1e-5)
             self.conv_out.bias.zero_()
 
+    def _encoder(self, model_channels: int, channel_mult, num_res_blocks: int, attn_resolutions, dropout: float):
+        """Encoder blocks, the channel count of every tensor pushed onto the skip stack, the last ch and res."""
+        down = nn.ModuleList()
+        skip_chs = [model_channels]
+        ch, res = model_channels, self.resolution
+        for level, mult in enumerate(channel_mult):
+            out_ch = model_channels * mult
+            for _ in range(num_res_blocks):
+                down.append(ResAttnBlock(ch, out_ch, self.emb_dim, dropout, res in attn_resolutions))
+                ch = out_ch
+                skip_chs.append(ch)
+            if level < len(channel_mult) - 1:
+                down.append(Downsample(ch))
+                skip_chs.append(ch)
+                res = (res + 1) // 2
+        return down, skip_chs, ch, res
+
+    def _decoder(self, model_channels: int, channel_mult, num_res_blocks: int, attn_resolutions, dropout: float,
+                 skip_chs: list[int], ch: int, res: int):
+        """Decoder: num_res_blocks + 1 blocks per level, each consuming one skip; returns the blocks and last ch."""
+        up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            out_ch = model_channels * mult
+            for _ in range(num_res_blocks + 1):
+                in_ch = ch + skip_chs.pop()
+                up.append(ResAttnBlock(in_ch, out_ch, self.emb_dim, dropout, res in attn_resolutions))
+                ch = out_ch
+            if level > 0:
+                up.append(Upsample(ch))
+                res = self.resolution
+                for _ in range(level - 1):
+                    res = (res + 1) // 2
+        return up, ch
+
     def last_layer(self) -> nn.Parameter:
-        """Weight of the final output conv (for the adaptive loss weights, CTM_SPEC section 3 item 8)."""
+        """Weight of the final output conv (for the adaptive loss weights, docs/method.md section 3, step 8)."""
         return self.conv_out.weight
 
     def embed(self, noise_t: Tensor, noise_s: Tensor | None = None, labels: Tensor | None = None) -> Tensor:

@@ -6,10 +6,8 @@ micro-batch, rank-0-only files, fp16 gradient scaling, optional torch.compile.""
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
-import math
 import signal
 import time
 import typing
@@ -18,12 +16,14 @@ from pathlib import Path
 import torch
 import yaml
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..config import ModelConfig, TrainConfig, to_dict
+from ..config import TrainConfig, to_dict
 from ..errors import UserError
+from ..io.atomic import atomic_write_text
+from ..io.card import DataCard, ModelCard
+from ..io.checkpoint import load_latest, save_checkpoint
+from ..progress import progress_bar
 from . import dist
-from .checkpoint import atomic_write_text, load_latest, save_checkpoint
 
 if typing.TYPE_CHECKING:
     from ..data import Dataset
@@ -31,84 +31,10 @@ if typing.TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def backbone_spec(mcfg: ModelConfig, data: Dataset) -> dict:
-    """The backbone's class name and constructor arguments for this data (saved in model.json)."""
-    arch = mcfg.arch if mcfg.arch != "auto" else ("mlp" if data.kind == "vector" else "unet")
-    classes = data.num_classes if mcfg.conditional else 0
-    if arch == "mlp":
-        if data.kind != "vector":
-            raise UserError(f"model.arch=mlp needs vector data, but '{data.spec}' holds images; use arch=unet")
-        return {"arch": "mlp", "kwargs": dict(dim=data.shape[0], hidden=mcfg.hidden, depth=mcfg.depth,
-                                              emb_dim=mcfg.emb_dim, dropout=mcfg.dropout, num_classes=classes,
-                                              fourier_scale=mcfg.fourier_scale)}
-    if arch == "unet":
-        if data.kind != "image":
-            raise UserError(f"model.arch=unet needs image data, but '{data.spec}' holds vectors; use arch=mlp")
-        c, h, w = data.shape
-        if h != w:
-            raise UserError(f"the UNet needs square images, got {h}x{w}")
-        return {"arch": "unet", "kwargs": dict(
-            in_channels=c, resolution=h, model_channels=mcfg.channels, channel_mult=tuple(mcfg.channel_mult),
-            num_res_blocks=mcfg.num_res_blocks, attn_resolutions=tuple(mcfg.attn_resolutions),
-            dropout=mcfg.dropout, num_classes=classes, fourier_scale=mcfg.fourier_scale)}
-    raise UserError(f"model.arch must be 'mlp', 'unet' or 'auto', got '{arch}'")
-
-
-def data_info(data: Dataset) -> dict:
-    """What a trained model must remember of its data (saved in model.json)."""
-    return {"spec": data.spec, "kind": data.kind, "shape": list(data.shape), "num_classes": data.num_classes,
-            "normalizer": data.normalizer.to_dict(),
-            "mixture": data.mixture.to_dict() if data.mixture is not None else None}
-
-
-def build_backbone(spec: dict) -> nn.Module:
-    if spec["arch"] == "mlp":
-        from ..nets.mlp import MLP
-        return MLP(**spec["kwargs"])
-    from ..nets.unet import UNet
-    kw = dict(spec["kwargs"])
-    kw["channel_mult"], kw["attn_resolutions"] = tuple(kw["channel_mult"]), tuple(kw["attn_resolutions"])
-    return UNet(**kw)
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, rate: float) -> None:
-    """theta_ema <- rate * theta_ema + (1 - rate) * theta (buffers copied)."""
-    for pe, p in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(p.detach(), 1 - rate)
-    for be, b in zip(ema.buffers(), model.buffers()):
-        be.copy_(b)
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    m = copy.deepcopy(model).eval()
-    m.requires_grad_(False)
-    return m
-
-
 def make_optimizer(params, tcfg: TrainConfig, lr: float | None = None, betas=(0.9, 0.999)):
+    """Adam or RAdam (train.optimizer) at train.lr unless `lr` is given."""
     lr = tcfg.lr if lr is None else lr
-    if tcfg.optimizer == "radam":
-        return torch.optim.RAdam(params, lr=lr, betas=betas)
-    if tcfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=betas)
-    raise UserError(f"train.optimizer must be 'adam' or 'radam', got '{tcfg.optimizer}'")
-
-
-def check_train_config(t: TrainConfig) -> None:
-    """Range checks with one clear message each."""
-    checks = [(t.steps >= 1, "train.steps must be >= 1"), (t.batch_size >= 1, "train.batch_size must be >= 1"),
-              (t.micro_batches >= 1 and t.batch_size % t.micro_batches == 0,
-               "train.micro_batches must be >= 1 and divide train.batch_size"),
-              (t.lr > 0 and math.isfinite(t.lr), "train.lr must be a positive number"),
-              (t.ckpt_every >= 1, "train.ckpt_every must be >= 1"), (t.log_every >= 1, "train.log_every must be >= 1"),
-              (all(0 < r < 1 for r in t.ema) and len(t.ema) >= 1, "train.ema must be a list of rates in (0, 1)"),
-              (t.precision in ("fp32", "bf16", "fp16"), "train.precision must be fp32, bf16 or fp16"),
-              (t.warmup >= 0 and t.grad_clip >= 0, "train.warmup and train.grad_clip must be >= 0"),
-              (t.max_bad_steps >= 1, "train.max_bad_steps must be >= 1")]
-    for ok, msg in checks:
-        if not ok:
-            raise UserError(msg)
+    return (torch.optim.RAdam if tcfg.optimizer == "radam" else torch.optim.Adam)(params, lr=lr, betas=betas)
 
 
 class Run:
@@ -117,7 +43,7 @@ class Run:
     kind = "run"
 
     def __init__(self, cfg, out: str | Path, data: Dataset, resume: bool = False):
-        check_train_config(cfg.train)
+        cfg.validate()
         self.cfg, self.tcfg, self.data, self.resume = cfg, cfg.train, data, resume
         self.out = Path(out)
         self.dist, self.device = dist.setup(cfg.train.device)
@@ -157,9 +83,14 @@ class Run:
             if k in st.get("scalers", {}):
                 sc.load_state_dict(st["scalers"][k])
 
-    def model_info(self) -> dict:
+    def model_card(self) -> ModelCard:
         """Saved as model.json: what load_model needs to rebuild the network and map samples back."""
         raise NotImplementedError
+
+    def card_fields(self) -> dict:
+        """The ModelCard fields every run shares (its data, sigma range, EMA rates)."""
+        return {"data": DataCard.of(self.data), "sigma_data": self.cfg.model.sigma_data,
+                "sigma_min": self.cfg.sigma_min, "sigma_max": self.cfg.sigma_max, "ema": tuple(self.tcfg.ema)}
 
     def train_step(self) -> dict:
         raise NotImplementedError
@@ -244,11 +175,10 @@ class Run:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-        atomic_write_text(self.out / "model.json", json.dumps(self.model_info(), indent=1))
+        self.model_card().write(self.out)
 
-    def fit(self, progress: bool = True) -> Path:
-        """Train to cfg.train.steps (resuming if asked), checkpointing; returns the run folder."""
-        ckpt_dir = self.out / "checkpoints"
+    def _start(self, ckpt_dir: Path) -> None:
+        """Resume from the newest intact checkpoint when asked; refuse to overwrite a run's checkpoints."""
         if self.resume:
             found = load_latest(ckpt_dir, strict=True)
             if found is None:
@@ -259,60 +189,93 @@ class Run:
                     log.warning("resuming from %s (step %d)", found[1].name, self.step)
         elif any(ckpt_dir.glob("ckpt-*.safetensors")):
             raise UserError(f"'{self.out}' already holds checkpoints; pass --resume to continue, or pick a new --out")
+
+    def _step(self) -> dict:
+        """One training step; counts non-finite steps and stops after train.max_bad_steps in a row."""
+        stats = self.train_step()
+        if stats.pop("_ok", True):
+            self.bad_in_a_row = 0
+        else:
+            self.bad_in_a_row += 1
+            self.bad_total += 1
+            if self.bad_in_a_row >= self.tcfg.max_bad_steps:
+                raise UserError(f"training diverged: {self.bad_in_a_row} non-finite steps in a row at step "
+                                f"{self.step}; the last good checkpoint is kept (try a lower train.lr)")
+        self.step += 1
+        return stats
+
+    def fit(self, progress: bool = True) -> Path:
+        """Train to cfg.train.steps (resuming if asked), checkpointing; returns the run folder."""
+        ckpt_dir, main, steps = self.out / "checkpoints", self.dist.main, self.tcfg.steps
+        self._start(ckpt_dir)
         self._prepare_dir()
-        main = self.dist.main
-        stats_path = self.out / "stats.jsonl"
-        if main:
-            _truncate_stats(stats_path, self.step)
-        old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        acc: dict[str, float] = {}
-        n_acc, t0 = 0, time.time()
-        tb = _tensorboard(self.out / "tb") if main else None
-        bar = tqdm(total=self.tcfg.steps, initial=self.step, disable=not (progress and main), desc=self.kind,
-                   dynamic_ncols=True)
-        try:
-            while self.step < self.tcfg.steps and not dist.any_rank(self._stop, self.dist, self.device):
-                stats = self.train_step()
-                if stats.pop("_ok", True):
-                    self.bad_in_a_row = 0
-                else:
-                    self.bad_in_a_row += 1
-                    self.bad_total += 1
-                    if self.bad_in_a_row >= self.tcfg.max_bad_steps:
-                        raise UserError(f"training diverged: {self.bad_in_a_row} non-finite steps in a row at step "
-                                        f"{self.step}; the last good checkpoint is kept (try a lower train.lr)")
-                self.step += 1
-                for k, v in stats.items():
-                    acc[k] = acc.get(k, 0.0) + float(v)
-                n_acc += 1
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_stop_on_signals(self))
+            stats_log = stack.enter_context(contextlib.closing(StatsLog(self.out, self.step, main)))
+            bar = stack.enter_context(contextlib.closing(
+                progress_bar(total=steps, initial=self.step, desc=self.kind, enabled=progress and main)))
+            while self.step < steps and not dist.any_rank(self._stop, self.dist, self.device):
+                stats_log.add(self._step())
                 bar.update(1)
-                if main and (self.step % self.tcfg.log_every == 0 or self.step == self.tcfg.steps):
-                    line = {"step": self.step, **{k: v / n_acc for k, v in acc.items()},
-                            "bad_steps": self.bad_total, "time": time.time() - t0}
-                    with open(stats_path, "a") as f:
-                        f.write(json.dumps(line) + "\n")
-                    for k, v in line.items() if tb else ():
-                        tb.add_scalar(k, v, self.step)
+                if main and (self.step % self.tcfg.log_every == 0 or self.step == steps):
+                    line = stats_log.write(self.step, self.bad_total)
                     bar.set_postfix(loss=f"{line.get('loss', float('nan')):.4g}")
-                    acc, n_acc = {}, 0
-                if main and (self.step % self.tcfg.ckpt_every == 0 or self.step == self.tcfg.steps):
+                if main and (self.step % self.tcfg.ckpt_every == 0 or self.step == steps):
                     save_checkpoint(ckpt_dir, self.step, self.state())
-            if self.step < self.tcfg.steps:   # stopped by a signal (on some rank)
+            if self.step < steps:   # stopped by a signal (on some rank)
                 if main:
                     save_checkpoint(ckpt_dir, self.step, self.state())
                 dist.barrier(self.dist)
                 raise UserError(f"interrupted at step {self.step}: checkpoint written; continue with --resume")
-        finally:
-            bar.close()
-            if tb:
-                tb.close()
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
         dist.barrier(self.dist)   # every rank returns after rank 0's last checkpoint is on disk
         return self.out
 
-    def _on_signal(self, signum, frame) -> None:
+    def request_stop(self, signum=None, frame=None) -> None:
+        """Signal handler: finish the current step, checkpoint and stop."""
         self._stop = True
+
+
+@contextlib.contextmanager
+def _stop_on_signals(run: Run):
+    """SIGINT / SIGTERM set run._stop (the loop then checkpoints and stops); the old handlers come back after."""
+    old = {sig: signal.signal(sig, run.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+class StatsLog:
+    """Per-step statistics averaged over each log period: one JSON line per period in stats.jsonl (rank 0), and
+    TensorBoard scalars when the tensorboard package is installed. On resume, lines past the step are dropped."""
+
+    def __init__(self, out: Path, step: int, main: bool):
+        self.path, self.main = out / "stats.jsonl", main
+        self.acc: dict[str, float] = {}
+        self.n, self.t0 = 0, time.time()
+        if main:
+            _truncate_stats(self.path, step)
+        self.tb = _tensorboard(out / "tb") if main else None
+
+    def add(self, stats: dict) -> None:
+        for k, v in stats.items():
+            self.acc[k] = self.acc.get(k, 0.0) + float(v)
+        self.n += 1
+
+    def write(self, step: int, bad_total: int) -> dict:
+        line = {"step": step, **{k: v / self.n for k, v in self.acc.items()}, "bad_steps": bad_total,
+                "time": time.time() - self.t0}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        for k, v in line.items() if self.tb else ():
+            self.tb.add_scalar(k, v, step)
+        self.acc, self.n = {}, 0
+        return line
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
 
 
 def _tensorboard(path: Path):

@@ -1,4 +1,4 @@
-"""CTM distillation (Kim et al. 2024, CTM_SPEC section 3): L = L_CTM + lambda_DSM L_DSM + lambda_GAN L_GAN.
+"""CTM distillation (Kim et al. 2024, docs/method.md section 3): L = L_CTM + lambda_DSM L_DSM + lambda_GAN L_GAN.
 
 Per iteration: one k ~ P(k) prop. to k; per sample t = t_n, u = t_{n+k}, s = t_m (m >= n+k) on the Karras grid;
 x_u from k teacher Heun steps (no grad); both sides of the CTM loss transported to sigma_min by the target net.
@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 import typing
+from dataclasses import dataclass, fields
 
 import torch
+from torch import Tensor
 
 from ..config import DistillConfig
-from ..errors import UserError
-from ..losses import (
+from ..core.losses import (
     adaptive_weight_from_grads,
     ctm_pair,
     dsm_loss,
@@ -28,11 +29,17 @@ from ..losses import (
     last_layer_grad,
     make_distance,
 )
-from ..precond import CTM
-from ..schedules import karras_sigmas, sample_ctm_indices, sample_dsm_sigmas, sample_k
-from ..solvers import solve_pf_ode
+from ..core.precond import CTM
+from ..core.schedules import karras_sigmas, sample_ctm_indices, sample_dsm_sigmas, sample_k
+from ..core.solvers import solve_pf_ode
+from ..io.card import ModelCard
+from ..nets.augment import diff_augment
+from ..nets.disc import ImageDiscriminator, VectorDiscriminator
+from ..nets.registry import backbone_spec
+from ..teachers import load_teacher
 from . import dist
-from .common import Run, backbone_spec, build_backbone, data_info, ema_update, frozen_copy, make_optimizer
+from .common import Run, make_optimizer
+from .ema import ema_update, frozen_copy
 
 if typing.TYPE_CHECKING:
     from ..data import Dataset
@@ -40,52 +47,39 @@ if typing.TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def load_teacher(spec: str, data: Dataset):
-    """The teacher denoiser: 'exact' (the data's known mixture) or a teacher run folder. Returns (denoiser, info)."""
-    if spec == "exact":
-        if data.mixture is None:
-            raise UserError(f"teacher=exact needs data with a known density (gmm:PATH.json or a built-in mixture such "
-                            f"as ring or grid); '{data.spec}' has none: train a teacher with `ctmkit train-teacher`")
-        return data.mixture, None
-    from ..loading import load_model
-    teacher = load_model(spec)
-    if teacher.info["kind"] != "teacher":
-        raise UserError(f"'{spec}' is a {teacher.info['kind']} run, not a teacher")
-    if tuple(teacher.info["data"]["shape"]) != tuple(data.shape):
-        raise UserError(f"teacher '{spec}' was trained on data of shape {tuple(teacher.info['data']['shape'])}, "
-                        f"but '{data.spec}' has shape {tuple(data.shape)}")
-    if teacher.info["data"]["normalizer"] != data.normalizer.to_dict():
-        log.warning("the data normalisation differs from the teacher's (different data or n_data?)")
-    return teacher, teacher.info
+@dataclass
+class CTMDraw:
+    """Every random draw of one iteration, for the global batch or one micro-batch of it: data x0 [B, ...] and
+    labels [B] | None, grid indices n, u = n + k, m [B], the noise z of x_t [B, ...], and the DSM sigmas [B] and
+    noise [B, ...] (None without DSM)."""
 
+    x0: Tensor
+    labels: Tensor | None
+    n: Tensor
+    u: Tensor
+    m: Tensor
+    z: Tensor
+    sig: Tensor | None
+    z_dsm: Tensor | None
 
-def check_ctm_config(cfg: DistillConfig) -> None:
-    c = cfg.ctm
-    checks = [(c.num_scales >= 2, "ctm.num_scales must be >= 2"),
-              (1 <= c.max_k <= c.num_scales - 1, "ctm.max_k must be in [1, ctm.num_scales - 1]"),
-              (0 < c.target_ema < 1, "ctm.target_ema must be in (0, 1)"),
-              (c.distance in ("huber", "l2"), "ctm.distance must be 'huber' or 'l2'"),
-              (c.disc_lr > 0 and c.gan_start >= 0, "ctm.disc_lr must be > 0 and ctm.gan_start >= 0"),
-              (0 <= c.dsm_karras_frac <= 1, "ctm.dsm_karras_frac must be in [0, 1]"),
-              (0 < cfg.sigma_min < cfg.sigma_max, "need 0 < sigma_min < sigma_max")]
-    for ok, msg in checks:
-        if not ok:
-            raise UserError(msg)
+    def tensors(self) -> list[Tensor | None]:
+        return [getattr(self, f.name) for f in fields(self)]
 
 
 class CTMRun(Run):
     kind = "distill"
 
     def __init__(self, cfg: DistillConfig, out, data: Dataset, resume: bool = False):
-        check_ctm_config(cfg)
         super().__init__(cfg, out, data, resume)
-        self.teacher, tinfo = (None, None) if cfg.ctm.teacher_free else load_teacher(cfg.teacher, data)
+        self.teacher = None if cfg.ctm.teacher_free else load_teacher(cfg.teacher, data)
         if isinstance(self.teacher, torch.nn.Module):
             self.teacher = self.teacher.to(self.device)
         torch.manual_seed(cfg.train.seed)
-        init = tinfo is not None and cfg.ctm.init_from_teacher
-        self.spec = tinfo["backbone"] if init else backbone_spec(cfg.model, data)
-        self.net = CTM(build_backbone(self.spec), cfg.model.sigma_data)
+        tcard = getattr(self.teacher, "card", None)
+        init = tcard is not None and cfg.ctm.init_from_teacher
+        self.spec = tcard.backbone if init else backbone_spec(cfg.model, data.kind, data.shape, data.num_classes,
+                                                              data.spec)
+        self.net = CTM(self.spec.build(), cfg.model.sigma_data)
         if init:  # weight for weight: every shared layer copied; the s-embedding (unused by teachers) starts at 0
             missing = self.net.load_state_dict(self.teacher.state_dict(), strict=False)
             assert not missing.unexpected_keys, missing
@@ -97,7 +91,6 @@ class CTMRun(Run):
         self.maybe_compile(self.net.backbone)
         self.ddp = dist.wrap(self.net, self.dist, self.device)
         if cfg.ctm.gan:
-            from ..nets.disc import ImageDiscriminator, VectorDiscriminator
             classes = data.num_classes if self.use_labels else 0
             self.disc = (VectorDiscriminator(data.shape[0], cfg.ctm.disc_hidden, num_classes=classes)
                          if data.kind == "vector" else
@@ -112,10 +105,8 @@ class CTMRun(Run):
         self.grid = karras_sigmas(cfg.ctm.num_scales, cfg.sigma_min, cfg.sigma_max)   # t_0 > ... > t_{N-1}
         self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.train.seed + 7)
 
-    def model_info(self) -> dict:
-        return {"kind": "ctm", "backbone": self.spec, "sigma_data": self.cfg.model.sigma_data,
-                "sigma_min": self.cfg.sigma_min, "sigma_max": self.cfg.sigma_max, "data": data_info(self.data),
-                "teacher": self.cfg.teacher, "ema": list(self.tcfg.ema)}
+    def model_card(self) -> ModelCard:
+        return ModelCard("ctm", backbone=self.spec, teacher=self.cfg.teacher, **self.card_fields())
 
     def state(self) -> dict:
         return {**super().state(), "aug_gen": self.aug_gen.get_state()}
@@ -137,11 +128,10 @@ class CTMRun(Run):
 
     def disc_in(self, x: torch.Tensor) -> torch.Tensor:
         if self.data.kind == "image" and self.cfg.ctm.augment:
-            from ..nets.disc import diff_augment
             return diff_augment(x, self.aug_gen)
         return x
 
-    def draw(self, k: int) -> tuple:
+    def draw(self, k: int) -> CTMDraw:
         """Every random draw of one iteration, for the global batch, in a fixed order (identical on all ranks):
         x0, labels, grid indices (n, u, m), the noise of x_t, and the DSM sigmas (shuffled) and noise."""
         cfg = self.cfg
@@ -155,13 +145,17 @@ class CTMRun(Run):
                                     karras_frac=cfg.ctm.dsm_karras_frac, generator=self.gen)
             sig = sig[torch.randperm(b, generator=self.gen)].float()
             z_dsm = self.randn(x0.shape)
-        return x0, labels, n, u, m, z, sig, z_dsm
+        return CTMDraw(x0, labels, n, u, m, z, sig, z_dsm)
 
-    def ctm_losses(self, x0, labels, n, u, m, z, sig, z_dsm, k: int) -> dict:
+    def micro_batches(self, d: CTMDraw) -> list[CTMDraw]:
+        """This rank's micro-batches of a global draw, on the device."""
+        return [CTMDraw(*part) for part in self.parts(*d.tensors())]
+
+    def ctm_losses(self, d: CTMDraw, k: int) -> dict:
         """The loss terms of one micro-batch (graphs attached)."""
         cfg = self.cfg
-        n = n.cpu()
-        t, t_u, s = (self.grid[i.cpu()].to(self.device, torch.float32) for i in (n, u, m))
+        x0, labels, z, n = d.x0, d.labels, d.z, d.n.cpu()
+        t, t_u, s = (self.grid[i.cpu()].to(self.device, torch.float32) for i in (n, d.u, d.m))
         s_min = torch.full_like(t, cfg.sigma_min)
         x_t = x0 + t.view(-1, *[1] * (x0.ndim - 1)) * z
         with torch.no_grad():
@@ -174,7 +168,7 @@ class CTMRun(Run):
             estimate, goal = ctm_pair(G, self.target, x_t, x_u, t, t_u, s, s_min, labels)
             out = {"ctm": self.distance(estimate, goal).mean(), "estimate": estimate}
             if cfg.ctm.dsm:
-                out["dsm"] = dsm_loss(lambda *a: self.ddp("denoise", *a), x0, sig, z_dsm, cfg.model.sigma_data,
+                out["dsm"] = dsm_loss(lambda *a: self.ddp("denoise", *a), x0, d.sig, d.z_dsm, cfg.model.sigma_data,
                                       labels)
             if self.gan_active():
                 out["gan_g"] = gan_g_loss(self.disc(self.disc_in(estimate), labels))
@@ -200,17 +194,18 @@ class CTMRun(Run):
         gan = self.gan_active()
         if gan:
             self.disc.requires_grad_(False)          # the generator's loss flows through D without training it
-        for i, part in enumerate(self.parts(*self.draw(k))):
-            x0, labels = part[0], part[1]
+        for i, part in enumerate(self.micro_batches(self.draw(k))):
+            x0, labels = part.x0, part.labels
             with dist.no_sync(self.ddp, sync=i == mb - 1):
-                losses = self.ctm_losses(*part, k=k)
+                losses = self.ctm_losses(part, k)
                 total = losses["ctm"]
                 if "dsm" in losses:
-                    lam = self.weight(cfg.ctm.dsm_weight, losses, "dsm", 0.0, 1e4)
+                    lam = self.weight(cfg.ctm.dsm_weight, losses, "dsm", 0.0, cfg.ctm.dsm_weight_max)
                     total = total + lam * losses["dsm"]
                     _add(stats, {"loss_dsm": losses["dsm"], "lambda_dsm": lam}, mb)
                 if "gan_g" in losses:
-                    lam = self.weight(cfg.ctm.gan_weight, losses, "gan_g", 0.01, 10.0)
+                    lam = self.weight(cfg.ctm.gan_weight, losses, "gan_g", cfg.ctm.gan_weight_min,
+                                      cfg.ctm.gan_weight_max)
                     total = total + lam * losses["gan_g"]
                     _add(stats, {"loss_gan_g": losses["gan_g"], "lambda_gan": lam}, mb)
                 self.backward(total / mb, "opt")

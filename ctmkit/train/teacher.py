@@ -8,13 +8,16 @@ import typing
 import torch
 
 from ..config import TeacherConfig
+from ..core.losses import dsm_loss
+from ..core.precond import EDMDenoiser
+from ..io.card import ModelCard
+from ..nets.registry import backbone_spec
+from . import dist
+from .common import Run, make_optimizer
+from .ema import ema_update, frozen_copy
 
 if typing.TYPE_CHECKING:
     from ..data import Dataset
-from ..losses import dsm_loss
-from ..precond import EDMDenoiser
-from . import dist
-from .common import Run, backbone_spec, build_backbone, data_info, ema_update, frozen_copy, make_optimizer
 
 
 class TeacherRun(Run):
@@ -22,9 +25,9 @@ class TeacherRun(Run):
 
     def __init__(self, cfg: TeacherConfig, out, data: Dataset, resume: bool = False):
         super().__init__(cfg, out, data, resume)
-        self.spec = backbone_spec(cfg.model, data)
+        self.spec = backbone_spec(cfg.model, data.kind, data.shape, data.num_classes, data.spec)
         torch.manual_seed(cfg.train.seed)
-        self.net = EDMDenoiser(build_backbone(self.spec), cfg.model.sigma_data).to(self.device)
+        self.net = EDMDenoiser(self.spec.build(), cfg.model.sigma_data).to(self.device)
         self.net.backbone.s_embed.requires_grad_(False)   # a teacher never sees s (and DDP needs every grad)
         self.emas = [frozen_copy(self.net) for _ in cfg.train.ema]
         self.nets = {"net": self.net, **{f"ema{i}": e for i, e in enumerate(self.emas)}}
@@ -32,10 +35,8 @@ class TeacherRun(Run):
         self.maybe_compile(self.net.backbone)
         self.ddp = dist.wrap(self.net, self.dist, self.device)
 
-    def model_info(self) -> dict:
-        return {"kind": "teacher", "backbone": self.spec, "sigma_data": self.cfg.model.sigma_data,
-                "sigma_min": self.cfg.sigma_min, "sigma_max": self.cfg.sigma_max, "data": data_info(self.data),
-                "ema": list(self.tcfg.ema)}
+    def model_card(self) -> ModelCard:
+        return ModelCard("teacher", backbone=self.spec, **self.card_fields())
 
     def train_step(self) -> dict:
         cfg, mb = self.cfg, self.tcfg.micro_batches

@@ -1,4 +1,4 @@
-"""EDM preconditioning and the CTM jump (CTM_SPEC section 2; Karras et al. 2022 Table 1; Kim et al. 2024 eq. 7).
+"""EDM preconditioning and the CTM jump (docs/method.md section 2; Karras et al. 2022 Table 1; Kim et al. 2024 eq. 7).
 
     g(x_t, t, s) = c_skip(t) x_t + c_out(t) F(c_in(t) x_t, c_noise(t), c_noise(s), labels)
     G(x_t, t, s) = (s / t) x_t + (1 - s / t) g(x_t, t, s)
@@ -32,13 +32,22 @@ def c_noise(t: Tensor) -> Tensor:
 
 def ctm_jump(x_t: Tensor, t: Tensor, s: Tensor, g: Tensor) -> Tensor:
     """CTM eq. 7: G(x_t, t, s) = (s/t) x_t + (1 - s/t) g; t, s broadcast per sample."""
-    ratio = _bcast(s / t, x_t)
+    ratio = bcast(s / t, x_t)
     return ratio * x_t + (1 - ratio) * g
 
 
-def _bcast(v: Tensor, x: Tensor) -> Tensor:
+def bcast(v: Tensor, x: Tensor) -> Tensor:
     """Reshape a per-sample Tensor[B] to broadcast against x [B, ...]."""
     return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def edm_precond(backbone: nn.Module, x: Tensor, t: Tensor, noise_s: Tensor | None, labels: Tensor | None,
+               sigma_data: float) -> Tensor:
+    """EDM Table 1 around a backbone F: c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t), noise_s, labels).
+
+    noise_s is the second time input (c_noise(s) for a CTM, None for a plain EDM denoiser)."""
+    f = backbone(bcast(c_in(t, sigma_data), x) * x, c_noise(t), noise_s, labels)
+    return bcast(c_skip(t, sigma_data), x) * x + bcast(c_out(t, sigma_data), x) * f
 
 
 def as_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
@@ -57,9 +66,7 @@ class EDMDenoiser(nn.Module):
         self.backbone, self.sigma_data = backbone, sigma_data
 
     def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
-        t = as_sigma(sigma, x)
-        f = self.backbone(_bcast(c_in(t, self.sigma_data), x) * x, c_noise(t), None, labels)
-        return _bcast(c_skip(t, self.sigma_data), x) * x + _bcast(c_out(t, self.sigma_data), x) * f
+        return edm_precond(self.backbone, x, as_sigma(sigma, x), None, labels, self.sigma_data)
 
     def last_layer(self) -> nn.Parameter:
         """The backbone's output-layer weight (for adaptive loss weights)."""
@@ -69,7 +76,7 @@ class EDMDenoiser(nn.Module):
 class CTM(nn.Module):
     """Consistency Trajectory Model: ``model(x_t, t, s) = G(x_t, t, s)``; ``denoise(x, sigma) = g(x, sigma, sigma)``.
 
-    g is EDM-preconditioned on t, with the backbone's second time input fed c_noise(s) (CTM_SPEC section 2)."""
+    g is EDM-preconditioned on t, with the backbone's second time input fed c_noise(s) (docs/method.md section 2)."""
 
     def __init__(self, backbone: nn.Module, sigma_data: float = 0.5):
         super().__init__()
@@ -78,8 +85,7 @@ class CTM(nn.Module):
     def g(self, x_t: Tensor, t: Tensor | float, s: Tensor | float, labels: Tensor | None = None) -> Tensor:
         """g_theta(x_t, t, s) = c_skip(t) x_t + c_out(t) F(c_in(t) x_t, c_noise(t), c_noise(s), labels)."""
         t, s = as_sigma(t, x_t), as_sigma(s, x_t)
-        f = self.backbone(_bcast(c_in(t, self.sigma_data), x_t) * x_t, c_noise(t), c_noise(s), labels)
-        return _bcast(c_skip(t, self.sigma_data), x_t) * x_t + _bcast(c_out(t, self.sigma_data), x_t) * f
+        return edm_precond(self.backbone, x_t, t, c_noise(s), labels, self.sigma_data)
 
     def forward(self, x_t: Tensor, t: Tensor | float, s: Tensor | float, labels: Tensor | None = None) -> Tensor:
         """G_theta(x_t, t, s), CTM eq. 7."""

@@ -1,4 +1,4 @@
-"""Noise-level schedules (CTM_SPEC section 1, 3): the Karras grid, CTM time triplets, DSM sigma sampling.
+"""Noise-level schedules (docs/method.md sections 1, 3): the Karras grid, CTM time triplets, DSM sigma sampling.
 
 All functions are pure: randomness comes in through a ``torch.Generator``.
 """
@@ -11,6 +11,12 @@ from torch import Tensor
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 
 
+def karras_interp(frac: Tensor, hi: Tensor | float, lo: Tensor | float, rho: float = RHO) -> Tensor:
+    """Karras et al. (2022) eq. 5 at fractions frac in [0, 1] of the way from hi down to lo (rho spacing):
+    (hi^(1/rho) + frac (lo^(1/rho) - hi^(1/rho)))^rho. The one place the Karras curve is computed."""
+    return (hi ** (1 / rho) + frac * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+
+
 def karras_sigmas(n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO) -> Tensor:
     """Karras et al. (2022) eq. 5 grid with n points, descending from sigma_max to sigma_min: Tensor[n] float64."""
     if n < 1:
@@ -18,8 +24,7 @@ def karras_sigmas(n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA
     if n == 1:
         return torch.tensor([sigma_max], dtype=torch.float64)
     i = torch.arange(n, dtype=torch.float64)
-    # t_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
-    return (sigma_max ** (1 / rho) + i / (n - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return karras_interp(i / (n - 1), sigma_max, sigma_min, rho)   # t_i, i = 0..N-1
 
 
 def sample_k(num_scales_m: int, generator: torch.Generator | None = None) -> int:
@@ -48,12 +53,19 @@ def sample_dsm_sigmas(batch: int, p_mean: float = -1.2, p_std: float = 1.2, sigm
     z = torch.randn(batch - n_k, generator=generator, dtype=torch.float64)
     lognormal = (p_mean + p_std * z).exp()
     r = torch.rand(n_k, generator=generator, dtype=torch.float64) * upper  # position along the curve from the top
-    karras = (sigma_max ** (1 / rho) + r * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    karras = karras_interp(r, sigma_max, sigma_min, rho)
     return torch.cat([karras, lognormal])
 
 
+def karras_between(t: Tensor, s: Tensor, n: int, rho: float = RHO) -> Tensor:
+    """Per-sample Karras grids from t [B] down to s [B] in n steps: Tensor[n+1, B] float64 (rho spacing)."""
+    t, s = t.double(), s.double()
+    i = torch.linspace(0, 1, n + 1, dtype=torch.float64, device=t.device)[:, None]
+    return karras_interp(i, t[None], s[None], rho)
+
+
 def sample_schedule(nfe: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO) -> Tensor:
-    """Default gamma-sampling schedule (CTM_SPEC section 4): Karras grid with nfe+1 points, sigma_max -> sigma_min.
+    """Default gamma-sampling schedule (docs/method.md section 4): Karras grid, nfe+1 points, sigma_max -> sigma_min.
 
     NFE1 is 80 -> 0.002 and NFE2 is 80 -> 2.5152 -> 0.002, as in the reference implementation."""
     if nfe < 1:

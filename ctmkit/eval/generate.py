@@ -6,20 +6,25 @@ import io
 import os
 from pathlib import Path
 
-from .errors import UserError
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..core.sampling import gamma_sample, heun_sample, per_sample_normal, sample_schedule
+from ..data import Normalizer
+from ..errors import UserError
+from ..io.atomic import atomic_write_bytes
+from ..io.card import ModelCard
+from ..progress import progress_bar
+from .report import save_image_grid, save_scatter
 
 
-def generate(model, n: int, nfe: int | None, gamma: float, seed: int, labels, batch_size: int = 500,
-             sampler: str = "auto", progress: bool = True):
+def generate(model, n: int, nfe: int | None, gamma: float, seed: int, labels: Tensor | None, batch_size: int = 500,
+             sampler: str = "auto", progress: bool | None = True) -> Tensor:
     """Model-space samples [n, ...] from a teacher (Heun) or a CTM (gamma-sampling, or Heun with its denoiser);
     noise is per-sample seeded, so results do not depend on batch_size."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from .sampling import gamma_sample, heun_sample, per_sample_normal, sample_schedule
-    info = model.info
-    shape = tuple(info["data"]["shape"])
-    is_ctm = info["kind"] == "ctm"
+    card = model.card
+    shape, is_ctm = card.shape, card.is_ctm
     if sampler == "auto":
         sampler = "gamma" if is_ctm else "heun"
     if sampler == "gamma" and not is_ctm:
@@ -29,12 +34,11 @@ def generate(model, n: int, nfe: int | None, gamma: float, seed: int, labels, ba
         raise UserError(f"--nfe must be >= 1, got {nfe}")
     if not 0 <= gamma <= 1:
         raise UserError(f"--gamma must be in [0, 1], got {gamma}")
-    smin, smax = info["sigma_min"], info["sigma_max"]
+    smin, smax = card.sigma_min, card.sigma_max
     device = next(model.parameters()).device
     out = []
     with torch.no_grad():
-        for start in tqdm(range(0, n, batch_size), desc=f"sampling {sampler} nfe={nfe}", disable=not progress,
-                          leave=False):
+        for start in progress_bar(range(0, n, batch_size), desc=f"sampling {sampler} nfe={nfe}", enabled=progress):
             b = min(batch_size, n - start)
             z = per_sample_normal(b, (nfe,) + shape, seed, start).to(device)  # [b, nfe, ...]: initial + re-noising
             lab = labels[start:start + b].to(device) if labels is not None else None
@@ -48,13 +52,8 @@ def generate(model, n: int, nfe: int | None, gamma: float, seed: int, labels, ba
     return torch.cat(out)
 
 
-def write_samples(x, labels, info: dict, out: Path) -> list[Path]:
+def write_samples(x: Tensor, labels: Tensor | None, card: ModelCard, out: Path) -> list[Path]:
     """Write samples in the data's own space: FILE.npz (samples, labels) and, for images or 2-D data, a PNG."""
-    import numpy as np
-
-    from .data import Normalizer
-    from .report import save_image_grid, save_scatter
-    from .train.checkpoint import atomic_write_bytes
     out = Path(out)
     if out.suffix not in (".npz", ".png"):
         raise UserError(f"--out must end in .npz or .png, got '{out.name}'")
@@ -64,14 +63,14 @@ def write_samples(x, labels, info: dict, out: Path) -> list[Path]:
         raise UserError(f"output folder '{out.parent}' is not writable")
     written = []
     if out.suffix == ".npz":
-        data = Normalizer.from_dict(info["data"]["normalizer"]).to_data(x.cpu())
+        data = Normalizer.from_dict(card.data.normalizer).to_data(x.cpu())
         buf = io.BytesIO()
         arrays = {"samples": data} | ({"labels": labels.numpy()} if labels is not None else {})
         np.savez(buf, **arrays)
         atomic_write_bytes(out, buf.getvalue())
         written.append(out)
     png = out.with_suffix(".png")
-    if info["data"]["kind"] == "image":
+    if card.data.kind == "image":
         save_image_grid(x[:256], png)
         written.append(png)
     elif x.shape[1] == 2:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,45 +19,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
+from .atomic import atomic_write_text, plain_mode, temp_beside
 
 log = logging.getLogger(__name__)
-
-
-def _plain_mode() -> int:
-    """The mode a plain open() gives a new file: 0666 less the umask (mkstemp's files are a private 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _temp_beside(path: Path) -> tuple[int, str]:
-    """A temp file next to `path`, with the mode of a plain open() (so outputs shared on a cluster follow the
-    user's umask); an OSError names `path` (what the user asked for), not the temp file."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise type(e)(e.errno, e.strerror, str(path)) from None
-    os.fchmod(fd, _plain_mode())
-    return fd, tmp
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file atomically: temp file in the same folder, fsync, rename."""
-    path = Path(path)
-    fd, tmp = _temp_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def _flatten(obj, prefix: str, tensors: dict):
@@ -102,11 +65,11 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int = 3) -> Pa
     tensors: dict = {}
     skeleton = _flatten(state, "s", tensors)
     path = ckpt_dir / f"ckpt-{step:08d}.safetensors"
-    fd, tmp = _temp_beside(path)
+    fd, tmp = temp_beside(path)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"ctmkit_state": json.dumps(skeleton)})
-        os.chmod(tmp, _plain_mode())  # save_file replaces tmp by a new file of mode 0600
+        os.chmod(tmp, plain_mode())  # save_file replaces tmp by a new file of mode 0600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         digest = sha256_file(Path(tmp))
@@ -158,23 +121,33 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def load_latest(ckpt_dir: Path, strict: bool = False) -> tuple[dict, Path] | None:
-    """The newest intact checkpoint in ckpt_dir (broken newer ones skipped, one warning line each), or None if
-    there is none. When every checkpoint is broken: None with the warnings, or (strict) one UserError that gives
-    the newest one's problem."""
+def newest_intact(ckpt_dir: Path) -> tuple[dict, Path] | tuple[None, list[str]]:
+    """The newest intact checkpoint of ckpt_dir as (state, path), newer broken ones skipped with one warning line
+    each; or (None, problems) when none is intact (problems: each broken one's message, newest first; no
+    warnings, so the caller can say it in one line). The one place that walks checkpoints newest first."""
     problems = []
     for path in reversed(list_checkpoints(ckpt_dir)):
         try:
-            found = load_checkpoint(path), path
+            state = load_checkpoint(path)
         except UserError as e:
             problems.append(str(e))
             continue
         for why in problems:
             log.warning("skipping %s", why)
-        return found
-    if problems and strict:
-        raise UserError(f"no intact checkpoint in '{ckpt_dir}' ({len(problems)} broken, newest: {problems[0]}); "
+        return state, path
+    return None, problems
+
+
+def load_latest(ckpt_dir: Path, strict: bool = False) -> tuple[dict, Path] | None:
+    """The newest intact checkpoint in ckpt_dir (broken newer ones skipped, one warning line each), or None if
+    there is none. When every checkpoint is broken: None with the warnings, or (strict) one UserError that gives
+    the newest one's problem."""
+    state, found = newest_intact(ckpt_dir)
+    if state is not None:
+        return state, found
+    if found and strict:
+        raise UserError(f"no intact checkpoint in '{ckpt_dir}' ({len(found)} broken, newest: {found[0]}); "
                         "move them away to start from scratch")
-    for why in problems:
+    for why in found:
         log.warning("skipping %s", why)
     return None

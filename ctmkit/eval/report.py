@@ -13,20 +13,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .train.checkpoint import atomic_write_bytes
+from ..io.atomic import atomic_write_bytes
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no screen needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
-def _save_fig(fig, path: Path) -> None:
+def save_fig(fig, path: Path) -> None:
+    """Render a figure to PNG in memory, close it, and write it atomically."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
@@ -53,7 +55,7 @@ def save_image_grid(x: torch.Tensor, path: Path, nrow: int | None = None) -> Non
 
 def save_scatter(panels: list[tuple[str, np.ndarray]], path: Path, lim: float | None = None) -> None:
     """Side-by-side 2-D scatter plots, one per (title, points [N, 2]) panel, on shared axes."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.3), squeeze=False)
     allpts = np.concatenate([p for _, p in panels])
     lim = lim or float(np.quantile(np.abs(allpts), 0.995)) * 1.1
@@ -61,13 +63,13 @@ def save_scatter(panels: list[tuple[str, np.ndarray]], path: Path, lim: float | 
         ax.scatter(pts[:, 0], pts[:, 1], s=1.5, alpha=0.4, linewidths=0)
         ax.set_title(title, fontsize=9)
         ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
-    _save_fig(fig, path)
+    save_fig(fig, path)
 
 
 def save_curves(series: dict[str, tuple[list, list]], path: Path, xlabel: str, ylabel: str, title: str = "",
                 logx: bool = True, hline: tuple[str, float] | None = None) -> None:
     """One line per series name -> (xs, ys), e.g. quality vs NFE."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=name)
@@ -76,7 +78,7 @@ def save_curves(series: dict[str, tuple[list, list]], path: Path, xlabel: str, y
     if logx:
         ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel), ax.set_ylabel(ylabel), ax.set_title(title), ax.legend(fontsize=8), ax.grid(alpha=0.3)
-    _save_fig(fig, path)
+    save_fig(fig, path)
 
 
 def save_loss_curves(stats_path: Path, path: Path, keys: tuple[str, ...] | None = None) -> None:
@@ -85,7 +87,7 @@ def save_loss_curves(stats_path: Path, path: Path, keys: tuple[str, ...] | None 
     if not rows:
         return
     keys = keys or tuple(k for k in rows[-1] if k.startswith("loss"))
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for k in keys:
         pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None and math.isfinite(r[k])]
@@ -94,4 +96,4 @@ def save_loss_curves(stats_path: Path, path: Path, keys: tuple[str, ...] | None 
     if all(r.get(k, 1) > 0 for r in rows for k in keys if k in r):
         ax.set_yscale("log")
     ax.set_xlabel("step"), ax.legend(fontsize=8), ax.grid(alpha=0.3)
-    _save_fig(fig, path)
+    save_fig(fig, path)

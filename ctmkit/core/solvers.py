@@ -1,4 +1,4 @@
-"""Probability-flow ODE solvers (CTM_SPEC section 1; EDM Algorithm 1 without churn; k-diffusion conventions).
+"""Probability-flow ODE solvers (docs/method.md section 1; EDM Algorithm 1 without churn; k-diffusion conventions).
 
 PF-ODE: dx/dt = (x - D(x, t)) / t. ``sigmas`` is a descending schedule, Tensor[n] (shared by the batch) or
 Tensor[n, B] (one schedule per sample, e.g. a Karras grid between per-sample t and s). A final 0 is allowed:
@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .precond import _bcast
+from .precond import bcast
+from .schedules import karras_between
 
 Denoiser = Callable[..., Tensor]
 
@@ -23,27 +24,27 @@ def _level(sigmas: Tensor, i: int, x: Tensor) -> Tensor:
     return s.expand(x.shape[0]) if s.ndim == 0 else s
 
 
-def _drift(denoiser: Denoiser, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
-    """PF-ODE drift d = (x - D(x, t)) / t (EDM eq. 3 with sigma(t) = t)."""
-    return (x - denoiser(x, t.to(x.dtype) if x.dtype != torch.float64 else t, labels)) / _bcast(t, x).to(x.dtype)
+def pf_ode_drift(denoiser: Denoiser, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+    """PF-ODE drift dx/dt = (x - D(x, t)) / t (EDM eq. 3 with sigma(t) = t; CTM eq. 2); t Tensor[B]."""
+    return (x - denoiser(x, t.to(x.dtype) if x.dtype != torch.float64 else t, labels)) / bcast(t, x).to(x.dtype)
 
 
 def euler_step(denoiser: Denoiser, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | None = None) -> Tensor:
     """One Euler step t -> s: x + (s - t) d(x, t)."""
-    return x + _bcast(s - t, x).to(x.dtype) * _drift(denoiser, x, t, labels)
+    return x + bcast(s - t, x).to(x.dtype) * pf_ode_drift(denoiser, x, t, labels)
 
 
 def heun_step(denoiser: Denoiser, x: Tensor, t: Tensor, s: Tensor, labels: Tensor | None = None) -> Tensor:
     """One Heun (2nd-order) step t -> s, EDM Algorithm 1 lines 5-8; falls back to Euler where s == 0."""
-    h = _bcast(s - t, x).to(x.dtype)
-    d = _drift(denoiser, x, t, labels)
+    h = bcast(s - t, x).to(x.dtype)
+    d = pf_ode_drift(denoiser, x, t, labels)
     x_euler = x + h * d
     if bool((s == 0).all()):
         return x_euler
     s_safe = torch.where(s > 0, s, t)  # avoid dividing by 0; those samples keep the Euler result
-    d2 = _drift(denoiser, x_euler, s_safe, labels)
+    d2 = pf_ode_drift(denoiser, x_euler, s_safe, labels)
     x_heun = x + h * (d + d2) / 2
-    return torch.where(_bcast(s > 0, x), x_heun, x_euler)
+    return torch.where(bcast(s > 0, x), x_heun, x_euler)
 
 
 def solve_pf_ode(denoiser: Denoiser, x: Tensor, sigmas: Tensor, method: str = "heun",
@@ -56,13 +57,6 @@ def solve_pf_ode(denoiser: Denoiser, x: Tensor, sigmas: Tensor, method: str = "h
     for i in progress(steps) if progress else steps:
         x = step(denoiser, x, _level(sigmas, i, x), _level(sigmas, i + 1, x), labels)
     return x
-
-
-def karras_between(t: Tensor, s: Tensor, n: int, rho: float = 7.0) -> Tensor:
-    """Per-sample Karras grids from t [B] down to s [B] in n steps: Tensor[n+1, B] float64 (rho spacing)."""
-    t, s = t.double(), s.double()
-    i = torch.linspace(0, 1, n + 1, dtype=torch.float64, device=t.device)[:, None]
-    return (t[None] ** (1 / rho) + i * (s[None] ** (1 / rho) - t[None] ** (1 / rho))) ** rho
 
 
 def flow_map(denoiser: Denoiser, x: Tensor, t: Tensor | float, s: Tensor | float, steps: int = 64,

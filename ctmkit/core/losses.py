@@ -1,4 +1,4 @@
-"""CTM training losses (CTM_SPEC section 3): DSM (EDM), the CTM soft-consistency loss, GAN losses,
+"""CTM training losses (docs/method.md section 3): DSM (EDM), the CTM soft-consistency loss, GAN losses,
 distances, and the adaptive weights from last-layer gradient norms. Pure functions."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .precond import _bcast
+from .precond import bcast
 
 
 def edm_weight(sigma: Tensor, sigma_data: float) -> Tensor:
@@ -20,7 +20,7 @@ def edm_weight(sigma: Tensor, sigma_data: float) -> Tensor:
 def dsm_loss(denoiser: Callable, x0: Tensor, sigma: Tensor, noise: Tensor, sigma_data: float,
              labels: Tensor | None = None) -> Tensor:
     """Denoising score matching, CTM step 6 / EDM eq. 2: mean lambda(sigma) |D(x0 + sigma z, sigma) - x0|^2."""
-    d = denoiser(x0 + _bcast(sigma, x0) * noise, sigma, labels)
+    d = denoiser(x0 + bcast(sigma, x0) * noise, sigma, labels)
     per = ((d.float() - x0) ** 2).flatten(1).mean(1)
     return (edm_weight(sigma, sigma_data) * per).mean()
 
@@ -72,7 +72,7 @@ def gan_d_loss(d_real: Tensor, d_fake: Tensor) -> Tensor:
 
 
 def gan_g_loss(d_fake: Tensor) -> Tensor:
-    """Generator loss -mean D(fake) (CTM_SPEC step 7)."""
+    """Generator loss -mean D(fake) (docs/method.md section 3, step 7)."""
     return -d_fake.mean()
 
 
@@ -82,11 +82,5 @@ def last_layer_grad(loss: Tensor, last_layer: Tensor) -> Tensor:
 
 
 def adaptive_weight_from_grads(g_ctm: Tensor, g_x: Tensor, lo: float, hi: float) -> Tensor:
-    """lambda_X = ||g_CTM|| / (||g_X|| + 1e-4), detached and clamped (CTM_SPEC step 8)."""
+    """lambda_X = ||g_CTM|| / (||g_X|| + 1e-4), detached and clamped (docs/method.md section 3, step 8)."""
     return (g_ctm.norm() / (g_x.norm() + 1e-4)).clamp(lo, hi).detach()
-
-
-def adaptive_weight(loss_ctm: Tensor, loss_x: Tensor, last_layer: Tensor, lo: float, hi: float) -> Tensor:
-    """lambda_X = ||grad_last L_CTM|| / (||grad_last L_X|| + 1e-4), detached and clamped (CTM_SPEC step 8)."""
-    return adaptive_weight_from_grads(last_layer_grad(loss_ctm, last_layer), last_layer_grad(loss_x, last_layer),
-                                      lo, hi)

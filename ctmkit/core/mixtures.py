@@ -1,4 +1,4 @@
-"""Exact denoisers: the ground truth that CTM is tested against (CTM_SPEC section 1; DESIGN.md section 4).
+"""Exact denoisers, the ground truth that CTM is tested against (docs/method.md section 1).
 
 For x_0 ~ sum_k w_k N(mu_k, s_k^2 I) and x_t = x_0 + t z, the marginal is sum_k w_k N(mu_k, (s_k^2 + t^2) I) and
     D(x, t) = E[x_0 | x_t = x] = sum_k r_k(x) (mu_k + s_k^2 / (s_k^2 + t^2) (x - mu_k)),

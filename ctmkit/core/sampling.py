@@ -1,4 +1,4 @@
-"""Samplers (CTM_SPEC section 4): gamma-sampling with a CTM jump G, and EDM Heun sampling with any denoiser.
+"""Samplers (docs/method.md section 4): gamma-sampling with a CTM jump G, and EDM Heun sampling with any denoiser.
 
 gamma-sampling uses the reference implementation's sigma_min-offset form (so that s never reaches 0):
     s_tilde = sqrt(1 - gamma^2) (t_{n+1} - sigma_min) + sigma_min
@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .schedules import SIGMA_MIN, heun_schedule, sample_schedule
+from .schedules import SIGMA_MAX, SIGMA_MIN, heun_schedule, sample_schedule
 from .solvers import solve_pf_ode
 
 __all__ = ["gamma_sample", "heun_sample", "sample_schedule", "heun_schedule", "per_sample_normal"]
@@ -48,7 +48,7 @@ def gamma_sample(model: Callable, noise: Tensor, sigmas: Tensor, gamma: float = 
 
 
 def heun_sample(denoiser: Callable, noise: Tensor, sigmas: Tensor | None = None, nfe: int = 35,
-                labels: Tensor | None = None, sigma_max: float = 80.0, sigma_min: float = SIGMA_MIN) -> Tensor:
+                labels: Tensor | None = None, sigma_max: float = SIGMA_MAX, sigma_min: float = SIGMA_MIN) -> Tensor:
     """EDM Heun sampling (Algorithm 1, no churn): noise [B, ...] standard normal -> x0. Default schedule: the
     EDM grid for an `nfe` budget (18 steps = 35 NFE) ending with an Euler step to 0."""
     if sigmas is None:

@@ -1,0 +1,99 @@
+"""The one evaluation path (`ctmkit eval` and `ctmkit demo`): a model's samples at several (sampler, NFE, gamma)
+points scored by one Quality metric, as a list of `Row`s in an `EvalResult` with one headline ratio."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from torch import Tensor
+
+from .quality import Quality
+from .report import save_curves
+
+CTM_NFES = (1, 2, 4, 8)
+HEUN_NFES = (1, 3, 5, 9, 17, 35)   # EDM Heun budgets: n steps use 2n - 1 NFE
+
+
+def heun_nfes(max_nfe: int = 35) -> list[int]:
+    """Heun budgets 1, 3, 5, 9, 17, 35 (n steps = 2n - 1 NFE) up to max_nfe."""
+    return [v for v in HEUN_NFES if v <= max_nfe]
+
+
+@dataclass
+class Row:
+    """One evaluated point: which network sampled (`model`: 'ctm' | 'teacher'), how, and the metric `value`
+    (lower is better); `extras` holds metric-specific figures (swd: swd, floor, ratio, mmd)."""
+
+    model: str
+    sampler: str
+    nfe: int
+    gamma: float
+    value: float
+    extras: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "sampler": self.sampler, "nfe": self.nfe, "gamma": self.gamma,
+                "value": self.value, **self.extras}
+
+
+@dataclass
+class EvalResult:
+    """Rows of one metric on one data set, with the metric's facts (`info`, e.g. classifier accuracy)."""
+
+    metric: str
+    metric_doc: str
+    axis: str
+    data: str
+    model_kind: str
+    rows: list[Row]
+    info: dict = field(default_factory=dict)
+
+    def value(self, model: str, sampler: str, nfe: int, gamma: float = 0.0) -> float | None:
+        for r in self.rows:
+            if (r.model, r.sampler, r.nfe, r.gamma) == (model, sampler, nfe, gamma):
+                return r.value
+        return None
+
+    def headline(self) -> float | None:
+        """CTM NFE 1 (gamma 0) divided by the teacher's Heun 35 NFE, when both were evaluated."""
+        ctm, heun = self.value("ctm", "gamma", 1), self.value("teacher", "heun", 35)
+        return ctm / heun if ctm is not None and heun else None
+
+    def to_dict(self) -> dict:
+        out = {"metric": self.metric, "metric_doc": self.metric_doc, **self.info, "model_kind": self.model_kind,
+               "data": self.data, "rows": [r.to_dict() for r in self.rows]}
+        if self.headline() is not None:
+            out["ctm_nfe1_vs_teacher_heun35"] = self.headline()
+        return out
+
+
+def sweep(model, data, points: list[tuple[str, int, float]], quality: Quality, teacher=None,
+          on_samples: Callable[[Row, Tensor], None] | None = None) -> EvalResult:
+    """Evaluate each point (sampler, nfe, gamma) by `quality`. 'heun' points run on `teacher` when given, else on
+    the model (a CTM as a denoiser); `on_samples(row, samples)` sees every point's samples (e.g. for grids)."""
+    rows = []
+    for sampler, nfe, gamma in points:
+        net = teacher if teacher is not None and sampler == "heun" else model
+        value, extras, x = quality.point(net, sampler, nfe, gamma)
+        rows.append(Row(net.card.kind, sampler, nfe, gamma, value, extras))
+        if on_samples is not None:
+            on_samples(rows[-1], x)
+    return EvalResult(quality.name, quality.doc, quality.axis, data.spec, model.card.kind, rows, dict(quality.info))
+
+
+def series_name(model: str, sampler: str, gamma: float) -> str:
+    if sampler == "gamma":
+        return f"CTM gamma={gamma:g}"
+    return "teacher Heun" if model == "teacher" else "Heun (CTM as denoiser)"
+
+
+def plot_result(result: EvalResult, png: Path, title: str = "", hline: tuple[str, float] | None = None) -> None:
+    """Value vs NFE, one line per series (CTM gamma=..., teacher Heun), log-2 NFE axis."""
+    series: dict[str, tuple[list, list]] = {}
+    for r in result.rows:
+        xs, ys = series.setdefault(series_name(r.model, r.sampler, r.gamma), ([], []))
+        xs.append(r.nfe)
+        ys.append(r.value)
+    save_curves(series, png, "NFE", result.axis, title or result.data, hline=hline)

@@ -1,0 +1,142 @@
+"""The model card: the typed, versioned content of a run folder's `model.json`, the one record of what a trained
+network is (teacher or CTM), what data it was trained on and how to rebuild it. Written by training, read by
+every loader; validated on read with one clear error.
+
+Format versions: 0 = the files of ctmkit 0.1.0 (no `format_version` key), 1 = the same keys plus
+`format_version`. Both load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from ..nets.registry import BackboneSpec
+from .atomic import atomic_write_text
+
+FORMAT_VERSION = 1
+KINDS = ("ctm", "teacher")
+
+
+@dataclass(frozen=True)
+class DataCard:
+    """What a model remembers of its data: SPEC, kind ('vector' | 'image'), per-sample shape in model space,
+    class count (0 = unlabelled), the normaliser (a Normalizer dict) and the exact mixture when known."""
+
+    spec: str
+    kind: str
+    shape: tuple[int, ...]
+    num_classes: int
+    normalizer: dict
+    mixture: dict | None = None
+
+    @classmethod
+    def of(cls, data) -> DataCard:
+        """The card of a ctmkit.data.Dataset."""
+        return cls(data.spec, data.kind, tuple(data.shape), data.num_classes, data.normalizer.to_dict(),
+                   data.mixture.to_dict() if data.mixture is not None else None)
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec, "kind": self.kind, "shape": list(self.shape), "num_classes": self.num_classes,
+                "normalizer": self.normalizer, "mixture": self.mixture}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataCard:
+        shape = tuple(int(v) for v in d["shape"])
+        if not (shape and all(v >= 1 for v in shape) and int(d["num_classes"]) >= 0
+                and isinstance(d["normalizer"], dict)):
+            raise ValueError("its 'data' entry needs shape, num_classes and normalizer")
+        return cls(str(d.get("spec", "")), str(d.get("kind", d["normalizer"].get("kind", ""))), shape,
+                   int(d["num_classes"]), d["normalizer"], d.get("mixture"))
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A trained network: kind ('ctm' | 'teacher'), its data, backbone, EDM sigma_data and sigma range, the
+    evaluation EMA rates, the teacher SPEC it was distilled from (CTMs) and the format version."""
+
+    kind: str
+    data: DataCard
+    backbone: BackboneSpec
+    sigma_data: float
+    sigma_min: float
+    sigma_max: float
+    ema: tuple[float, ...] = (0.999,)
+    teacher: str | None = None
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def is_ctm(self) -> bool:
+        return self.kind == "ctm"
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the network is conditioned on (0: unconditional, even when its data has labels)."""
+        return self.backbone.num_classes
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    def check_data(self, data, what: str = "the model") -> None:
+        """UserError unless `data` (a Dataset) has the per-sample shape this model was trained on."""
+        if tuple(data.shape) != self.shape:
+            raise UserError(f"{what} was trained on shape {self.shape}, but '{data.spec}' has shape "
+                            f"{tuple(data.shape)}")
+
+    def to_dict(self) -> dict:
+        d = {"kind": self.kind, "backbone": self.backbone.to_dict(), "sigma_data": self.sigma_data,
+             "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "data": self.data.to_dict()}
+        if self.teacher is not None:
+            d["teacher"] = self.teacher
+        return {**d, "ema": list(self.ema), "format_version": FORMAT_VERSION}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelCard:
+        """Validate and build; ValueError/KeyError/TypeError on a malformed dict (see read())."""
+        version = d.get("format_version", 0)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise ValueError(f"format_version must be a non-negative integer, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise UserError(f"model.json has format version {version}, newer than this ctmkit understands "
+                            f"({FORMAT_VERSION}); upgrade ctmkit")
+        if d["kind"] not in KINDS:
+            raise ValueError(f"kind must be 'ctm' or 'teacher', got {d['kind']!r}")
+        bb = d["backbone"]
+        if not isinstance(bb, dict) or not isinstance(bb.get("kwargs"), dict):
+            raise ValueError("its 'backbone' entry needs arch and kwargs")
+        sig = [float(d[k]) for k in ("sigma_data", "sigma_min", "sigma_max")]
+        if not (sig[0] > 0 and 0 < sig[1] < sig[2]):
+            raise ValueError("need sigma_data > 0 and 0 < sigma_min < sigma_max")
+        return cls(d["kind"], DataCard.from_dict(d["data"]), BackboneSpec(str(bb["arch"]), dict(bb["kwargs"])),
+                   *sig, tuple(float(r) for r in d.get("ema", (0.999,))), d.get("teacher"), version)
+
+    def write(self, run_dir: Path) -> None:
+        atomic_write_text(Path(run_dir) / "model.json", json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def read(cls, run_dir: Path) -> ModelCard:
+        """The card of a run folder, or one UserError that says what is wrong with its model.json."""
+        path = Path(run_dir) / "model.json"
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"'{run_dir}' is not a ctmkit run folder (no model.json); train one with "
+                            "`ctmkit train-teacher` or `ctmkit distill`") from None
+        except (ValueError, RecursionError):
+            raise UserError(f"'{path}' is not valid JSON") from None
+        except OSError as e:
+            raise UserError(f"cannot read '{path}': {e.strerror or e}") from None
+        if not isinstance(d, dict):
+            raise UserError(f"'{path}' must hold a JSON object; it was not written by ctmkit")
+        try:
+            return cls.from_dict(d)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"'{path}' is malformed ({type(e).__name__}: {e}); "
+                            "it was not written by this version of ctmkit") from None

@@ -1,0 +1,86 @@
+"""Progress output that suits where it goes: a live tqdm bar on a terminal; in a log file or CI (stderr is not
+a terminal) one plain line every few percent instead of hundreds of redrawn bars, and nothing for short-lived
+inner loops (transient bars)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Iterable
+
+from tqdm.auto import tqdm
+
+LINE_EVERY_PERCENT = 10.0
+
+
+def is_terminal(stream=None) -> bool:
+    stream = sys.stderr if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+class LineProgress:
+    """tqdm's interface (iterate, update, set_postfix, close) printing one line per `every` percent:
+    `desc: 40% (400/1000) loss=0.12 [35 s]`. Without a total, one line per `every` items is not useful,
+    so it prints only the final line."""
+
+    def __init__(self, iterable: Iterable | None = None, total: int | None = None, desc: str = "", initial: int = 0,
+                 every: float = LINE_EVERY_PERCENT, stream=None):
+        self.iterable, self.desc, self.n, self.every = iterable, desc, initial, every
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.stream = stream if stream is not None else sys.stderr
+        self.postfix, self.t0, self.closed = "", time.monotonic(), False
+        self.next_pct = self._pct_floor(initial) + every
+
+    def _pct(self, n: int) -> float:
+        return 100.0 * n / self.total if self.total else 0.0
+
+    def _pct_floor(self, n: int) -> float:
+        return (self._pct(n) // self.every) * self.every
+
+    def _line(self) -> None:
+        done = f"{self._pct(self.n):3.0f}% ({self.n}/{self.total})" if self.total else f"{self.n}"
+        post = f" {self.postfix}" if self.postfix else ""
+        print(f"{self.desc}: {done}{post} [{time.monotonic() - self.t0:.0f} s]", file=self.stream, flush=True)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.total and self._pct(self.n) >= self.next_pct - 1e-9:
+            self._line()
+            self.next_pct = self._pct_floor(self.n) + self.every
+
+    def set_postfix(self, **kwargs) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+
+    def close(self) -> None:
+        if not self.closed and self.total is None and self.n:
+            self._line()
+        self.closed = True
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
+                 enabled: bool | None = True, initial: int = 0, transient: bool = False, stream=None):
+    """A progress bar over `iterable` (or updated by hand up to `total`). enabled=False: silent; None: only on
+    a terminal. On a terminal: a live tqdm bar (removed at the end when `transient`). Elsewhere: one line every
+    LINE_EVERY_PERCENT percent, or nothing when `transient`."""
+    terminal = is_terminal(stream)
+    if enabled is False or (enabled is None and not terminal) or (transient and not terminal):
+        return tqdm(iterable, total=total, initial=initial, disable=True)
+    if terminal:
+        return tqdm(iterable, total=total, desc=desc, initial=initial, leave=not transient, dynamic_ncols=True,
+                    file=stream)
+    return LineProgress(iterable, total, desc, initial, stream=stream)
