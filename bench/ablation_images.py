@@ -1,4 +1,4 @@
-"""bench: what the DSM and GAN terms do on images (CTM_SPEC: DSM helps multi-step sampling, GAN helps one step).
+"""bench: what the DSM and GAN terms do on images (the paper: DSM helps multi-step sampling, GAN helps one step).
 
 Distills a CTM from one trained teacher three times with the same seed and budget (full objective, ctm.dsm=false,
 ctm.gan=false) and evaluates each at NFE 1, 2, 4, 8 with gamma 0 and 1 in one shared metric: the Frechet distance

@@ -1,4 +1,4 @@
-"""CLI contract tests (DESIGN.md section 1, "Command line" and "Data SPEC"): `python -m ctmkit ...` as a subprocess.
+"""CLI contract tests (README, "Command line" and "Data SPEC"): `python -m ctmkit ...` as a subprocess.
 
 Smoke runs use tiny settings (a few steps, tiny networks); every bad input must end with a non-zero exit status and
 exactly one clear line on stderr, never a traceback.

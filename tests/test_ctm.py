@@ -1,4 +1,4 @@
-"""CTM against the exact flow map of a Gaussian mixture (CTM_SPEC sections 2-4; DESIGN.md section 4)."""
+"""CTM against the exact flow map of a Gaussian mixture (docs/method.md sections 2-4: exact oracles first)."""
 
 import pytest
 import torch
