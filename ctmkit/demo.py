@@ -5,6 +5,7 @@ teacher with Heun at several NFE, evaluates everything on the same metric, and w
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -95,7 +96,7 @@ def evaluate_demo(out: Path, data, teacher, ctm, n: int) -> dict:
     on_samples = None
     if data.kind == "image":
         real = data.fresh(min(n, len(data), 100), torch.Generator().manual_seed(0))
-        on_samples = lambda row, x: _image_grids(out, row, x)  # noqa: E731
+        on_samples = functools.partial(_image_grids, out)
     result = sweep(ctm, data, points, quality, teacher=teacher, on_samples=on_samples)
     floor = quality.floor()
     plot_result(result, out / "quality_vs_nfe.png", f"{data.spec}: quality vs NFE", hline=floor)

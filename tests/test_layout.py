@@ -179,3 +179,20 @@ def test_imports_point_down_the_layers_only():
                 bad.append(f"{me} imports {mod}")
             bad += [f"{me} imports private {mod}.{n}" for n in names if n.startswith("_") and not n.startswith("__")]
     assert not bad, "\n".join(bad)
+
+
+def test_what_the_package_cites_is_in_the_repository():
+    """Docstrings cite docs/*.md (and their numbered sections) that the repository ships, nothing outside it."""
+    import re
+    docs = PKG.parent / "docs"
+    cited = []
+    for path in PKG.rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"CTM_SPEC|DESIGN\.md", text), f"{path} cites a document the repository does not ship"
+        cited += re.findall(r"docs/([a-z_]+\.md)(?: sections? (\d+))?", text)
+    assert cited
+    for name, section in cited:
+        doc = docs / name
+        assert doc.is_file(), f"cited {doc} does not exist"
+        if section:
+            assert re.search(rf"^## {section}\. ", doc.read_text(), re.M), f"{name} has no section {section}"

@@ -1,4 +1,4 @@
-"""EDM preconditioning and the CTM jump (docs/method.md section 2; Karras et al. 2022 Table 1; Kim et al. 2024 eq. 7).
+"""EDM preconditioning and the CTM jump (docs/method.md section 2; Karras et al. 2022 Table 1; Kim et al. 2024).
 
     g(x_t, t, s) = c_skip(t) x_t + c_out(t) F(c_in(t) x_t, c_noise(t), c_noise(s), labels)
     G(x_t, t, s) = (s / t) x_t + (1 - s / t) g(x_t, t, s)
@@ -31,7 +31,7 @@ def c_noise(t: Tensor) -> Tensor:
 
 
 def ctm_jump(x_t: Tensor, t: Tensor, s: Tensor, g: Tensor) -> Tensor:
-    """CTM eq. 7: G(x_t, t, s) = (s/t) x_t + (1 - s/t) g; t, s broadcast per sample."""
+    """CTM's jump G(x_t, t, s) = (s/t) x_t + (1 - s/t) g (docs/method.md section 2); t, s broadcast per sample."""
     ratio = bcast(s / t, x_t)
     return ratio * x_t + (1 - ratio) * g
 
@@ -88,7 +88,7 @@ class CTM(nn.Module):
         return edm_precond(self.backbone, x_t, t, c_noise(s), labels, self.sigma_data)
 
     def forward(self, x_t: Tensor, t: Tensor | float, s: Tensor | float, labels: Tensor | None = None) -> Tensor:
-        """G_theta(x_t, t, s), CTM eq. 7."""
+        """G_theta(x_t, t, s) = (s/t) x_t + (1 - s/t) g_theta(x_t, t, s)."""
         t, s = as_sigma(t, x_t), as_sigma(s, x_t)
         return ctm_jump(x_t, t, s, self.g(x_t, t, s, labels))
 

@@ -27,6 +27,11 @@ def karras_sigmas(n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA
     return karras_interp(i / (n - 1), sigma_max, sigma_min, rho)   # t_i, i = 0..N-1
 
 
+def lognormal_sigmas(z: Tensor, p_mean: float = -1.2, p_std: float = 1.2) -> Tensor:
+    """EDM training noise levels ln(sigma) ~ N(p_mean, p_std^2) (EDM Table 1) from standard normal draws z."""
+    return (p_mean + p_std * z).exp()
+
+
 def sample_k(num_scales_m: int, generator: torch.Generator | None = None) -> int:
     """CTM step 1: k in {1..M} with P(k) proportional to k (one k per iteration)."""
     p = torch.arange(1, num_scales_m + 1, dtype=torch.float64)
@@ -51,7 +56,7 @@ def sample_dsm_sigmas(batch: int, p_mean: float = -1.2, p_std: float = 1.2, sigm
     (noisier) `upper` fraction, the rest log-normal(p_mean, p_std) (EDM). karras_frac=0 gives plain EDM."""
     n_k = int(round(batch * karras_frac))
     z = torch.randn(batch - n_k, generator=generator, dtype=torch.float64)
-    lognormal = (p_mean + p_std * z).exp()
+    lognormal = lognormal_sigmas(z, p_mean, p_std)
     r = torch.rand(n_k, generator=generator, dtype=torch.float64) * upper  # position along the curve from the top
     karras = karras_interp(r, sigma_max, sigma_min, rho)
     return torch.cat([karras, lognormal])

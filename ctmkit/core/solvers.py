@@ -25,7 +25,7 @@ def _level(sigmas: Tensor, i: int, x: Tensor) -> Tensor:
 
 
 def pf_ode_drift(denoiser: Denoiser, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
-    """PF-ODE drift dx/dt = (x - D(x, t)) / t (EDM eq. 3 with sigma(t) = t; CTM eq. 2); t Tensor[B]."""
+    """PF-ODE drift dx/dt = (x - D(x, t)) / t (EDM eq. 1 with sigma(t) = t and the score of eq. 3); t Tensor[B]."""
     return (x - denoiser(x, t.to(x.dtype) if x.dtype != torch.float64 else t, labels)) / bcast(t, x).to(x.dtype)
 
 

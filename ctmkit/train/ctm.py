@@ -29,7 +29,7 @@ from ..core.losses import (
     last_layer_grad,
     make_distance,
 )
-from ..core.precond import CTM
+from ..core.precond import CTM, bcast
 from ..core.schedules import karras_sigmas, sample_ctm_indices, sample_dsm_sigmas, sample_k
 from ..core.solvers import solve_pf_ode
 from ..io.card import ModelCard
@@ -157,7 +157,7 @@ class CTMRun(Run):
         x0, labels, z, n = d.x0, d.labels, d.z, d.n.cpu()
         t, t_u, s = (self.grid[i.cpu()].to(self.device, torch.float32) for i in (n, d.u, d.m))
         s_min = torch.full_like(t, cfg.sigma_min)
-        x_t = x0 + t.view(-1, *[1] * (x0.ndim - 1)) * z
+        x_t = x0 + bcast(t, x0) * z                                        # x_t = x_0 + t z
         with torch.no_grad():
             if cfg.ctm.teacher_free:  # self-learn: x_u from the target network's own jump
                 x_u = self.target(x_t, t, t_u, labels)

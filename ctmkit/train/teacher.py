@@ -10,6 +10,7 @@ import torch
 from ..config import TeacherConfig
 from ..core.losses import dsm_loss
 from ..core.precond import EDMDenoiser
+from ..core.schedules import lognormal_sigmas
 from ..io.card import ModelCard
 from ..nets.registry import backbone_spec
 from . import dist
@@ -43,7 +44,7 @@ class TeacherRun(Run):
         self.set_lr(self.opts["opt"], self.tcfg.lr)
         self.net.train()
         xb, lb = self.global_batch()        # the global batch and its noise, identical on every rank
-        sb = (cfg.p_mean + cfg.p_std * torch.randn(xb.shape[0], generator=self.gen)).exp()
+        sb = lognormal_sigmas(torch.randn(xb.shape[0], generator=self.gen), cfg.p_mean, cfg.p_std)
         total = 0.0
         for i, (x0, labels, sigma, noise) in enumerate(self.parts(xb, lb, sb, self.randn(xb.shape))):
             with dist.no_sync(self.ddp, sync=i == mb - 1):
