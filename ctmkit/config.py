@@ -106,10 +106,16 @@ class TeacherConfig:
                 (self.p_std > 0, "p_std must be > 0")])
 
 
+PAIR_DRAWS = ("reference", "uniform", "all_the_way")
+
+
 @dataclass
 class CTMConfig:
     num_scales: int = 18            # N: points of the Karras discretisation grid
     max_k: int = 17                 # M: largest teacher step count k (P(k) proportional to k)
+    pairs: str = "reference"        # (t, u, s) draw: "reference" (one k ~ P(k) for the batch, n uniform, m uniform
+                                    # above n + k), "uniform" ((n, m) uniform over all pairs, k ~ U{1..min(m-n, M)}
+                                    # per sample), "all_the_way" (uniform pairs, u = s: the teacher solves to s)
     target_ema: float = 0.999       # mu: rate of the target network theta^-
     distance: str = "huber"         # "huber" (pseudo-Huber), "l2"
     huber_c: float = 0.0            # pseudo-Huber c; 0 = 0.00054 * sqrt(dim) (Song & Dhariwal 2023)
@@ -132,6 +138,7 @@ class CTMConfig:
         _check([
             (self.num_scales >= 2, "ctm.num_scales must be >= 2"),
             (1 <= self.max_k <= self.num_scales - 1, "ctm.max_k must be in [1, ctm.num_scales - 1]"),
+            (self.pairs in PAIR_DRAWS, f"ctm.pairs must be one of {', '.join(PAIR_DRAWS)}, got '{self.pairs}'"),
             (0 < self.target_ema < 1, "ctm.target_ema must be in (0, 1)"),
             (self.distance in ("huber", "l2"), "ctm.distance must be 'huber' or 'l2'"),
             (self.huber_c >= 0, "ctm.huber_c must be >= 0 (0 = automatic)"),

@@ -49,6 +49,22 @@ def sample_ctm_indices(batch: int, n_grid: int, k: int, generator: torch.Generat
     return n, u, torch.minimum(m, torch.full_like(m, n_grid - 1))
 
 
+def sample_uniform_pairs(batch: int, n_grid: int, max_k: int, all_the_way: bool = False,
+                         generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample grid indices (n, u, m), three LongTensor[batch]: (n, m) uniform over all N(N-1)/2 pairs n < m, then
+    k = u - n ~ U{1..min(m - n, max_k)} per sample, or u = m when `all_the_way` (the teacher solves to s)."""
+    if n_grid < 2 or max_k < 1:
+        raise ValueError(f"need n_grid >= 2 and max_k >= 1, got {n_grid}, {max_k}")
+    pairs = torch.triu_indices(n_grid, n_grid, offset=1)                # [2, P]: every n < m
+    pick = torch.randint(0, pairs.shape[1], (batch,), generator=generator)
+    n, m = pairs[0, pick], pairs[1, pick]
+    if all_the_way:
+        return n, m, m
+    k_max = torch.clamp(m - n, max=max_k)
+    k = 1 + (torch.rand(batch, generator=generator, dtype=torch.float64) * k_max).long().clamp(max=k_max - 1)
+    return n, n + k, m
+
+
 def sample_dsm_sigmas(batch: int, p_mean: float = -1.2, p_std: float = 1.2, sigma_min: float = SIGMA_MIN,
                       sigma_max: float = SIGMA_MAX, rho: float = RHO, karras_frac: float = 0.5,
                       upper: float = 0.7, generator: torch.Generator | None = None) -> Tensor:

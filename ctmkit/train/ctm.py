@@ -1,7 +1,9 @@
 """CTM distillation (Kim et al. 2024, docs/method.md section 3): L = L_CTM + lambda_DSM L_DSM + lambda_GAN L_GAN.
 
-Per iteration: one k ~ P(k) prop. to k; per sample t = t_n, u = t_{n+k}, s = t_m (m >= n+k) on the Karras grid;
-x_u from k teacher Heun steps (no grad); both sides of the CTM loss transported to sigma_min by the target net.
+Per iteration (ctm.pairs=reference): one k ~ P(k) prop. to k; per sample t = t_n, u = t_{n+k}, s = t_m (m >= n+k) on
+the Karras grid; ctm.pairs=uniform / all_the_way draw (n, m) uniformly over all pairs and k per sample (u = s for
+all_the_way). x_u from k teacher Heun steps per sample (no grad); both sides of the CTM loss transported to
+sigma_min by the target net.
 The generator step is followed by a discriminator step once the GAN term is active (both every iteration).
 
 Multi-process (torchrun): every rank draws the same global batch, k and noise, and trains on its slice; the
@@ -30,8 +32,8 @@ from ..core.losses import (
     make_distance,
 )
 from ..core.precond import CTM, bcast
-from ..core.schedules import karras_sigmas, sample_ctm_indices, sample_dsm_sigmas, sample_k
-from ..core.solvers import solve_pf_ode
+from ..core.schedules import karras_sigmas, sample_ctm_indices, sample_dsm_sigmas, sample_k, sample_uniform_pairs
+from ..core.solvers import solve_grid_segments
 from ..io.card import ModelCard
 from ..nets.augment import diff_augment
 from ..nets.disc import ImageDiscriminator, VectorDiscriminator
@@ -116,12 +118,10 @@ class CTMRun(Run):
         self.aug_gen.set_state(st["aug_gen"])
 
     # -- the objective ---------------------------------------------------------------------------------
-    def teacher_solve(self, x_t: torch.Tensor, n: torch.Tensor, k: int, labels) -> torch.Tensor:
-        """x_u = Solver_phi(x_t, t_n -> t_{n+k}): k Heun steps of the teacher along the grid (no grad)."""
-        idx = n[None, :] + torch.arange(k + 1)[:, None]                    # [k+1, B] grid indices
-        sigmas = self.grid[idx]
+    def teacher_solve(self, x_t: torch.Tensor, n: torch.Tensor, u: torch.Tensor, labels) -> torch.Tensor:
+        """x_u = Solver_phi(x_t, t_n -> t_u): u - n Heun steps of the teacher along the grid, per sample (no grad)."""
         x = x_t.double() if self.data.mixture is not None and self.cfg.teacher == "exact" else x_t
-        return solve_pf_ode(self.teacher, x, sigmas, "heun", labels).to(x_t.dtype)
+        return solve_grid_segments(self.teacher, x, self.grid, n, u - n, labels).to(x_t.dtype)
 
     def gan_active(self) -> bool:
         return self.cfg.ctm.gan and self.step >= self.cfg.ctm.gan_start
@@ -131,13 +131,18 @@ class CTMRun(Run):
             return diff_augment(x, self.aug_gen)
         return x
 
-    def draw(self, k: int) -> CTMDraw:
+    def draw(self) -> CTMDraw:
         """Every random draw of one iteration, for the global batch, in a fixed order (identical on all ranks):
-        x0, labels, grid indices (n, u, m), the noise of x_t, and the DSM sigmas (shuffled) and noise."""
-        cfg = self.cfg
+        k (reference pairs: one per iteration), x0, labels, grid indices (n, u, m) by ctm.pairs, the noise of x_t,
+        and the DSM sigmas (shuffled) and noise."""
+        cfg, c = self.cfg, self.cfg.ctm
+        k = sample_k(c.max_k, self.gen) if c.pairs == "reference" else None
         x0, labels = self.global_batch()
         b = x0.shape[0]
-        n, u, m = sample_ctm_indices(b, cfg.ctm.num_scales, k, self.gen)
+        if k is not None:
+            n, u, m = sample_ctm_indices(b, c.num_scales, k, self.gen)
+        else:
+            n, u, m = sample_uniform_pairs(b, c.num_scales, c.max_k, c.pairs == "all_the_way", self.gen)
         z = self.randn(x0.shape)
         sig = z_dsm = None
         if cfg.ctm.dsm:
@@ -151,7 +156,7 @@ class CTMRun(Run):
         """This rank's micro-batches of a global draw, on the device."""
         return [CTMDraw(*part) for part in self.parts(*d.tensors())]
 
-    def ctm_losses(self, d: CTMDraw, k: int) -> dict:
+    def ctm_losses(self, d: CTMDraw) -> dict:
         """The loss terms of one micro-batch (graphs attached)."""
         cfg = self.cfg
         x0, labels, z, n = d.x0, d.labels, d.z, d.n.cpu()
@@ -162,7 +167,7 @@ class CTMRun(Run):
             if cfg.ctm.teacher_free:  # self-learn: x_u from the target network's own jump
                 x_u = self.target(x_t, t, t_u, labels)
             else:
-                x_u = self.teacher_solve(x_t, n, k, labels)
+                x_u = self.teacher_solve(x_t, n, d.u.cpu(), labels)
         G = lambda *a: self.ddp("forward", *a)   # noqa: E731  (through DDP: gradients synchronised)
         with self.autocast():
             estimate, goal = ctm_pair(G, self.target, x_t, x_u, t, t_u, s, s_min, labels)
@@ -188,16 +193,16 @@ class CTMRun(Run):
         cfg, mb = self.cfg, self.tcfg.micro_batches
         self.set_lr(self.opts["opt"], self.tcfg.lr)
         self.net.train()
-        k = sample_k(cfg.ctm.max_k, self.gen)       # one k per iteration, shared by the whole batch (all ranks)
-        stats: dict[str, float] = {"k": float(k)}
+        draw = self.draw()                            # identical on all ranks
+        stats: dict[str, float] = {"k": float((draw.u - draw.n).double().mean())}   # mean teacher steps
         fakes, reals = [], []
         gan = self.gan_active()
         if gan:
             self.disc.requires_grad_(False)          # the generator's loss flows through D without training it
-        for i, part in enumerate(self.micro_batches(self.draw(k))):
+        for i, part in enumerate(self.micro_batches(draw)):
             x0, labels = part.x0, part.labels
             with dist.no_sync(self.ddp, sync=i == mb - 1):
-                losses = self.ctm_losses(part, k)
+                losses = self.ctm_losses(part)
                 total = losses["ctm"]
                 if "dsm" in losses:
                     lam = self.weight(cfg.ctm.dsm_weight, losses, "dsm", 0.0, cfg.ctm.dsm_weight_max)
