@@ -11,6 +11,7 @@ from typing import Iterable
 from tqdm.auto import tqdm
 
 LINE_EVERY_PERCENT = 10.0
+LINE_EVERY_SECONDS = 60.0   # and at least one line a minute while work goes on (long runs in a log stay visible)
 
 
 def is_terminal(stream=None) -> bool:
@@ -22,20 +23,21 @@ def is_terminal(stream=None) -> bool:
 
 
 class LineProgress:
-    """tqdm's interface (iterate, update, set_postfix, close) printing one line per `every` percent:
-    `desc: 40% (400/1000) loss=0.12 [35 s]`. Without a total, one line per `every` items is not useful,
-    so it prints only the final line."""
+    """tqdm's interface (iterate, update, set_postfix, close) printing one line per `every` percent, and after
+    `seconds` without a line: `desc: 40% (400/1000) loss=0.12 [35 s]`; at close, a last line if the count moved
+    since the last one."""
 
     def __init__(self, iterable: Iterable | None = None, total: int | None = None, desc: str = "", initial: int = 0,
-                 every: float = LINE_EVERY_PERCENT, stream=None):
-        self.iterable, self.desc, self.n, self.every = iterable, desc, initial, every
+                 every: float = LINE_EVERY_PERCENT, stream=None, seconds: float = LINE_EVERY_SECONDS):
+        self.iterable, self.desc, self.n, self.every, self.seconds = iterable, desc, initial, every, seconds
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
         self.stream = stream if stream is not None else sys.stderr
         self.postfix, self.t0, self.closed = "", time.monotonic(), False
         self.next_pct = self._pct_floor(initial) + every
+        self.printed_n, self.printed_t = initial, self.t0
 
     def _pct(self, n: int) -> float:
-        return 100.0 * n / self.total if self.total else 0.0
+        return min(100.0, 100.0 * n / self.total) if self.total else 0.0
 
     def _pct_floor(self, n: int) -> float:
         return (self._pct(n) // self.every) * self.every
@@ -43,19 +45,23 @@ class LineProgress:
     def _line(self) -> None:
         done = f"{self._pct(self.n):3.0f}% ({self.n}/{self.total})" if self.total else f"{self.n}"
         post = f" {self.postfix}" if self.postfix else ""
-        print(f"{self.desc}: {done}{post} [{time.monotonic() - self.t0:.0f} s]", file=self.stream, flush=True)
+        now = time.monotonic()
+        print(f"{self.desc}: {done}{post} [{now - self.t0:.0f} s]", file=self.stream, flush=True)
+        self.printed_n, self.printed_t = self.n, now
 
     def update(self, n: int = 1) -> None:
         self.n += n
         if self.total and self._pct(self.n) >= self.next_pct - 1e-9:
             self._line()
             self.next_pct = self._pct_floor(self.n) + self.every
+        elif time.monotonic() - self.printed_t >= self.seconds:
+            self._line()
 
     def set_postfix(self, **kwargs) -> None:
         self.postfix = ", ".join(f"{k}={v}" for k, v in kwargs.items())
 
     def close(self) -> None:
-        if not self.closed and self.total is None and self.n:
+        if not self.closed and self.n != self.printed_n:
             self._line()
         self.closed = True
 

@@ -129,6 +129,25 @@ def test_progress_off_a_terminal_prints_a_line_every_ten_percent():
     assert len(out.getvalue().splitlines()) == 3
 
 
+def test_progress_lines_at_the_edges():
+    out = io.StringIO()
+    bar = LineProgress(total=10, desc="over", stream=out)
+    for _ in range(12):
+        bar.update(1)
+    bar.close()
+    assert out.getvalue().splitlines()[-1].startswith("over: 100% (12/10)")   # never above 100 %
+    out = io.StringIO()
+    bar = LineProgress(total=0, desc="empty", stream=out)
+    bar.update(3)
+    bar.close()
+    assert out.getvalue().startswith("empty: 3")                              # a final line when it moved
+    out = io.StringIO()
+    bar = LineProgress(total=100, desc="slow", stream=out, seconds=0.0)
+    bar.update(1)
+    bar.update(1)
+    assert len(out.getvalue().splitlines()) == 2                              # a line per minute (here: at once)
+
+
 def test_progress_resumed_part_way_counts_from_there():
     out = io.StringIO()
     bar = LineProgress(total=100, desc="teacher", initial=45, stream=out)
@@ -196,3 +215,23 @@ def test_what_the_package_cites_is_in_the_repository():
         assert doc.is_file(), f"cited {doc} does not exist"
         if section:
             assert re.search(rf"^## {section}\. ", doc.read_text(), re.M), f"{name} has no section {section}"
+
+
+def test_a_card_whose_backbone_cannot_be_built_is_one_clear_error(tmp_path):
+    from ctmkit.io.runs import build_model
+    d = json.loads((FIXTURES / "model_v0_digits_teacher.json").read_text())
+    del d["backbone"]["kwargs"]["channel_mult"]
+    with pytest.raises(UserError, match="malformed.*KeyError"):
+        build_model(ModelCard.from_dict(d))
+
+
+def test_eval_with_an_exact_or_mismatched_teacher_is_one_clear_error(tmp_path):
+    from click.testing import CliRunner
+
+    from ctmkit.cli import main
+    base = ["eval", "--model", str(LEGACY_RUN), "--data", "ring", "--n", "20", "--nfe", "1", "--gamma", "0",
+            "--out", str(tmp_path / "e.json")]
+    for teacher, words in [("exact", "model path 'exact' does not exist"),
+                           (str(FIXTURES / "nothing"), "does not exist")]:
+        res = CliRunner().invoke(main, base + ["--teacher", teacher])
+        assert res.exit_code == 2 and words in res.output and "Traceback" not in res.output, res.output

@@ -141,7 +141,7 @@ class ClassifierFD(FeatureFD):
             raise UserError(f"'{data.spec}' has no labels: the classifier-feature Frechet distance needs a labelled "
                             "image set (for unlabelled images use --metric fid)")
         self.data, self.n = data, min(n, len(data))
-        self.net = train_classifier(data.x, data.labels, data.num_classes)
+        self.net = train_classifier(data.x, data.labels, data.num_classes, progress=progress)
         self.info["classifier_accuracy"] = classifier_accuracy(self.net, data.x, data.labels)
         real = data.fresh(self.n, torch.Generator().manual_seed(0))
         self.mu_r, self.s_r = feature_stats(self.net.features(real))

@@ -20,6 +20,11 @@ FORMAT_VERSION = 1
 KINDS = ("ctm", "teacher")
 
 
+def malformed(path: Path | str, e: Exception) -> UserError:
+    """The one message for a model.json whose content does not describe a network ctmkit can build."""
+    return UserError(f"'{path}' is malformed ({type(e).__name__}: {e}); it was not written by this version of ctmkit")
+
+
 @dataclass(frozen=True)
 class DataCard:
     """What a model remembers of its data: SPEC, kind ('vector' | 'image'), per-sample shape in model space,
@@ -138,5 +143,4 @@ class ModelCard:
         try:
             return cls.from_dict(d)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise UserError(f"'{path}' is malformed ({type(e).__name__}: {e}); "
-                            "it was not written by this version of ctmkit") from None
+            raise malformed(path, e) from None

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..core.precond import CTM, EDMDenoiser
 from ..errors import UserError
-from .card import ModelCard
+from .card import ModelCard, malformed
 from .checkpoint import load_checkpoint, newest_intact
 
 
@@ -29,15 +29,14 @@ def build_model(card: ModelCard, where: str = "model.json") -> nn.Module:
     wrapper = CTM if card.is_ctm else EDMDenoiser
     try:
         return wrapper(card.backbone.build(), card.sigma_data)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"'{where}' is malformed ({type(e).__name__}: {e}); "
-                        "it was not written by this version of ctmkit") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise malformed(where, e) from None
 
 
 def load_model(path: str | Path, ema: int = 0) -> nn.Module:
     """The model of a run folder or checkpoint file (EMA number `ema`, default the first): an EDMDenoiser
-    (teacher) or a CTM, on the CPU in eval mode, with its ModelCard as `.card` (and `.info`, the card as the
-    model.json dict, kept for scripts written against ctmkit 0.1)."""
+    (teacher) or a CTM, on the CPU in eval mode, with its ModelCard as `.card` (and `.info`, the card as a
+    model.json dict of the current format, kept for scripts written against ctmkit 0.1)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"model path '{path}' does not exist")

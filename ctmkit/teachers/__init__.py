@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..core.mixtures import EmpiricalDenoiser, GaussianMixture  # noqa: F401  (their home in ctmkit 0.1.0)
 from ..errors import UserError
 from ..io.runs import load_model
 
