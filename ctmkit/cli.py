@@ -6,6 +6,7 @@ import functools
 import logging
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 
@@ -242,7 +243,6 @@ def evaluate_cmd(model_dir, data, nfe, gamma, heun, n, seeds, metric, teacher_di
     from .eval.sweep import plot_result, sweep
     from .io.atomic import atomic_write_text
     from .io.runs import load_model
-    from .teachers import load_teacher
     out = Path(out)
     if out.suffix != ".json":
         raise UserError(f"--out must end in .json, got '{out.name}'")
@@ -259,13 +259,75 @@ def evaluate_cmd(model_dir, data, nfe, gamma, heun, n, seeds, metric, teacher_di
     if not points:
         raise UserError("nothing to evaluate: give --nfe/--gamma (CTM) or --heun")
     resolve_metric(metric, dataset)  # a bad choice is refused before a teacher is loaded or anything sampled
-    teacher = load_teacher(teacher_dir, dataset) if teacher_dir is not None else None
+    teacher = load_model(teacher_dir) if teacher_dir is not None else None   # any run folder: its Heun points
+    if teacher is not None:
+        teacher.card.check_data(dataset, "the teacher")
     result = sweep(model, dataset, points, make_quality(metric, dataset, n, seeds, progress=None), teacher=teacher)
     plot_result(result, out.with_suffix(".png"))
     atomic_write_text(out, json.dumps(result.to_dict(), indent=1))
     for r in result.rows:
         click.echo(f"{r.sampler:6} nfe={r.nfe:<3} gamma={r.gamma:.2f}  {result.metric}={r.value:.4f}")
     click.echo(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+@main.command("diagnose")
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="A CTM run folder.")
+@click.option("--teacher", "teacher_spec", required=True,
+              help="Teacher SPEC: a teacher run folder, or 'exact' for data with a known density (its flow map).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for diagnose.json, coupled_error.png and jump_error.png (created if needed).")
+@click.option("--data", default=None, help="Data SPEC for --teacher exact (default: the model's own data SPEC).")
+@click.option("--n", "--num-samples", "n", type=int, default=256, show_default=True, help="Noise draws (samples).")
+@click.option("--nfe", default="1,2,3,4,5,6,7,8", show_default=True, help="CTM NFE values (comma-separated).")
+@click.option("--gamma", default="0,1", show_default=True, help="CTM gamma values (comma-separated).")
+@click.option("--grid", type=int, default=18, show_default=True,
+              help="Karras grid points of the jump map and the teacher-grid floor (the training grid, ctm.num_scales).")
+@click.option("--steps", type=int, default=256, show_default=True,
+              help="Heun steps of the teacher's accurate solve from sigma_max to sigma_min.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed; sample i depends only on (seed, i).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@user_errors
+def diagnose_cmd(model_dir, teacher_spec, out, data, n, nfe, gamma, grid, steps, seed, quiet):
+    """Where a CTM's error comes from, against its teacher's accurate ODE solution from the same noise.
+
+    \b
+    coupled error: mean |x_NFE(z) - Phi(z)| in model space for every NFE and gamma, where x_NFE(z) is the CTM's
+      sample and Phi(z) the teacher's accurate PF-ODE solution from the same noise z (deterministic: far less noisy
+      than a distance between sample sets); beside it the floor, the teacher's own Heun solve on --grid points.
+    jump error (a heat map over the grid's (t, s) pairs): one CTM jump G(x_t, t, s) from the point x_t of the
+      teacher's trajectory, carried on to sigma_min by the teacher's accurate solve, against Phi(z): the error of
+      that jump alone, in final-sample space.
+    Works with exact teachers (--teacher exact) and trained ones alike."""
+    import json
+
+    import torch
+
+    from .data import load_data
+    from .eval.diagnostics import diagnose, plot_diagnosis
+    from .eval.quality import balanced_labels
+    from .io.atomic import atomic_write_text
+    from .io.runs import load_model
+    from .teachers import load_teacher
+    if n < 1 or grid < 2 or steps < 1:
+        raise UserError("--n and --steps must be >= 1 and --grid >= 2")
+    model = load_model(model_dir)
+    if not model.card.is_ctm:
+        raise UserError(f"'{model_dir}' is a {model.card.kind} run; diagnose needs a CTM (--model) and its teacher")
+    dataset = load_data(data or model.card.data.spec) if teacher_spec == "exact" else None
+    teacher = load_teacher(teacher_spec, dataset)
+    if dataset is None:
+        model.card.check_data(SimpleNamespace(shape=teacher.card.shape, spec=str(teacher_spec)), "the CTM")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    d = diagnose(model, teacher, n, _int_list(nfe, "--nfe"), _float_list(gamma, "--gamma"), grid, steps, seed,
+                 balanced_labels(model, n), exact=not isinstance(teacher, torch.nn.Module), progress=not quiet)
+    atomic_write_text(out_dir / "diagnose.json", json.dumps({"model": str(model_dir), "teacher": str(teacher_spec),
+                                                            **d.to_dict()}, indent=1))
+    for p in plot_diagnosis(d, out_dir, f"{model.card.data.spec}: CTM vs teacher ODE"):
+        click.echo(f"wrote {p}")
+    for (g, k), v in d.coupled.items():
+        click.echo(f"gamma={g:g} nfe={k:<2} coupled error {v:.4f}")
+    click.echo(f"teacher Heun on {grid} grid points: {d.floor:.4f}; wrote {out_dir / 'diagnose.json'}")
 
 
 @main.command("nll")

@@ -1,11 +1,20 @@
-"""Diagnostics against exact ground truth: how far a CTM's jumps are from the exact PF-ODE flow map."""
+"""Diagnostics: how far a CTM's samples and jumps are from its teacher's accurate PF-ODE solution from the same
+noise (coupled errors: deterministic, far less noisy than a distance between sample sets), and from the exact flow
+map of a Gaussian mixture."""
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from pathlib import Path
 
-from ..core.schedules import karras_sigmas
-from ..core.solvers import flow_map
+import torch
+from torch import Tensor
+
+from ..core.sampling import gamma_sample, per_sample_normal, sample_schedule
+from ..core.schedules import karras_between, karras_sigmas
+from ..core.solvers import flow_map, solve_pf_ode
+from ..progress import progress_bar
+from .report import save_curves, save_heatmap
 
 
 @torch.no_grad()
@@ -21,3 +30,91 @@ def flow_map_error(model, mixture, pairs: int = 1024, num_scales: int = 18, seed
                                                                        dtype=torch.float64)
     exact = flow_map(mixture, x_t, t, s, steps=128)
     return float((model(x_t.float(), t.float(), s.float()).double() - exact).norm(dim=1).mean())
+
+
+def _levels(hi: float, lo: float, steps: int) -> Tensor:
+    """A Karras grid of `steps` steps from hi down to lo: Tensor[steps + 1] float64."""
+    return karras_between(torch.tensor([hi]), torch.tensor([lo]), steps)[:, 0]
+
+
+def _solve(teacher, x: Tensor, hi: float, lo: float, steps: int, labels: Tensor | None) -> Tensor:
+    """The teacher's accurate PF-ODE solution from level hi to lo (float64 for a float64 teacher input)."""
+    return x if hi == lo else solve_pf_ode(teacher, x, _levels(hi, lo, steps), "heun", labels)
+
+
+@dataclass
+class Diagnosis:
+    """Errors of a CTM in final-sample space against its teacher's accurate ODE solution from the same noise.
+
+    coupled[(gamma, nfe)]: mean |x_NFE(z) - Phi(z)|; floor: the same for the teacher's own Heun solve on the
+    `grid` Karras points; jump[i, j]: mean |Phi_{s_j -> sigma_min}(G(x_{t_i}, t_i, s_j)) - Phi(z)| for x_{t_i} on the
+    teacher's trajectory from z (i < j; nan elsewhere): the error of one jump t -> s, charged in final-sample space."""
+
+    levels: list[float]
+    coupled: dict[tuple[float, int], float]
+    floor: float
+    jump: list[list[float]]
+    n: int
+    steps: int
+
+    def to_dict(self) -> dict:
+        return {"n": self.n, "accurate_steps": self.steps, "grid": self.levels, "teacher_grid_floor": self.floor,
+                "coupled": [{"gamma": g, "nfe": k, "error": v} for (g, k), v in self.coupled.items()],
+                "jump_error": self.jump}
+
+
+def _error(a: Tensor, b: Tensor) -> float:
+    """Mean over samples of the Euclidean distance |a - b| (per-sample, flattened)."""
+    return float((a.double() - b.double()).flatten(1).norm(dim=1).mean())
+
+
+@torch.no_grad()
+def diagnose(model, teacher, n: int = 256, nfes=(1, 2, 3, 4, 5, 6, 7, 8), gammas=(0.0, 1.0), grid: int = 18,
+             steps: int = 256, seed: int = 0, labels: Tensor | None = None, exact: bool = False,
+             progress: bool | None = False) -> Diagnosis:
+    """Coupled errors per (gamma, NFE) and the (t, s) jump-error map of a CTM `model` against `teacher` (any
+    denoiser), from n per-sample seeded noises. `steps`: Heun steps of the accurate solve sigma_max -> sigma_min
+    (spread over the grid's intervals for the trajectory); `exact`: solve in float64 (an exact teacher)."""
+    card = model.card
+    smin, smax = card.sigma_min, card.sigma_max
+    device = next(model.parameters()).device
+    z = per_sample_normal(n, (max(nfes),) + card.shape, seed).to(device)    # [n, K, ...]: start + re-noising
+    labels = None if labels is None else labels.to(device)
+    dtype = torch.float64 if exact else torch.float32
+    levels = karras_sigmas(grid, smin, smax)
+    per = max(1, steps // (grid - 1))
+    traj = [z[:, 0].to(dtype) * smax]                                         # x at every grid level
+    for i in progress_bar(range(grid - 1), desc="teacher trajectories", enabled=progress, transient=True):
+        traj.append(_solve(teacher, traj[-1], float(levels[i]), float(levels[i + 1]), per, labels))
+    ref = traj[-1]
+    coupled = {}
+    for gamma in gammas:
+        for k in nfes:
+            x = gamma_sample(model, z[:, 0], sample_schedule(k, smin, smax), gamma, labels=labels,
+                             step_noise=z[:, 1:k])
+            coupled[(float(gamma), int(k))] = _error(x, ref)
+    floor = _error(solve_pf_ode(teacher, z[:, 0].to(dtype) * smax, levels, "heun", labels), ref)
+    jump = [[float("nan")] * grid for _ in range(grid)]
+    for i in progress_bar(range(grid - 1), desc="jump errors", enabled=progress, transient=True):
+        t = float(levels[i])
+        for j in range(i + 1, grid):
+            s = float(levels[j])
+            y = model(traj[i].float(), torch.full((n,), t, device=device), torch.full((n,), s, device=device),
+                      labels).to(dtype)
+            jump[i][j] = _error(_solve(teacher, y, s, smin, per * (grid - 1 - j), labels), ref)
+    return Diagnosis([float(v) for v in levels], coupled, floor, jump, n, per * (grid - 1))
+
+
+def plot_diagnosis(d: Diagnosis, out_dir: Path, title: str = "") -> list[Path]:
+    """coupled_error.png (error vs NFE per gamma, the teacher-grid floor dashed) and jump_error.png (the (t, s) map)."""
+    series: dict[str, tuple[list, list]] = {}
+    for (gamma, k), v in d.coupled.items():
+        xs, ys = series.setdefault(f"CTM gamma={gamma:g}", ([], []))
+        xs.append(k)
+        ys.append(v)
+    paths = [Path(out_dir) / "coupled_error.png", Path(out_dir) / "jump_error.png"]
+    save_curves(series, paths[0], "NFE", "mean |x_NFE(z) - teacher ODE(z)|", title or "coupled error",
+                hline=(f"teacher Heun on {len(d.levels)} grid points", d.floor))
+    save_heatmap(d.jump, [f"{v:.3g}" for v in d.levels], paths[1], "s (jump target)", "t (jump start)",
+                 "jump error in final-sample space")
+    return paths

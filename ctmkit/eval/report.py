@@ -97,3 +97,26 @@ def save_loss_curves(stats_path: Path, path: Path, keys: tuple[str, ...] | None 
         ax.set_yscale("log")
     ax.set_xlabel("step"), ax.legend(fontsize=8), ax.grid(alpha=0.3)
     save_fig(fig, path)
+
+
+def save_heatmap(values: list[list[float]], ticks: list[str], path: Path, xlabel: str, ylabel: str,
+                 title: str = "") -> None:
+    """A square matrix (rows: ylabel, columns: xlabel, NaN = empty) on a log colour scale, values written in cells
+    when it is small enough to read."""
+    from matplotlib.colors import LogNorm
+    plt = pyplot()
+    a = np.array(values, dtype=float)
+    finite = a[np.isfinite(a) & (a > 0)]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.42 * len(ticks), 1.0 + 0.4 * len(ticks)))
+    norm = LogNorm(finite.min(), finite.max()) if finite.size and finite.max() > finite.min() else None
+    im = ax.imshow(np.where(np.isfinite(a) & (a > 0), a, np.nan), cmap="viridis", norm=norm)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_xticks(range(len(ticks)), ticks, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(ticks)), ticks, fontsize=7)
+    if len(ticks) <= 14:
+        for i, row in enumerate(a):
+            for j, v in enumerate(row):
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=5, color="white")
+    ax.set_xlabel(xlabel), ax.set_ylabel(ylabel), ax.set_title(title, fontsize=9)
+    save_fig(fig, path)
