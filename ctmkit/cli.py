@@ -285,9 +285,10 @@ def evaluate_cmd(model_dir, data, nfe, gamma, heun, n, seeds, metric, teacher_di
 @click.option("--steps", type=int, default=256, show_default=True,
               help="Heun steps of the teacher's accurate solve from sigma_max to sigma_min.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed; sample i depends only on (seed, i).")
+@click.option("--no-map", is_flag=True, help="Coupled errors only, no (t, s) jump map (its cost grows with grid^2).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @user_errors
-def diagnose_cmd(model_dir, teacher_spec, out, data, n, nfe, gamma, grid, steps, seed, quiet):
+def diagnose_cmd(model_dir, teacher_spec, out, data, n, nfe, gamma, grid, steps, seed, no_map, quiet):
     """Where a CTM's error comes from, against its teacher's accurate ODE solution from the same noise.
 
     \b
@@ -320,10 +321,11 @@ def diagnose_cmd(model_dir, teacher_spec, out, data, n, nfe, gamma, grid, steps,
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     d = diagnose(model, teacher, n, _int_list(nfe, "--nfe"), _float_list(gamma, "--gamma"), grid, steps, seed,
-                 balanced_labels(model, n), exact=not isinstance(teacher, torch.nn.Module), progress=not quiet)
+                 balanced_labels(model, n), exact=not isinstance(teacher, torch.nn.Module), progress=not quiet,
+                 jump_map=not no_map)
     atomic_write_text(out_dir / "diagnose.json", json.dumps({"model": str(model_dir), "teacher": str(teacher_spec),
                                                             **d.to_dict()}, indent=1))
-    for p in plot_diagnosis(d, out_dir, f"{model.card.data.spec}: CTM vs teacher ODE"):
+    for p in plot_diagnosis(d, out_dir, f"{model.card.data.spec}: CTM vs teacher ODE", jump_map=not no_map):
         click.echo(f"wrote {p}")
     for (g, k), v in d.coupled.items():
         click.echo(f"gamma={g:g} nfe={k:<2} coupled error {v:.4f}")

@@ -57,7 +57,8 @@ def teacher(tmp_path_factory) -> Path:
     (["eval"], ["sweep", "--nfe", "--gamma", "--heun", "floor"]),
     (["nll"], ["log-likelihood", "bits/dim", "--rtol"]),
     (["demo"], ["main job", "--preset", "--out"]),
-], ids=["group", "train-teacher", "distill", "sample", "config", "eval", "nll", "demo"])
+    (["diagnose"], ["coupled error", "jump error", "--teacher", "--grid", "--no-map"]),
+], ids=["group", "train-teacher", "distill", "sample", "config", "eval", "nll", "demo", "diagnose"])
 def test_help(cmd, words, tmp_path):
     res = ok(ctmkit(*cmd, "--help", cwd=tmp_path))
     for w in words:

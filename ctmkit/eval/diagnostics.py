@@ -71,10 +71,11 @@ def _error(a: Tensor, b: Tensor) -> float:
 @torch.no_grad()
 def diagnose(model, teacher, n: int = 256, nfes=(1, 2, 3, 4, 5, 6, 7, 8), gammas=(0.0, 1.0), grid: int = 18,
              steps: int = 256, seed: int = 0, labels: Tensor | None = None, exact: bool = False,
-             progress: bool | None = False) -> Diagnosis:
+             progress: bool | None = False, jump_map: bool = True) -> Diagnosis:
     """Coupled errors per (gamma, NFE) and the (t, s) jump-error map of a CTM `model` against `teacher` (any
     denoiser), from n per-sample seeded noises. `steps`: Heun steps of the accurate solve sigma_max -> sigma_min
-    (spread over the grid's intervals for the trajectory); `exact`: solve in float64 (an exact teacher)."""
+    (spread over the grid's intervals for the trajectory); `exact`: solve in float64 (an exact teacher);
+    `jump_map=False` skips the (t, s) map (its cost grows with grid^2)."""
     card = model.card
     smin, smax = card.sigma_min, card.sigma_max
     device = next(model.parameters()).device
@@ -95,7 +96,7 @@ def diagnose(model, teacher, n: int = 256, nfes=(1, 2, 3, 4, 5, 6, 7, 8), gammas
             coupled[(float(gamma), int(k))] = _error(x, ref)
     floor = _error(solve_pf_ode(teacher, z[:, 0].to(dtype) * smax, levels, "heun", labels), ref)
     jump = [[float("nan")] * grid for _ in range(grid)]
-    for i in progress_bar(range(grid - 1), desc="jump errors", enabled=progress, transient=True):
+    for i in progress_bar(range(grid - 1 if jump_map else 0), desc="jump errors", enabled=progress, transient=True):
         t = float(levels[i])
         for j in range(i + 1, grid):
             s = float(levels[j])
@@ -105,7 +106,7 @@ def diagnose(model, teacher, n: int = 256, nfes=(1, 2, 3, 4, 5, 6, 7, 8), gammas
     return Diagnosis([float(v) for v in levels], coupled, floor, jump, n, per * (grid - 1))
 
 
-def plot_diagnosis(d: Diagnosis, out_dir: Path, title: str = "") -> list[Path]:
+def plot_diagnosis(d: Diagnosis, out_dir: Path, title: str = "", jump_map: bool = True) -> list[Path]:
     """coupled_error.png (error vs NFE per gamma, the teacher-grid floor dashed) and jump_error.png (the (t, s) map)."""
     series: dict[str, tuple[list, list]] = {}
     for (gamma, k), v in d.coupled.items():
@@ -115,6 +116,8 @@ def plot_diagnosis(d: Diagnosis, out_dir: Path, title: str = "") -> list[Path]:
     paths = [Path(out_dir) / "coupled_error.png", Path(out_dir) / "jump_error.png"]
     save_curves(series, paths[0], "NFE", "mean |x_NFE(z) - teacher ODE(z)|", title or "coupled error",
                 hline=(f"teacher Heun on {len(d.levels)} grid points", d.floor))
+    if not jump_map:
+        return paths[:1]
     save_heatmap(d.jump, [f"{v:.3g}" for v in d.levels], paths[1], "s (jump target)", "t (jump start)",
                  "jump error in final-sample space")
     return paths
