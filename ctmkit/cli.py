@@ -203,6 +203,14 @@ def _int_list(text: str, what: str) -> list[int]:
     return vals
 
 
+def _times(text: str) -> tuple[float, ...]:
+    """--ts T0,T1,...: the numbers (their order and range are checked against the model when it is loaded)."""
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"--ts must be comma-separated numbers, e.g. 80,2.5,0.002; got '{text}'") from None
+
+
 def _float_list(text: str, what: str) -> list[float]:
     try:
         vals = [float(v) for v in text.split(",") if v.strip()]
@@ -218,6 +226,8 @@ def _float_list(text: str, what: str) -> list[float]:
 @click.option("--data", required=True, help="Data SPEC to compare with (the training data). " + DATA_HELP)
 @click.option("--nfe", default="1,2,4,8", show_default=True, help="CTM NFE values (comma-separated).")
 @click.option("--gamma", default="0,1", show_default=True, help="CTM gamma values (comma-separated).")
+@click.option("--ts", "ts_list", multiple=True,
+              help="Custom CTM times, e.g. --ts 80,2.5,0.002; each --ts adds one point per --gamma beside --nfe.")
 @click.option("--heun", default="1,3,5,9,17,35", show_default=True,
               help="Heun NFE budgets (the teacher's solver) for --teacher, else the model as a denoiser; '' to skip.")
 @click.option("--n", "n", type=int, default=2000, show_default=True, help="Samples per point (and per seed).")
@@ -229,7 +239,7 @@ def _float_list(text: str, what: str) -> list[float]:
               help="A teacher run folder: run the --heun points on it (teacher Heun, same plot) instead of --model.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="FILE.json (+ PNG curve).")
 @user_errors
-def evaluate_cmd(model_dir, data, nfe, gamma, heun, n, seeds, metric, teacher_dir, out):
+def evaluate_cmd(model_dir, data, nfe, gamma, ts_list, heun, n, seeds, metric, teacher_dir, out):
     """Quality sweep over NFE and gamma (+ Heun budgets), written as JSON and a PNG curve. swd (vectors): sliced
     W1 divided by the true-vs-true floor (1.0 = as close as two true samples). classifier (labelled images):
     Frechet distance in the features of a small classifier trained on the data (domain-specific, not FID).
@@ -239,6 +249,7 @@ def evaluate_cmd(model_dir, data, nfe, gamma, heun, n, seeds, metric, teacher_di
     import json
 
     from .data import load_data
+    from .eval.generate import check_times
     from .eval.quality import make_quality, resolve_metric
     from .eval.sweep import plot_result, sweep
     from .io.atomic import atomic_write_text
@@ -255,6 +266,11 @@ def evaluate_cmd(model_dir, data, nfe, gamma, heun, n, seeds, metric, teacher_di
     points = []
     if model.card.is_ctm:
         points += [("gamma", k, g) for g in _float_list(gamma, "--gamma") for k in _int_list(nfe, "--nfe")]
+        for text in ts_list:
+            times = check_times(_times(text), model.card.sigma_min, model.card.sigma_max)
+            points += [("gamma", tuple(times.tolist()), g) for g in _float_list(gamma, "--gamma")]
+    elif ts_list:
+        raise UserError("--ts needs a CTM model (a teacher samples with --heun budgets)")
     points += [("heun", k, 0.0) for k in _int_list(heun, "--heun")]
     if not points:
         raise UserError("nothing to evaluate: give --nfe/--gamma (CTM) or --heun")
@@ -266,7 +282,8 @@ def evaluate_cmd(model_dir, data, nfe, gamma, heun, n, seeds, metric, teacher_di
     plot_result(result, out.with_suffix(".png"))
     atomic_write_text(out, json.dumps(result.to_dict(), indent=1))
     for r in result.rows:
-        click.echo(f"{r.sampler:6} nfe={r.nfe:<3} gamma={r.gamma:.2f}  {result.metric}={r.value:.4f}")
+        times = f" ts={','.join(f'{v:g}' for v in r.extras['ts'])}" if "ts" in r.extras else ""
+        click.echo(f"{r.sampler:6} nfe={r.nfe:<3} gamma={r.gamma:.2f}{times}  {result.metric}={r.value:.4f}")
     click.echo(f"wrote {out} and {out.with_suffix('.png')}")
 
 
@@ -423,6 +440,9 @@ def _parse_labels(spec: str | None, n: int, num_classes: int):
 @click.option("--n", "n", type=int, default=1000, show_default=True, help="Number of samples.")
 @click.option("--nfe", type=int, default=None,
               help="Network evaluations: CTM gamma-sampling default 1; Heun default 35 (18 steps).")
+@click.option("--ts", default=None,
+              help="Custom times instead of --nfe, descending from sigma_max to sigma_min, e.g. 80,2.5,0.002 (NFE 2): "
+                   "gamma-sampling jumps between them, Heun steps along them.")
 @click.option("--gamma", type=float, default=0.0, show_default=True,
               help="CTM gamma in [0, 1]: 0 deterministic ODE jumps, 1 consistency-model multistep.")
 @click.option("--sampler", type=click.Choice(["auto", "gamma", "heun"]), default="auto", show_default=True,
@@ -433,13 +453,16 @@ def _parse_labels(spec: str | None, n: int, num_classes: int):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="FILE.npz (+ a PNG beside) or FILE.png.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
-def sample(model_dir, n, nfe, gamma, sampler, seed, labels, batch_size, out, quiet):
+def sample(model_dir, n, nfe, ts, gamma, sampler, seed, labels, batch_size, out, quiet):
     """Sample a trained teacher or CTM; samples come back in the data's own space and layout."""
     from .io.runs import load_model
     if n < 1 or batch_size < 1:
         raise UserError("--n and --batch-size must be >= 1")
     if nfe is not None and nfe < 1:  # checked here: generate() reads --nfe 0 as "use the default"
         raise UserError(f"--nfe must be >= 1, got {nfe}")
+    if nfe is not None and ts is not None:
+        raise UserError("give --nfe or --ts, not both (--ts sets the NFE: its number of times minus one)")
+    times = _times(ts) if ts is not None else None
     out_path = Path(out)  # checked before sampling, not after all the work is done
     if out_path.suffix not in (".npz", ".png"):
         raise UserError(f"--out must end in .npz or .png, got '{out_path.name}'")
@@ -448,7 +471,7 @@ def sample(model_dir, n, nfe, gamma, sampler, seed, labels, batch_size, out, qui
     model = load_model(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
     lab = _parse_labels(labels, n, model.card.num_classes)
     from .eval.generate import generate, write_samples
-    x = generate(model, n, nfe, gamma, seed, lab, batch_size, sampler, progress=not quiet)
+    x = generate(model, n, nfe, gamma, seed, lab, batch_size, sampler, progress=not quiet, ts=times)
     for p in write_samples(x, lab, model.card, Path(out)):
         click.echo(f"wrote {p}")
 

@@ -19,11 +19,28 @@ from ..progress import progress_bar
 from .report import save_image_grid, save_scatter
 
 
+def check_times(ts, sigma_min: float, sigma_max: float) -> Tensor:
+    """Custom sampling times t_0 > t_1 > ... > t_K (NFE = K) within [sigma_min, sigma_max]: Tensor[K+1] float64."""
+    ts = torch.as_tensor([float(v) for v in ts], dtype=torch.float64)
+    if len(ts) < 2:
+        raise UserError("--ts needs at least two times, e.g. 80,0.002 (one jump)")
+    if not bool((ts[1:] < ts[:-1]).all()):
+        raise UserError(f"--ts must be strictly decreasing, got {ts.tolist()}")
+    lo, hi = sigma_min * (1 - 1e-6), sigma_max * (1 + 1e-6)
+    if float(ts.min()) < lo or float(ts.max()) > hi:
+        raise UserError(f"--ts must lie in the model's sigma range [{sigma_min:g}, {sigma_max:g}], got {ts.tolist()}")
+    return ts
+
+
 def generate(model, n: int, nfe: int | None, gamma: float, seed: int, labels: Tensor | None, batch_size: int = 500,
-             sampler: str = "auto", progress: bool | None = True) -> Tensor:
+             sampler: str = "auto", progress: bool | None = True, ts=None) -> Tensor:
     """Model-space samples [n, ...] from a teacher (Heun) or a CTM (gamma-sampling, or Heun with its denoiser);
-    noise is per-sample seeded, so results do not depend on batch_size."""
+    noise is per-sample seeded, so results do not depend on batch_size. `ts`: custom times t_0 > ... > t_K
+    instead of the default schedule for `nfe` (gamma-sampling jumps between them; Heun steps along them)."""
     card = model.card
+    sigmas = None if ts is None else check_times(ts, card.sigma_min, card.sigma_max)
+    if sigmas is not None:
+        nfe = len(sigmas) - 1
     shape, is_ctm = card.shape, card.is_ctm
     if sampler == "auto":
         sampler = "gamma" if is_ctm else "heun"
@@ -43,11 +60,12 @@ def generate(model, n: int, nfe: int | None, gamma: float, seed: int, labels: Te
             z = per_sample_normal(b, (nfe,) + shape, seed, start).to(device)  # [b, nfe, ...]: initial + re-noising
             lab = labels[start:start + b].to(device) if labels is not None else None
             if sampler == "gamma":
-                x = gamma_sample(model, z[:, 0], sample_schedule(nfe, smin, smax), gamma, labels=lab,
-                                 step_noise=z[:, 1:])
+                sched = sample_schedule(nfe, smin, smax) if sigmas is None else sigmas
+                x = gamma_sample(model, z[:, 0], sched, gamma, labels=lab, step_noise=z[:, 1:],
+                                 sigma_min=None if sigmas is None else smin)   # gamma's offset: the model's sigma_min
             else:
                 den = model.denoise if is_ctm else model
-                x = heun_sample(den, z[:, 0], nfe=nfe, labels=lab, sigma_max=smax, sigma_min=smin)
+                x = heun_sample(den, z[:, 0], sigmas, nfe=nfe, labels=lab, sigma_max=smax, sigma_min=smin)
             out.append(x.cpu())
     return torch.cat(out)
 

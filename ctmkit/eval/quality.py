@@ -67,7 +67,8 @@ class Quality:
     def __init__(self) -> None:
         self.info: dict = {}
 
-    def point(self, model, sampler: str, nfe: int, gamma: float) -> tuple[float, dict, Tensor]:
+    def point(self, model, sampler: str, nfe: int, gamma: float, ts=None) -> tuple[float, dict, Tensor]:
+        """(value, extras, samples) of one sampling point; `ts`: custom times instead of the schedule for nfe."""
         raise NotImplementedError
 
     def floor(self) -> tuple[str, float]:
@@ -89,8 +90,8 @@ class SWDQuality(Quality):
         return self.data.fresh(n, g)
 
     @torch.no_grad()
-    def point(self, model, sampler: str, nfe: int, gamma: float) -> tuple[float, dict, Tensor]:
-        samples = [generate(model, self.n, nfe, gamma, 1000 + s, None, self.n, sampler, progress=False).float()
+    def point(self, model, sampler: str, nfe: int, gamma: float, ts=None) -> tuple[float, dict, Tensor]:
+        samples = [generate(model, self.n, nfe, gamma, 1000 + s, None, self.n, sampler, progress=False, ts=ts).float()
                    for s in range(self.seeds)]
         r = swd_ratio(samples, self.true)
         m = min(self.n, 2000)
@@ -113,9 +114,10 @@ class FeatureFD(Quality):
         raise NotImplementedError
 
     @torch.no_grad()
-    def point(self, model, sampler: str, nfe: int, gamma: float, seed: int = 1) -> tuple[float, dict, Tensor]:
+    def point(self, model, sampler: str, nfe: int, gamma: float, ts=None, seed: int = 1) -> tuple[float, dict, Tensor]:
         """Class-conditional models get balanced labels."""
-        x = generate(model, self.n, nfe, gamma, seed, balanced_labels(model, self.n), 500, sampler, progress=False)
+        x = generate(model, self.n, nfe, gamma, seed, balanced_labels(model, self.n), 500, sampler, progress=False,
+                     ts=ts)
         mu, s = feature_stats(self.features(x))
         return frechet_distance(mu, s, self.mu_r, self.s_r), {}, x
 

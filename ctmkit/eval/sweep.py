@@ -69,21 +69,26 @@ class EvalResult:
         return out
 
 
-def sweep(model, data, points: list[tuple[str, int, float]], quality: Quality, teacher=None,
+def sweep(model, data, points: list[tuple], quality: Quality, teacher=None,
           on_samples: Callable[[Row, Tensor], None] | None = None) -> EvalResult:
-    """Evaluate each point (sampler, nfe, gamma) by `quality`. 'heun' points run on `teacher` when given, else on
+    """Evaluate each point (sampler, nfe, gamma) by `quality`; nfe may be a tuple of custom times t_0 > ... > t_K
+    instead (the row then has nfe K and the times in `ts`). 'heun' points run on `teacher` when given, else on
     the model (a CTM as a denoiser); `on_samples(row, samples)` sees every point's samples (e.g. for grids)."""
     rows = []
     for sampler, nfe, gamma in points:
         net = teacher if teacher is not None and sampler == "heun" else model
-        value, extras, x = quality.point(net, sampler, nfe, gamma)
-        rows.append(Row(net.card.kind, sampler, nfe, gamma, value, extras))
+        ts = list(nfe) if isinstance(nfe, (tuple, list)) else None
+        value, extras, x = quality.point(net, sampler, nfe if ts is None else len(ts) - 1, gamma, ts)
+        rows.append(Row(net.card.kind, sampler, nfe if ts is None else len(ts) - 1, gamma, value,
+                        extras if ts is None else {**extras, "ts": ts}))
         if on_samples is not None:
             on_samples(rows[-1], x)
     return EvalResult(quality.name, quality.doc, quality.axis, data.spec, model.card.kind, rows, dict(quality.info))
 
 
-def series_name(model: str, sampler: str, gamma: float) -> str:
+def series_name(model: str, sampler: str, gamma: float, ts: list | None = None) -> str:
+    if ts is not None:
+        return f"CTM gamma={gamma:g}, ts={','.join(f'{v:g}' for v in ts)}"
     if sampler == "gamma":
         return f"CTM gamma={gamma:g}"
     return "teacher Heun" if model == "teacher" else "Heun (CTM as denoiser)"
@@ -93,7 +98,7 @@ def plot_result(result: EvalResult, png: Path, title: str = "", hline: tuple[str
     """Value vs NFE, one line per series (CTM gamma=..., teacher Heun), log-2 NFE axis."""
     series: dict[str, tuple[list, list]] = {}
     for r in result.rows:
-        xs, ys = series.setdefault(series_name(r.model, r.sampler, r.gamma), ([], []))
+        xs, ys = series.setdefault(series_name(r.model, r.sampler, r.gamma, r.extras.get("ts")), ([], []))
         xs.append(r.nfe)
         ys.append(r.value)
     save_curves(series, png, "NFE", result.axis, title or result.data, hline=hline)
