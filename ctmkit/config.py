@@ -131,6 +131,9 @@ class CTMConfig:
     disc_lr: float = 2e-3           # discriminator RAdam learning rate (betas 0.5, 0.9)
     disc_hidden: int = 256          # discriminator width (mlp) / channels (conv)
     augment: bool = True            # DiffAugment on discriminator inputs (images only)
+    cutout_ratio: float = 0.5       # DiffAugment cutout square, as a fraction of the image size (reference: 0.2)
+    g_every: int = 1                # with the GAN on: generator steps when step % g_every == 0, discriminator
+                                    # steps otherwise (reference: 2, alternating); 1 = both every step
     teacher_free: bool = False      # self-learn variant: x_u from the target network, no teacher
     init_from_teacher: bool = True  # copy the teacher's weights into the student
 
@@ -144,6 +147,8 @@ class CTMConfig:
             (self.huber_c >= 0, "ctm.huber_c must be >= 0 (0 = automatic)"),
             (self.disc_lr > 0 and self.gan_start >= 0, "ctm.disc_lr must be > 0 and ctm.gan_start >= 0"),
             (self.disc_hidden >= 4, "ctm.disc_hidden must be >= 4"),
+            (0 < self.cutout_ratio < 1, "ctm.cutout_ratio must be in (0, 1)"),
+            (self.g_every >= 1, "ctm.g_every must be >= 1"),
             (0 <= self.dsm_karras_frac <= 1, "ctm.dsm_karras_frac must be in [0, 1]"),
             (self.dsm_weight_max > 0, "ctm.dsm_weight_max must be > 0"),
             (0 < self.gan_weight_min <= self.gan_weight_max,

@@ -77,3 +77,34 @@ def test_diff_augment_translation_moves_pixels() -> None:
 def test_diff_augment_rejects_unknown_policy() -> None:
     with pytest.raises(ValueError, match="unknown DiffAugment policy"):
         diff_augment(torch.zeros(1, 1, 4, 4), policy="color,rotate")
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_diff_augment_cutout_ratio_sets_the_square(ratio: float) -> None:
+    x = torch.ones(64, 1, 40, 40)
+    out = diff_augment(x, torch.Generator().manual_seed(0), policy="cutout", cutout_ratio=ratio)
+    zeroed = (out == 0).float().mean().item()
+    # a square of side ratio x size, centred uniformly, clipped at the edges: mean overlap per axis r - r^2 / 4
+    assert zeroed == pytest.approx((ratio - ratio**2 / 4) ** 2, rel=0.1)
+
+
+def test_alternating_generator_and_discriminator_steps(tmp_path) -> None:
+    """ctm.g_every=2 (the reference's alternation): the student moves on even steps, the discriminator on odd."""
+    from ctmkit.config import DistillConfig, load_config
+    from ctmkit.data import load_data
+    from ctmkit.train.ctm import CTMRun
+    cfg = load_config(DistillConfig, None, None, ["model.hidden=16", "model.depth=1", "model.emb_dim=16",
+                                                  "ctm.gan_start=0", "ctm.g_every=2"],
+                      data="ring", teacher="exact", **{"train.steps": 4, "train.batch_size": 16})
+    run = CTMRun(cfg, tmp_path / "ctm", load_data("ring"))
+    moved = []
+    for step in range(4):
+        run.step = step
+        g0 = [p.detach().clone() for p in run.net.parameters()]
+        d0 = [p.detach().clone() for p in run.disc.parameters()]
+        stats = run.train_step()
+        assert stats["_ok"]
+        moved.append((any(not torch.equal(a, b) for a, b in zip(g0, run.net.parameters())),
+                      any(not torch.equal(a, b) for a, b in zip(d0, run.disc.parameters()))))
+        assert ("loss_ctm" in stats) == (step % 2 == 0) and ("loss_d" in stats) == (step % 2 == 1)
+    assert moved == [(True, False), (False, True), (True, False), (False, True)]

@@ -247,13 +247,15 @@ def _stop_on_signals(run: Run):
 
 
 class StatsLog:
-    """Per-step statistics averaged over each log period: one JSON line per period in stats.jsonl (rank 0), and
-    TensorBoard scalars when the tensorboard package is installed. On resume, lines past the step are dropped."""
+    """Per-step statistics averaged over each log period (each over the steps that report it: the discriminator
+    and the GAN terms are not in every step): one JSON line per period in stats.jsonl (rank 0), and TensorBoard
+    scalars when the tensorboard package is installed. On resume, lines past the step are dropped."""
 
     def __init__(self, out: Path, step: int, main: bool):
         self.path, self.main = out / "stats.jsonl", main
         self.acc: dict[str, float] = {}
-        self.n, self.t0 = 0, time.time()
+        self.count: dict[str, int] = {}
+        self.t0 = time.time()
         if main:
             _truncate_stats(self.path, step)
         self.tb = _tensorboard(out / "tb") if main else None
@@ -261,16 +263,16 @@ class StatsLog:
     def add(self, stats: dict) -> None:
         for k, v in stats.items():
             self.acc[k] = self.acc.get(k, 0.0) + float(v)
-        self.n += 1
+            self.count[k] = self.count.get(k, 0) + 1
 
     def write(self, step: int, bad_total: int) -> dict:
-        line = {"step": step, **{k: v / self.n for k, v in self.acc.items()}, "bad_steps": bad_total,
+        line = {"step": step, **{k: v / self.count[k] for k, v in self.acc.items()}, "bad_steps": bad_total,
                 "time": time.time() - self.t0}
         with open(self.path, "a") as f:
             f.write(json.dumps(line) + "\n")
         for k, v in line.items() if self.tb else ():
             self.tb.add_scalar(k, v, step)
-        self.acc, self.n = {}, 0
+        self.acc, self.count = {}, {}
         return line
 
     def close(self) -> None:

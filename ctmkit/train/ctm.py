@@ -128,7 +128,7 @@ class CTMRun(Run):
 
     def disc_in(self, x: torch.Tensor) -> torch.Tensor:
         if self.data.kind == "image" and self.cfg.ctm.augment:
-            return diff_augment(x, self.aug_gen)
+            return diff_augment(x, self.aug_gen, cutout_ratio=self.cfg.ctm.cutout_ratio)
         return x
 
     def draw(self) -> CTMDraw:
@@ -156,13 +156,16 @@ class CTMRun(Run):
         """This rank's micro-batches of a global draw, on the device."""
         return [CTMDraw(*part) for part in self.parts(*d.tensors())]
 
+    def levels(self, d: CTMDraw) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """x_t = x_0 + t z and the levels t, u, s, sigma_min [B] of one micro-batch."""
+        t, t_u, s = (self.grid[i.cpu()].to(self.device, torch.float32) for i in (d.n, d.u, d.m))
+        return d.x0 + bcast(t, d.x0) * d.z, t, t_u, s, torch.full_like(t, self.cfg.sigma_min)
+
     def ctm_losses(self, d: CTMDraw) -> dict:
         """The loss terms of one micro-batch (graphs attached)."""
         cfg = self.cfg
-        x0, labels, z, n = d.x0, d.labels, d.z, d.n.cpu()
-        t, t_u, s = (self.grid[i.cpu()].to(self.device, torch.float32) for i in (n, d.u, d.m))
-        s_min = torch.full_like(t, cfg.sigma_min)
-        x_t = x0 + bcast(t, x0) * z                                        # x_t = x_0 + t z
+        x0, labels, n = d.x0, d.labels, d.n.cpu()
+        x_t, t, t_u, s, s_min = self.levels(d)
         with torch.no_grad():
             if cfg.ctm.teacher_free:  # self-learn: x_u from the target network's own jump
                 x_u = self.target(x_t, t, t_u, labels)
@@ -190,13 +193,33 @@ class CTMRun(Run):
         return adaptive_weight_from_grads(grads[0], grads[1], lo, hi)
 
     def train_step(self) -> dict:
+        """One iteration. With the GAN on and ctm.g_every = P > 1, iterations alternate as in the reference: the
+        generator steps when step % P == 0, the discriminator (on fresh fakes) otherwise; P = 1: both every step."""
+        cfg = self.cfg
+        draw = self.draw()                            # identical on all ranks
+        stats: dict[str, float] = {"k": float((draw.u - draw.n).double().mean())}   # mean teacher steps
+        gan = self.gan_active()
+        g_turn = not gan or self.step % cfg.ctm.g_every == 0
+        if g_turn:
+            g_stats, fakes, reals, ok = self.generator_step(draw, gan)
+            stats.update(g_stats)
+        else:
+            fakes, reals, ok = self.fakes(draw), None, True
+        if gan and (cfg.ctm.g_every == 1 or not g_turn):
+            d_stats, d_ok = self.discriminator_step(fakes, reals, draw)
+            stats.update(d_stats)
+            ok = ok and d_ok
+        stats["_ok"] = ok
+        return stats
+
+    def generator_step(self, draw: CTMDraw, gan: bool) -> tuple[dict, list, list, bool]:
+        """The student's update on L_CTM + lambda_DSM L_DSM (+ lambda_GAN L_GAN): stats, the fakes and reals of each
+        micro-batch (for the discriminator), and whether the step was finite."""
         cfg, mb = self.cfg, self.tcfg.micro_batches
         self.set_lr(self.opts["opt"], self.tcfg.lr)
         self.net.train()
-        draw = self.draw()                            # identical on all ranks
-        stats: dict[str, float] = {"k": float((draw.u - draw.n).double().mean())}   # mean teacher steps
+        stats: dict[str, float] = {}
         fakes, reals = [], []
-        gan = self.gan_active()
         if gan:
             self.disc.requires_grad_(False)          # the generator's loss flows through D without training it
         for i, part in enumerate(self.micro_batches(draw)):
@@ -223,24 +246,38 @@ class CTMRun(Run):
             ema_update(self.target, self.net, cfg.ctm.target_ema)
             for e, rate in zip(self.emas, self.tcfg.ema):
                 ema_update(e, self.net, rate)
-        if gan:
-            self.disc.requires_grad_(True)
-            self.disc.train()
-            self.set_lr(self.opts["disc_opt"], cfg.ctm.disc_lr)
-            d_total = torch.zeros((), device=self.device)
-            for i, ((fake, lf), (real, lr_)) in enumerate(zip(fakes, reals)):
-                with dist.no_sync(self.ddp_disc, sync=i == mb - 1):
-                    with self.autocast():   # real and fake in one forward pass (one DDP forward per backward)
-                        both = self.disc_in(torch.cat([real, fake]))
-                        d_out = self.ddp_disc("forward", both, None if lr_ is None else torch.cat([lr_, lf]))
-                        d_loss = gan_d_loss(*d_out.chunk(2))
-                    self.backward(d_loss / mb, "disc_opt")
-                d_total = d_total + d_loss.detach() / mb
-            d_stats = self.reduce_stats({"loss_d": d_total})
-            ok = self.apply("disc_opt", self.disc.parameters(), torch.tensor(d_stats["loss_d"])) and ok
-            stats.update(d_stats)
-        stats["_ok"] = ok
-        return stats
+        return stats, fakes, reals, ok
+
+    @torch.no_grad()
+    def fakes(self, draw: CTMDraw) -> list:
+        """The estimate G_{theta-}(G_theta(x_t, t, s), s, sigma_min) of each micro-batch, without gradients (the
+        fakes of a discriminator-only iteration)."""
+        out = []
+        for part in self.micro_batches(draw):
+            x_t, t, _, s, s_min = self.levels(part)
+            with self.autocast():
+                out.append((self.target(self.net(x_t, t, s, part.labels), s, s_min, part.labels), part.labels))
+        return out
+
+    def discriminator_step(self, fakes: list, reals: list | None, draw: CTMDraw) -> tuple[dict, bool]:
+        """The discriminator's hinge-loss update on real data against the fakes (reals: this draw's data)."""
+        mb, cfg = self.tcfg.micro_batches, self.cfg
+        if reals is None:
+            reals = [(p.x0, p.labels) for p in self.micro_batches(draw)]
+        self.disc.requires_grad_(True)
+        self.disc.train()
+        self.set_lr(self.opts["disc_opt"], cfg.ctm.disc_lr)
+        d_total = torch.zeros((), device=self.device)
+        for i, ((fake, lf), (real, lr_)) in enumerate(zip(fakes, reals)):
+            with dist.no_sync(self.ddp_disc, sync=i == mb - 1):
+                with self.autocast():   # real and fake in one forward pass (one DDP forward per backward)
+                    both = self.disc_in(torch.cat([real, fake]))
+                    d_out = self.ddp_disc("forward", both, None if lr_ is None else torch.cat([lr_, lf]))
+                    d_loss = gan_d_loss(*d_out.chunk(2))
+                self.backward(d_loss / mb, "disc_opt")
+            d_total = d_total + d_loss.detach() / mb
+        d_stats = self.reduce_stats({"loss_d": d_total})
+        return d_stats, self.apply("disc_opt", self.disc.parameters(), torch.tensor(d_stats["loss_d"]))
 
 
 def _add(stats: dict, new: dict, mb: int) -> None:
