@@ -8,6 +8,8 @@ and the seconds per training step of each draw (from stats.jsonl).
 
     python bench/pairs_2d.py --sets ring,grid --pairs reference,uniform,all_the_way --seeds 0,1,2 --steps 3000
     python bench/pairs_2d.py --sets ring --seeds 0 --steps 9000 --jobs 2
+    python bench/pairs_2d.py --sets ring --seeds 0 --tag nogan ctm.gan=false        # extra overrides, tagged
+    python bench/pairs_2d.py --step-cost 300                                        # seconds per step, one thread
 
 Prints one JSON line per run and writes --json (merged with earlier runs: a re-run skips what is there).
 """
@@ -32,10 +34,10 @@ from ctmkit.eval.diagnostics import diagnose
 NFES = (1, 2, 4, 8)
 
 
-def train(set_name: str, pairs: str, seed: int, steps: int, out: Path) -> None:
+def train(set_name: str, pairs: str, seed: int, steps: int, out: Path, overrides=()) -> None:
     cmd = [sys.executable, "-m", "ctmkit", "distill", "--teacher", "exact", "--data", set_name, "--preset", "toy",
            "--out", str(out), "--seed", str(seed), "--steps", str(steps), "--quiet", f"ctm.pairs={pairs}",
-           f"train.ckpt_every={max(500, steps // 6)}"]
+           f"train.ckpt_every={max(500, steps // 6)}", *overrides]
     if (out / "checkpoints").exists():
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -57,16 +59,43 @@ def floors(mixture, n: int, grids=(18, 40, 80), steps: int = 512) -> dict:
             for n_ in grids}
 
 
-def measure(set_name: str, pairs: str, seed: int, steps: int, root: Path, n: int) -> dict:
-    run = root / f"{set_name}_{pairs}_s{seed}_{steps}"
-    train(set_name, pairs, seed, steps, run)
+def measure(set_name: str, pairs: str, seed: int, steps: int, root: Path, n: int, tag: str = "",
+            overrides=()) -> dict:
+    run = root / f"{set_name}_{pairs}_s{seed}_{steps}{'_' + tag if tag else ''}"
+    train(set_name, pairs, seed, steps, run, overrides)
     torch.set_num_threads(1)
     d = diagnose(load_model(run), load_data(set_name).mixture, n=n, nfes=NFES, grid=18, steps=512, exact=True,
                  jump_map=False)
-    return {"set": set_name, "pairs": pairs, "seed": seed, "steps": steps, "n": n,
+    return {"set": set_name, "pairs": pairs, "seed": seed, "steps": steps, "n": n, "tag": tag,
+            "overrides": list(overrides),
             "gamma0": {k: round(d.coupled[(0.0, k)], 4) for k in NFES},
             "gamma1": {k: round(d.coupled[(1.0, k)], 4) for k in NFES},
             "floor18": round(d.floor, 4), "seconds_per_step": round(seconds_per_step(run), 4)}
+
+
+def step_cost(steps: int, draws: list[str], set_name: str = "ring") -> dict:
+    """Seconds per training step of each pair draw, one thread, in this process, GAN off and on (after 20 warm-up
+    steps): what the per-sample teacher solves cost against the reference draw."""
+    import tempfile
+    import time
+
+    from ctmkit.config import DistillConfig, load_config
+    from ctmkit.train.ctm import CTMRun
+    torch.set_num_threads(1)
+    out = {}
+    for gan in (False, True):
+        for pairs in draws:
+            cfg = load_config(DistillConfig, "toy", None, [f"ctm.pairs={pairs}", f"ctm.gan={str(gan).lower()}",
+                                                            "ctm.gan_start=0"], data=set_name, teacher="exact")
+            with tempfile.TemporaryDirectory() as tmp:
+                run = CTMRun(cfg, Path(tmp) / "run", load_data(set_name))
+                for _ in range(20):
+                    run.train_step()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    run.train_step()
+                out[f"{pairs}{' +gan' if gan else ''}"] = round((time.perf_counter() - t0) / steps, 4)
+    return out
 
 
 def main() -> None:
@@ -79,17 +108,23 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     ap.add_argument("--out", default="bench/out/pairs_2d", help="run folders")
     ap.add_argument("--json", default="bench/results/pairs_2d.json", help="results (merged)")
+    ap.add_argument("--tag", default="", help="name of this variant (with the overrides)")
+    ap.add_argument("--step-cost", type=int, default=0, help="only time STEPS training steps of each draw")
+    ap.add_argument("overrides", nargs="*", help="extra key=value settings for distill")
     args = ap.parse_args()
+    if args.step_cost:
+        print(json.dumps(step_cost(args.step_cost, args.pairs.split(","))))
+        return
     root, path = Path(args.out), Path(args.json)
     res = json.loads(path.read_text()) if path.exists() else {"runs": [], "floors": {}}
-    have = {(r["set"], r["pairs"], r["seed"], r["steps"]) for r in res["runs"]}
+    have = {(r["set"], r["pairs"], r["seed"], r["steps"], r.get("tag", "")) for r in res["runs"]}
     todo = [(s, p, int(seed), args.steps) for s in args.sets.split(",") for p in args.pairs.split(",")
-            for seed in args.seeds.split(",") if (s, p, int(seed), args.steps) not in have]
+            for seed in args.seeds.split(",") if (s, p, int(seed), args.steps, args.tag) not in have]
     for s in args.sets.split(","):
         res["floors"].setdefault(s, floors(load_data(s).mixture, args.n))
 
     def one(job):
-        row = measure(*job, root, args.n)
+        row = measure(*job, root, args.n, args.tag, args.overrides)
         print(json.dumps(row), flush=True)
         return row
 
