@@ -22,11 +22,12 @@ run() {  # $1 = revision, $2 = output folder
   $B/ctmkit sample --model "$O/digits/ctm" --n 20 --nfe 2 --out "$O/sd.npz" --quiet >/dev/null
   $B/ctmkit nll --model "$O/toy/ctm" --data moons --n 32 > "$O/nll.json"
   $B/ctmkit distill --teacher exact --data ring --out "$O/ex" --steps 30 --quiet >/dev/null
-  cd "$top"; git worktree remove --force "$work/src-$1"
+  cd "$top"
 }
 run "$old" "$work/old"
 run "$new" "$work/new"
-python3 - "$work/old" "$work/new" <<'PY'
+trap 'git -C "$top" worktree remove --force "$work/src-$old"; git -C "$top" worktree remove --force "$work/src-$new"' EXIT
+"$work/src-$new/.venv/bin/python" - "$work/old" "$work/new" <<'PY'
 import json, sys
 from pathlib import Path
 import numpy as np
