@@ -342,7 +342,7 @@ def diagnose_cmd(model_dir, teacher_spec, out, data, n, nfe, gamma, grid, steps,
                  jump_map=not no_map)
     atomic_write_text(out_dir / "diagnose.json", json.dumps({"model": str(model_dir), "teacher": str(teacher_spec),
                                                             **d.to_dict()}, indent=1))
-    for p in plot_diagnosis(d, out_dir, f"{model.card.data.spec}: CTM vs teacher ODE", jump_map=not no_map):
+    for p in plot_diagnosis(d, out_dir, f"{model.card.data.spec}: CTM vs teacher ODE"):
         click.echo(f"wrote {p}")
     for (g, k), v in d.coupled.items():
         click.echo(f"gamma={g:g} nfe={k:<2} coupled error {v:.4f}")

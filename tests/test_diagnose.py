@@ -60,3 +60,12 @@ def test_diagnose_command_writes_json_and_pictures(tmp_path):
     res = CliRunner().invoke(main, ["diagnose", "--model", str(LEGACY_RUN), "--teacher", "exact", "--data", "moons",
                                     "--out", str(out)])
     assert res.exit_code == 2 and "known density" in res.output
+
+
+def test_without_the_map_only_the_coupled_errors_are_computed_and_drawn(ring, tmp_path):
+    from ctmkit.eval.diagnostics import plot_diagnosis
+    d = diagnose(FlowMapCTM(ring, steps=16), ring, n=8, nfes=(1,), gammas=(0.0,), grid=4, steps=12, exact=True,
+                 jump_map=False)
+    assert d.jump is None and d.to_dict()["jump_error"] is None
+    assert [p.name for p in plot_diagnosis(d, tmp_path)] == ["coupled_error.png"]
+    assert not (tmp_path / "jump_error.png").exists()

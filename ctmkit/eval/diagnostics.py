@@ -48,12 +48,13 @@ class Diagnosis:
 
     coupled[(gamma, nfe)]: mean |x_NFE(z) - Phi(z)|; floor: the same for the teacher's own Heun solve on the
     `grid` Karras points; jump[i, j]: mean |Phi_{s_j -> sigma_min}(G(x_{t_i}, t_i, s_j)) - Phi(z)| for x_{t_i} on the
-    teacher's trajectory from z (i < j; nan elsewhere): the error of one jump t -> s, charged in final-sample space."""
+    teacher's trajectory from z (i < j; nan elsewhere): the error of one jump t -> s, charged in final-sample space;
+    None when the map was not computed."""
 
     levels: list[float]
     coupled: dict[tuple[float, int], float]
     floor: float
-    jump: list[list[float]]
+    jump: list[list[float]] | None
     n: int
     steps: int
 
@@ -95,7 +96,7 @@ def diagnose(model, teacher, n: int = 256, nfes=(1, 2, 3, 4, 5, 6, 7, 8), gammas
                              step_noise=z[:, 1:k])
             coupled[(float(gamma), int(k))] = _error(x, ref)
     floor = _error(solve_pf_ode(teacher, z[:, 0].to(dtype) * smax, levels, "heun", labels), ref)
-    jump = [[float("nan")] * grid for _ in range(grid)]
+    jump = [[float("nan")] * grid for _ in range(grid)] if jump_map else None
     for i in progress_bar(range(grid - 1 if jump_map else 0), desc="jump errors", enabled=progress, transient=True):
         t = float(levels[i])
         for j in range(i + 1, grid):
@@ -106,8 +107,9 @@ def diagnose(model, teacher, n: int = 256, nfes=(1, 2, 3, 4, 5, 6, 7, 8), gammas
     return Diagnosis([float(v) for v in levels], coupled, floor, jump, n, per * (grid - 1))
 
 
-def plot_diagnosis(d: Diagnosis, out_dir: Path, title: str = "", jump_map: bool = True) -> list[Path]:
-    """coupled_error.png (error vs NFE per gamma, the teacher-grid floor dashed) and jump_error.png (the (t, s) map)."""
+def plot_diagnosis(d: Diagnosis, out_dir: Path, title: str = "") -> list[Path]:
+    """coupled_error.png (error vs NFE per gamma, the teacher-grid floor dashed) and, when computed, jump_error.png
+    (the (t, s) map)."""
     series: dict[str, tuple[list, list]] = {}
     for (gamma, k), v in d.coupled.items():
         xs, ys = series.setdefault(f"CTM gamma={gamma:g}", ([], []))
@@ -116,7 +118,7 @@ def plot_diagnosis(d: Diagnosis, out_dir: Path, title: str = "", jump_map: bool 
     paths = [Path(out_dir) / "coupled_error.png", Path(out_dir) / "jump_error.png"]
     save_curves(series, paths[0], "NFE", "mean |x_NFE(z) - teacher ODE(z)|", title or "coupled error",
                 hline=(f"teacher Heun on {len(d.levels)} grid points", d.floor))
-    if not jump_map:
+    if d.jump is None:
         return paths[:1]
     save_heatmap(d.jump, [f"{v:.3g}" for v in d.levels], paths[1], "s (jump target)", "t (jump start)",
                  "jump error in final-sample space")
