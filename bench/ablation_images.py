@@ -1,11 +1,16 @@
-"""bench: what the DSM and GAN terms do on images (the paper: DSM helps multi-step sampling, GAN helps one step).
+"""bench: CTM variants on images: what the DSM and GAN terms do (the paper: DSM helps multi-step sampling, GAN
+helps one step), and which training pair draw (ctm.pairs) serves images best.
 
-Distills a CTM from one trained teacher three times with the same seed and budget (full objective, ctm.dsm=false,
-ctm.gan=false) and evaluates each at NFE 1, 2, 4, 8 with gamma 0 and 1 in one shared metric: the Frechet distance
-in the features of a small classifier trained on the data (domain-specific, not FID; fast on a CPU). JSON + PNG.
+Distills a CTM from one trained teacher once per variant with the same seed and budget (full objective,
+ctm.dsm=false, ctm.gan=false, or one of the pair draws reference / uniform / all_the_way) and evaluates each at
+NFE 1, 2, 4, 8 with gamma 0 and 1 in one shared metric: the Frechet distance in the features of a small classifier
+trained on the data (domain-specific, not FID; fast on a CPU); --teacher-heun adds the teacher's Heun point in the
+same metric. Extra key=value overrides apply to every variant. JSON + PNG.
 
     python bench/ablation_images.py --teacher bench/out/images_mnist_cpu/teacher --data ../shared/data/mnist \\
         --preset mnist_cpu --n 1000
+    python bench/ablation_images.py --teacher T --data digits --preset digits \\
+        --variants reference,uniform,all_the_way --teacher-heun 35 --out bench/out/pairs_digits
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from ctmkit.eval.report import save_curves
 from ctmkit.io.atomic import atomic_write_text
 from ctmkit.train.ctm import CTMRun
 
-VARIANTS = {"full": [], "nodsm": ["ctm.dsm=false"], "nogan": ["ctm.gan=false"]}
+VARIANTS = {"full": [], "nodsm": ["ctm.dsm=false"], "nogan": ["ctm.gan=false"],
+            **{p: [f"ctm.pairs={p}"] for p in ("reference", "uniform", "all_the_way")}}
 
 
 def main() -> None:
@@ -37,6 +43,7 @@ def main() -> None:
     ap.add_argument("--variants", default="full,nodsm,nogan")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--out", default="bench/out/ablation_mnist")
+    ap.add_argument("--teacher-heun", type=int, default=0, help="also the teacher's Heun point at this NFE")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -59,11 +66,21 @@ def main() -> None:
             model = load_model(run_dir)
             rows = [{"nfe": k, "gamma": g, "value": fd.point(model, "gamma", k, g)[0]} for g in (0.0, 1.0)
                     for k in (1, 2, 4, 8)]
-            res[name] = {"overrides": VARIANTS[name], "train_seconds": train_s, "rows": rows}
+            res[name] = {"overrides": [*args.overrides, *VARIANTS[name]], "train_seconds": train_s, "rows": rows}
             print(name, json.dumps(res[name]), flush=True)
             atomic_write_text(res_path, json.dumps(res, indent=1))
+    if args.teacher_heun and "teacher" not in res:
+        fd = fd or make_quality("classifier", data or load_data(cfg.data, n=cfg.n_data or None, seed=cfg.train.seed),
+                                args.n)
+        res["teacher"] = {"heun_nfe": args.teacher_heun,
+                          "value": fd.point(load_model(args.teacher), "heun", args.teacher_heun, 0.0)[0]}
+        print("teacher", json.dumps(res["teacher"]), flush=True)
+        atomic_write_text(res_path, json.dumps(res, indent=1))
     series = {}
     for name, r in res.items():
+        if name == "teacher":
+            series[f"teacher heun {r['heun_nfe']}"] = ([1, 8], [r["value"]] * 2)
+            continue
         for g in (0.0, 1.0):
             pts = [(x["nfe"], x["value"]) for x in r["rows"] if x["gamma"] == g]
             series[f"{name} gamma={g:g}"] = ([p[0] for p in pts], [p[1] for p in pts])
