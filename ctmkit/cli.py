@@ -443,6 +443,11 @@ def _parse_labels(spec: str | None, n: int, num_classes: int):
 @click.option("--ts", default=None,
               help="Custom times instead of --nfe, descending from sigma_max to sigma_min, e.g. 80,2.5,0.002 (NFE 2): "
                    "gamma-sampling jumps between them, Heun steps along them.")
+@click.option("--two-jump", "two_jump", default=None, metavar="I1,I2",
+              help="The reference's two-jump sampler (CTM, NFE 2): jump t_0 -> t_I1, re-noise up to t_I2 (I2 <= I1), "
+                   "jump t_I2 -> sigma_min; I1, I2 index the training grid t_0 = sigma_max > ... > t_{N-1} = sigma_min "
+                   "(N: the run's ctm.num_scales, or --grid). The reference samples ImageNet-64 with 36,20 on N = 40.")
+@click.option("--grid", "grid_n", type=int, default=None, help="N of the --two-jump grid (default: the run's).")
 @click.option("--gamma", type=float, default=0.0, show_default=True,
               help="CTM gamma in [0, 1]: 0 deterministic ODE jumps, 1 consistency-model multistep.")
 @click.option("--sampler", type=click.Choice(["auto", "gamma", "heun"]), default="auto", show_default=True,
@@ -453,16 +458,23 @@ def _parse_labels(spec: str | None, n: int, num_classes: int):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="FILE.npz (+ a PNG beside) or FILE.png.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
-def sample(model_dir, n, nfe, ts, gamma, sampler, seed, labels, batch_size, out, quiet):
+def sample(model_dir, n, nfe, ts, two_jump, grid_n, gamma, sampler, seed, labels, batch_size, out, quiet):
     """Sample a trained teacher or CTM; samples come back in the data's own space and layout."""
-    from .io.runs import load_model
+    from .io.runs import load_model, training_grid_size
     if n < 1 or batch_size < 1:
         raise UserError("--n and --batch-size must be >= 1")
     if nfe is not None and nfe < 1:  # checked here: generate() reads --nfe 0 as "use the default"
         raise UserError(f"--nfe must be >= 1, got {nfe}")
     if nfe is not None and ts is not None:
         raise UserError("give --nfe or --ts, not both (--ts sets the NFE: its number of times minus one)")
+    if two_jump is not None and (nfe is not None or ts is not None or gamma != 0):
+        raise UserError("--two-jump sets the whole schedule: leave out --nfe, --ts and --gamma")
     times = _times(ts) if ts is not None else None
+    jumps = _int_list(two_jump, "--two-jump") if two_jump is not None else None
+    if grid_n is not None and jumps is None:
+        raise UserError("--grid applies only with --two-jump")
+    if jumps is not None and len(jumps) != 2:
+        raise UserError(f"--two-jump takes two grid indices I1,I2, e.g. 36,20; got '{two_jump}'")
     out_path = Path(out)  # checked before sampling, not after all the work is done
     if out_path.suffix not in (".npz", ".png"):
         raise UserError(f"--out must end in .npz or .png, got '{out_path.name}'")
@@ -470,8 +482,14 @@ def sample(model_dir, n, nfe, ts, gamma, sampler, seed, labels, batch_size, out,
     import torch
     model = load_model(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
     lab = _parse_labels(labels, n, model.card.num_classes)
+    if jumps is not None:
+        run_dir = Path(model_dir) if Path(model_dir).is_dir() else Path(model_dir).parent.parent   # or a checkpoint
+        grid_n = grid_n or training_grid_size(run_dir)
+        if grid_n is None:
+            raise UserError(f"cannot read ctm.num_scales from '{model_dir}/config.yaml': give --grid N")
+        jumps = (*jumps, grid_n)
     from .eval.generate import generate, write_samples
-    x = generate(model, n, nfe, gamma, seed, lab, batch_size, sampler, progress=not quiet, ts=times)
+    x = generate(model, n, nfe, gamma, seed, lab, batch_size, sampler, progress=not quiet, ts=times, two_jump=jumps)
     for p in write_samples(x, lab, model.card, Path(out)):
         click.echo(f"wrote {p}")
 

@@ -117,14 +117,23 @@ class CTMConfig:
                                     # above n + k), "uniform" ((n, m) uniform over all pairs, k ~ U{1..min(m-n, M)}
                                     # per sample), "all_the_way" (uniform pairs, u = s: the teacher solves to s)
     target_ema: float = 0.999       # mu: rate of the target network theta^-
-    distance: str = "huber"         # "huber" (pseudo-Huber), "l2"
+    student_dropout: float = -1.0   # dropout of the student's backbone; < 0 = unchanged (the teacher's when the
+                                    # student starts as the teacher, else model.dropout)
+    target_dropout: bool = False    # evaluate theta^- with dropout active (reference: true, its target runs in
+                                    # training mode); false = theta^- deterministic. No effect when model.dropout = 0
+    distance: str = "huber"         # "huber" (pseudo-Huber), "l2", or "feature" (images: Inception-v3 features, a
+                                    # stand-in for the paper's LPIPS; needs the fid extra)
     huber_c: float = 0.0            # pseudo-Huber c; 0 = 0.00054 * sqrt(dim) (Song & Dhariwal 2023)
+    feature_size: int = 139         # distance=feature: images are resized to this side (>= 75) before Inception
     dsm: bool = True                # add the DSM loss on g(x, t, t)
     dsm_weight: float = -1.0        # lambda_DSM: < 0 = adaptive (last-layer gradient norms), else fixed
     dsm_weight_max: float = 1e4     # adaptive lambda_DSM is clamped to [0, dsm_weight_max]
     dsm_karras_frac: float = 0.5    # share of DSM sigmas drawn on the Karras curve (rest log-normal)
     gan: bool = True                # add the GAN loss (stage 2)
-    gan_start: int = 0              # step at which the GAN term starts
+    gan_start: int = 0              # step at which the GAN term starts (the paper's stage 2); from then on:
+    gan_lr: float = 0.0             #   student learning rate (0 = train.lr; reference ImageNet-64: 8e-6)
+    gan_batch_size: int = 0         #   global batch size (0 = train.batch_size)
+    gan_max_k: int = 0              #   M, the largest teacher step count (0 = ctm.max_k; reference ImageNet-64: 20)
     gan_weight: float = -1.0        # lambda_GAN: < 0 = adaptive, else fixed
     gan_weight_min: float = 0.01    # adaptive lambda_GAN is clamped to [gan_weight_min, gan_weight_max]
     gan_weight_max: float = 10.0
@@ -143,7 +152,13 @@ class CTMConfig:
             (1 <= self.max_k <= self.num_scales - 1, "ctm.max_k must be in [1, ctm.num_scales - 1]"),
             (self.pairs in PAIR_DRAWS, f"ctm.pairs must be one of {', '.join(PAIR_DRAWS)}, got '{self.pairs}'"),
             (0 < self.target_ema < 1, "ctm.target_ema must be in (0, 1)"),
-            (self.distance in ("huber", "l2"), "ctm.distance must be 'huber' or 'l2'"),
+            (self.distance in ("huber", "l2", "feature"), "ctm.distance must be 'huber', 'l2' or 'feature'"),
+            (self.student_dropout < 1, "ctm.student_dropout must be < 1 (< 0 = unchanged)"),
+            (self.feature_size >= 75, "ctm.feature_size must be >= 75 (Inception-v3's smallest input)"),
+            (self.gan_lr >= 0 and math.isfinite(self.gan_lr), "ctm.gan_lr must be >= 0 (0 = train.lr)"),
+            (self.gan_batch_size >= 0, "ctm.gan_batch_size must be >= 0 (0 = train.batch_size)"),
+            (0 <= self.gan_max_k <= self.num_scales - 1,
+             "ctm.gan_max_k must be in [0, ctm.num_scales - 1] (0 = ctm.max_k)"),
             (self.huber_c >= 0, "ctm.huber_c must be >= 0 (0 = automatic)"),
             (self.disc_lr > 0 and self.gan_start >= 0, "ctm.disc_lr must be > 0 and ctm.gan_start >= 0"),
             (self.disc_hidden >= 4, "ctm.disc_hidden must be >= 4"),

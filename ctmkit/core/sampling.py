@@ -17,7 +17,7 @@ from torch import Tensor
 from .schedules import SIGMA_MAX, SIGMA_MIN, heun_schedule, sample_schedule
 from .solvers import solve_pf_ode
 
-__all__ = ["gamma_sample", "heun_sample", "sample_schedule", "heun_schedule", "per_sample_normal"]
+__all__ = ["gamma_sample", "two_jump_sample", "heun_sample", "sample_schedule", "heun_schedule", "per_sample_normal"]
 
 
 def gamma_sample(model: Callable, noise: Tensor, sigmas: Tensor, gamma: float = 0.0,
@@ -45,6 +45,25 @@ def gamma_sample(model: Callable, noise: Tensor, sigmas: Tensor, gamma: float = 
         if gamma > 0 and n < k - 1:
             x = x + math.sqrt(max(t_next**2 - s_tilde**2, 0.0)) * step_noise[:, n]
     return x
+
+
+def two_jump_sample(model: Callable, noise: Tensor, grid: Tensor, i1: int, i2: int, labels: Tensor | None = None,
+                    renoise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """The reference implementation's two-jump sampler (NFE 2), times given as indices of the training grid
+    grid = t_0 > ... > t_{N-1} (descending, t_{N-1} = sigma_min), i1 >= i2:
+        x = G(t_0 z, t_0, t_{i1});  x <- x + sqrt(t_{i2}^2 - t_{i1}^2) z';  x = G(x, t_{i2}, t_{N-1}).
+    It jumps below t_{i2} and re-noises up to it (i1 = i2: no re-noising, gamma-sampling NFE 2 through t_{i2}).
+    z' is `renoise` [B, ...] if given, else drawn from `generator`."""
+    grid = torch.as_tensor(grid, dtype=torch.float64)
+    n = len(grid)
+    if not 0 < i2 <= i1 < n - 1:
+        raise ValueError(f"need 0 < i2 <= i1 < {n - 1} (grid indices), got i1={i1}, i2={i2}")
+    t0, t1, t2, t_end = (float(grid[i]) for i in (0, i1, i2, n - 1))
+    if renoise is None:
+        renoise = torch.randn(noise.shape, generator=generator, dtype=noise.dtype).to(noise.device)
+    x = model(noise * t0, _full(t0, noise), _full(t1, noise), labels)
+    x = x + math.sqrt(max(t2**2 - t1**2, 0.0)) * renoise
+    return model(x, _full(t2, x), _full(t_end, x), labels)
 
 
 def heun_sample(denoiser: Callable, noise: Tensor, sigmas: Tensor | None = None, nfe: int = 35,

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..core.sampling import gamma_sample, heun_sample, per_sample_normal, sample_schedule
+from ..core.sampling import gamma_sample, heun_sample, per_sample_normal, sample_schedule, two_jump_sample
+from ..core.schedules import karras_sigmas
 from ..data import Normalizer
 from ..errors import UserError
 from ..io.atomic import atomic_write_bytes
@@ -32,16 +33,33 @@ def check_times(ts, sigma_min: float, sigma_max: float) -> Tensor:
     return ts
 
 
+def check_two_jump(two_jump, is_ctm: bool, sampler: str, sigma_min: float, sigma_max: float) -> Tensor:
+    """The N-point training grid of a two-jump request (i1, i2, N), after checking it: Tensor[N] float64."""
+    i1, i2, n_grid = two_jump
+    if not is_ctm or sampler == "heun":
+        raise UserError("--two-jump needs a CTM model and its gamma sampler")
+    if n_grid < 3:
+        raise UserError(f"the two-jump sampler needs a training grid of at least 3 points, got {n_grid}")
+    if not 0 < i2 <= i1 < n_grid - 1:
+        raise UserError(f"--two-jump I1,I2 needs 0 < I2 <= I1 < {n_grid - 1} (indices of the {n_grid}-point training "
+                        f"grid t_0 = {sigma_max:g} > ... > t_{n_grid - 1} = {sigma_min:g}), got {i1},{i2}")
+    return karras_sigmas(n_grid, sigma_min, sigma_max)
+
+
 def generate(model, n: int, nfe: int | None, gamma: float, seed: int, labels: Tensor | None, batch_size: int = 500,
-             sampler: str = "auto", progress: bool | None = True, ts=None) -> Tensor:
+             sampler: str = "auto", progress: bool | None = True, ts=None, two_jump=None) -> Tensor:
     """Model-space samples [n, ...] from a teacher (Heun) or a CTM (gamma-sampling, or Heun with its denoiser);
     noise is per-sample seeded, so results do not depend on batch_size. `ts`: custom times t_0 > ... > t_K
-    instead of the default schedule for `nfe` (gamma-sampling jumps between them; Heun steps along them)."""
+    instead of the default schedule for `nfe` (gamma-sampling jumps between them; Heun steps along them).
+    `two_jump` (i1, i2, N): the reference's two-jump sampler on the N-point training grid (a CTM, NFE 2)."""
     card = model.card
     sigmas = None if ts is None else check_times(ts, card.sigma_min, card.sigma_max)
     if sigmas is not None:
         nfe = len(sigmas) - 1
     shape, is_ctm = card.shape, card.is_ctm
+    if two_jump is not None:
+        grid = check_two_jump(two_jump, is_ctm, sampler, card.sigma_min, card.sigma_max)
+        sampler, nfe = "two_jump", 2
     if sampler == "auto":
         sampler = "gamma" if is_ctm else "heun"
     if sampler == "gamma" and not is_ctm:
@@ -59,7 +77,9 @@ def generate(model, n: int, nfe: int | None, gamma: float, seed: int, labels: Te
             b = min(batch_size, n - start)
             z = per_sample_normal(b, (nfe,) + shape, seed, start).to(device)  # [b, nfe, ...]: initial + re-noising
             lab = labels[start:start + b].to(device) if labels is not None else None
-            if sampler == "gamma":
+            if sampler == "two_jump":
+                x = two_jump_sample(model, z[:, 0], grid, two_jump[0], two_jump[1], lab, z[:, 1])
+            elif sampler == "gamma":
                 sched = sample_schedule(nfe, smin, smax) if sigmas is None else sigmas
                 x = gamma_sample(model, z[:, 0], sched, gamma, labels=lab, step_noise=z[:, 1:],
                                  sigma_min=None if sigmas is None else smin)   # gamma's offset: the model's sigma_min

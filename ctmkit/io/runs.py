@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from torch import nn
 
 from ..core.precond import CTM, EDMDenoiser
@@ -22,6 +23,15 @@ def newest_state(run_dir: Path) -> dict:
     if not found:
         raise UserError(f"run folder '{run_dir}' has no checkpoint; train it first (or resume the training)")
     raise UserError(f"run folder '{run_dir}' has only broken checkpoints (newest: {found[0]})")
+
+
+def training_grid_size(run_dir: str | Path) -> int | None:
+    """N, the points of a CTM run's training grid (ctm.num_scales in its config.yaml), or None when not known."""
+    try:
+        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+        return int(cfg["ctm"]["num_scales"])
+    except (OSError, yaml.YAMLError, ValueError, KeyError, TypeError):
+        return None
 
 
 def build_model(card: ModelCard, where: str = "model.json") -> nn.Module:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .dropout import Dropout
 from .embed import TimeEmbedding
 
 
@@ -18,7 +19,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(hidden)
         self.fc1, self.emb = nn.Linear(hidden, hidden), nn.Linear(emb_dim, hidden)
-        self.fc2, self.drop = nn.Linear(hidden, hidden), nn.Dropout(dropout)
+        self.fc2, self.drop = nn.Linear(hidden, hidden), Dropout(dropout)
 
     def forward(self, h: Tensor, emb: Tensor) -> Tensor:
         a = torch.nn.functional.silu(self.fc1(torch.nn.functional.silu(self.norm(h))) + self.emb(emb))

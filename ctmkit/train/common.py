@@ -147,9 +147,10 @@ class Run:
         chunks = [t.chunk(mb) if t is not None else [None] * mb for t in local]
         return [tuple(c[i].to(self.device) if c[i] is not None else None for c in chunks) for i in range(mb)]
 
-    def global_batch(self):
-        """The iteration's whole batch (x [B, ...], labels [B] | None) from the shared generator."""
-        x, labels = self.data.sample_batch(self.tcfg.batch_size, self.gen)
+    def global_batch(self, size: int | None = None):
+        """The iteration's whole batch (x [B, ...], labels [B] | None) from the shared generator; B = size, or
+        train.batch_size."""
+        x, labels = self.data.sample_batch(size or self.tcfg.batch_size, self.gen)
         return x, (labels if labels is not None and self.use_labels else None)
 
     def reduce_stats(self, stats: dict) -> dict:

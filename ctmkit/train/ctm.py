@@ -4,7 +4,9 @@ Per iteration (ctm.pairs=reference): one k ~ P(k) prop. to k; per sample t = t_n
 the Karras grid; ctm.pairs=uniform / all_the_way draw (n, m) uniformly over all pairs and k per sample (u = s for
 all_the_way). x_u from k teacher Heun steps per sample (no grad); both sides of the CTM loss transported to
 sigma_min by the target net.
-The generator step is followed by a discriminator step once the GAN term is active (both every iteration).
+Once the GAN term is active (the paper's stage 2), the generator and discriminator steps alternate every ctm.g_every
+iterations (1: both every iteration), and ctm.gan_lr / gan_batch_size / gan_max_k replace the learning rate, batch
+and M where set. The target network runs with dropout when ctm.target_dropout (the reference's choice).
 
 Multi-process (torchrun): every rank draws the same global batch, k and noise, and trains on its slice; the
 student and the discriminator are wrapped in DDP; the adaptive weights use last-layer gradients averaged
@@ -34,10 +36,13 @@ from ..core.losses import (
 from ..core.precond import CTM, bcast
 from ..core.schedules import karras_sigmas, sample_ctm_indices, sample_dsm_sigmas, sample_k, sample_uniform_pairs
 from ..core.solvers import solve_grid_segments
+from ..errors import UserError
 from ..io.card import ModelCard
+from ..metrics.perceptual import InceptionFeatureMap
 from ..nets.augment import diff_augment
 from ..nets.disc import ImageDiscriminator, VectorDiscriminator
-from ..nets.registry import backbone_spec
+from ..nets.dropout import set_dropout
+from ..nets.registry import BackboneSpec, backbone_spec
 from ..teachers import load_teacher
 from . import dist
 from .common import Run, make_optimizer
@@ -73,6 +78,10 @@ class CTMRun(Run):
 
     def __init__(self, cfg: DistillConfig, out, data: Dataset, resume: bool = False):
         super().__init__(cfg, out, data, resume)
+        per_rank = self.dist.world * self.tcfg.micro_batches
+        if cfg.ctm.gan_batch_size % per_rank:
+            raise UserError(f"ctm.gan_batch_size={cfg.ctm.gan_batch_size} must be divisible by the number of processes "
+                            f"({self.dist.world}) x train.micro_batches ({self.tcfg.micro_batches})")
         self.teacher = None if cfg.ctm.teacher_free else load_teacher(cfg.teacher, data)
         if isinstance(self.teacher, torch.nn.Module):
             self.teacher = self.teacher.to(self.device)
@@ -81,12 +90,15 @@ class CTMRun(Run):
         init = tcard is not None and cfg.ctm.init_from_teacher
         self.spec = tcard.backbone if init else backbone_spec(cfg.model, data.kind, data.shape, data.num_classes,
                                                               data.spec)
+        if cfg.ctm.student_dropout >= 0 and "dropout" in self.spec.kwargs:   # the per-preset student dropout
+            self.spec = BackboneSpec(self.spec.arch, {**self.spec.kwargs, "dropout": cfg.ctm.student_dropout})
         self.net = CTM(self.spec.build(), cfg.model.sigma_data)
         if init:  # weight for weight: every shared layer copied; the s-embedding (unused by teachers) starts at 0
             missing = self.net.load_state_dict(self.teacher.state_dict(), strict=False)
             assert not missing.unexpected_keys, missing
         self.net.to(self.device)
         self.target = frozen_copy(self.net)                                # theta^-: EMA rate ctm.target_ema
+        set_dropout(self.target, cfg.ctm.target_dropout)                   # explicit, not by train()/eval()
         self.emas = [frozen_copy(self.net) for _ in cfg.train.ema]         # evaluation EMAs
         self.nets = {"net": self.net, "target": self.target, **{f"ema{i}": e for i, e in enumerate(self.emas)}}
         self.add_optimizer("opt", make_optimizer(self.net.parameters(), cfg.train))
@@ -103,9 +115,21 @@ class CTMRun(Run):
                                                           (0.5, 0.9)))
             self.ddp_disc = dist.wrap(self.disc, self.dist, self.device)
         dim = int(torch.tensor(data.shape).prod())
-        self.distance = make_distance(cfg.ctm.distance, dim, cfg.ctm.huber_c)
+        self.distance = make_distance(cfg.ctm.distance, dim, cfg.ctm.huber_c, self.feature_map())
         self.grid = karras_sigmas(cfg.ctm.num_scales, cfg.sigma_min, cfg.sigma_max)   # t_0 > ... > t_{N-1}
         self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.train.seed + 7)
+
+    def feature_map(self):
+        """The Inception feature map of ctm.distance=feature (images only), else None."""
+        if self.cfg.ctm.distance != "feature":
+            return None
+        if self.data.kind != "image":
+            raise UserError("ctm.distance=feature needs image data (Inception-v3 features); use huber or l2")
+        return InceptionFeatureMap(self.cfg.ctm.feature_size, self.device)
+
+    def stage(self, gan_value, base):
+        """A GAN-stage setting (ctm.gan_lr / gan_batch_size / gan_max_k; 0 = unchanged) once the GAN term is on."""
+        return gan_value if gan_value > 0 and self.gan_active() else base
 
     def model_card(self) -> ModelCard:
         return ModelCard("ctm", backbone=self.spec, teacher=self.cfg.teacher, **self.card_fields())
@@ -136,13 +160,14 @@ class CTMRun(Run):
         k (reference pairs: one per iteration), x0, labels, grid indices (n, u, m) by ctm.pairs, the noise of x_t,
         and the DSM sigmas (shuffled) and noise."""
         cfg, c = self.cfg, self.cfg.ctm
-        k = sample_k(c.max_k, self.gen) if c.pairs == "reference" else None
-        x0, labels = self.global_batch()
+        max_k = self.stage(c.gan_max_k, c.max_k)
+        k = sample_k(max_k, self.gen) if c.pairs == "reference" else None
+        x0, labels = self.global_batch(self.stage(c.gan_batch_size, self.tcfg.batch_size))
         b = x0.shape[0]
         if k is not None:
             n, u, m = sample_ctm_indices(b, c.num_scales, k, self.gen)
         else:
-            n, u, m = sample_uniform_pairs(b, c.num_scales, c.max_k, c.pairs == "all_the_way", self.gen)
+            n, u, m = sample_uniform_pairs(b, c.num_scales, max_k, c.pairs == "all_the_way", self.gen)
         z = self.randn(x0.shape)
         sig = z_dsm = None
         if cfg.ctm.dsm:
@@ -216,7 +241,7 @@ class CTMRun(Run):
         """The student's update on L_CTM + lambda_DSM L_DSM (+ lambda_GAN L_GAN): stats, the fakes and reals of each
         micro-batch (for the discriminator), and whether the step was finite."""
         cfg, mb = self.cfg, self.tcfg.micro_batches
-        self.set_lr(self.opts["opt"], self.tcfg.lr)
+        self.set_lr(self.opts["opt"], self.stage(cfg.ctm.gan_lr, self.tcfg.lr))
         self.net.train()
         stats: dict[str, float] = {}
         fakes, reals = [], []
