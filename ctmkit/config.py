@@ -174,12 +174,13 @@ class CTMConfig:
 class DistillConfig:
     data: str = "ring"
     n_data: int = 0
-    teacher: str = "exact"          # a teacher run folder, or "exact" (data with a known density)
+    teacher: str = "exact"          # teacher SPEC: a run folder, "exact" (data with a known density),
+                                    # "diffusers:DIR" or "py:MODULE:ATTR" (see `ctmkit distill --help`)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=4e-4))
     ctm: CTMConfig = field(default_factory=CTMConfig)
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
+    sigma_min: float = 0.002        # EDM's range; replaced by the teacher's when it reports another
+    sigma_max: float = 80.0         # (a diffusers DDPM: about 0.01 to 157)
 
     def validate(self) -> None:
         self.model.validate()
@@ -187,7 +188,8 @@ class DistillConfig:
         self.ctm.validate()
         _check([(self.n_data >= 0, "n_data must be >= 0 (0 = the data's default size)"),
                 (0 < self.sigma_min < self.sigma_max, "need 0 < sigma_min < sigma_max"),
-                (bool(str(self.teacher).strip()), "teacher must be a teacher run folder or 'exact'")])
+                (bool(str(self.teacher).strip()),
+                 "teacher must be a SPEC: a teacher run folder, 'exact', diffusers:DIR or py:MODULE:ATTR")])
 
 
 def _check(checks: list[tuple[bool, str]]) -> None:

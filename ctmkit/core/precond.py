@@ -1,7 +1,12 @@
-"""EDM preconditioning and the CTM jump (docs/method.md section 2; Karras et al. 2022 Table 1; Kim et al. 2024).
+"""Preconditioning and the CTM jump (docs/method.md section 2; Karras et al. 2022 Table 1; Kim et al. 2024).
 
     g(x_t, t, s) = c_skip(t) x_t + c_out(t) F(c_in(t) x_t, c_noise(t), c_noise(s), labels)
     G(x_t, t, s) = (s / t) x_t + (1 - s / t) g(x_t, t, s)
+
+EDM's preconditioning is ctmkit's own; foreign teachers keep theirs (docs/method.md section 7): a discrete-time VP
+network (diffusers DDPM/DDIM: epsilon, v or sample prediction) or a rectified flow (velocity prediction), each a
+`Precond` that turns the backbone's output into the denoiser D(x, sigma) in the EDM convention x = x0 + sigma n and
+feeds s to the backbone with the same noise-label function as t.
 """
 
 from __future__ import annotations
@@ -56,17 +61,112 @@ def as_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
     return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.to(x.device, torch.float32)
 
 
+class EDMPrecond:
+    """EDM Table 1 (ctmkit's own networks): denoise = edm_precond, noise label c_noise."""
+
+    spec = None   # the card's value for it (no entry)
+
+    def __init__(self, sigma_data: float) -> None:
+        self.sigma_data = sigma_data
+
+    def noise(self, sigma: Tensor) -> Tensor:
+        return c_noise(sigma)
+
+    def __call__(self, backbone: nn.Module, x: Tensor, t: Tensor, noise_s: Tensor | None, labels) -> Tensor:
+        return edm_precond(backbone, x, t, noise_s, labels, self.sigma_data)
+
+
+def vp_sigmas(alphas_cumprod: Tensor) -> Tensor:
+    """sigma_i = sqrt((1 - alpha_bar_i) / alpha_bar_i) of a discrete VP schedule: Tensor[T] float64, increasing."""
+    a = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    return ((1 - a) / a).sqrt()
+
+
+class VPPrecond:
+    """A discrete-time VP network eps/v/x0-hat(x_vp, tau) (diffusers DDPM/DDIM), in the EDM convention:
+    x_vp = x / sqrt(1 + sigma^2) (= sqrt(alpha_bar) x), tau = the fractional training timestep of sigma (linear
+    interpolation of log sigma_i over the training timesteps i), and
+        epsilon:       D = x - sigma eps
+        v_prediction:  D = x / (1 + sigma^2) - sigma / sqrt(1 + sigma^2) v
+        sample:        D = x0_hat."""
+
+    def __init__(self, alphas_cumprod, prediction: str = "epsilon") -> None:
+        if prediction not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unknown prediction type {prediction!r}")
+        self.log_sigmas = vp_sigmas(alphas_cumprod).log()
+        self.prediction = prediction
+        self.spec = {"kind": "vp", "prediction": prediction,
+                     "alphas_cumprod": [float(v) for v in torch.as_tensor(alphas_cumprod, dtype=torch.float64)]}
+
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        return float(self.log_sigmas[0].exp()), float(self.log_sigmas[-1].exp())
+
+    def noise(self, sigma: Tensor) -> Tensor:
+        """The fractional timestep tau(sigma), clamped to [0, T - 1] (exact integers at the training sigmas)."""
+        ls, log_s = self.log_sigmas.to(sigma.device), sigma.double().log()
+        hi = torch.searchsorted(ls, log_s).clamp(1, len(ls) - 1)
+        w = ((log_s - ls[hi - 1]) / (ls[hi] - ls[hi - 1])).clamp(0, 1)
+        return ((hi - 1).double() + w).float()
+
+    def __call__(self, backbone: nn.Module, x: Tensor, t: Tensor, noise_s: Tensor | None, labels) -> Tensor:
+        tt = bcast(t.double(), x)
+        out = backbone((x / (1 + tt**2).sqrt()).to(x.dtype), self.noise(t), noise_s, labels).double()
+        if self.prediction == "epsilon":
+            d = x - tt * out
+        elif self.prediction == "v_prediction":
+            d = x / (1 + tt**2) - tt / (1 + tt**2).sqrt() * out
+        else:
+            d = out
+        return d.to(x.dtype)
+
+
+class FlowPrecond:
+    """A rectified flow x_f = (1 - tau) x0 + tau n with velocity prediction v = n - x0 (diffusers
+    FlowMatchEulerDiscreteScheduler), in the EDM convention: sigma = tau / (1 - tau), x_f = x / (1 + sigma), the
+    network's timestep tau T (T = num_train_timesteps), and D = x_f - tau v."""
+
+    def __init__(self, num_train_timesteps: int = 1000) -> None:
+        self.T = int(num_train_timesteps)
+        self.spec = {"kind": "flow", "num_train_timesteps": self.T}
+
+    def noise(self, sigma: Tensor) -> Tensor:
+        return (sigma.double() / (1 + sigma.double()) * self.T).float()
+
+    def __call__(self, backbone: nn.Module, x: Tensor, t: Tensor, noise_s: Tensor | None, labels) -> Tensor:
+        tt = bcast(t.double(), x)
+        tau = tt / (1 + tt)
+        x_f = x / (1 + tt)
+        v = backbone(x_f.to(x.dtype), self.noise(t), noise_s, labels).double()
+        return (x_f - tau * v).to(x.dtype)
+
+
+def make_precond(spec: dict | None, sigma_data: float = 0.5):
+    """The preconditioning a model card names: None = EDM (ctmkit's networks), {'kind': 'vp', ...}, {'kind': 'flow',
+    ...}; ValueError otherwise."""
+    if spec is None:
+        return EDMPrecond(sigma_data)
+    kind = spec.get("kind")
+    if kind == "vp":
+        return VPPrecond(spec["alphas_cumprod"], spec.get("prediction", "epsilon"))
+    if kind == "flow":
+        return FlowPrecond(spec.get("num_train_timesteps", 1000))
+    raise ValueError(f"unknown preconditioning {kind!r}")
+
+
 class EDMDenoiser(nn.Module):
-    """EDM-preconditioned denoiser D(x, sigma) = c_skip x + c_out F(c_in x, c_noise(sigma)) around a backbone.
+    """Preconditioned denoiser D(x, sigma) around a backbone: EDM's c_skip x + c_out F(c_in x, c_noise(sigma)) by
+    default, or a foreign teacher's own form (`precond`, see make_precond).
 
     The teacher of CTM. Satisfies the denoiser protocol ``denoiser(x, sigma, labels=None) -> x0_hat``."""
 
-    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5):
+    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5, precond=None):
         super().__init__()
         self.backbone, self.sigma_data = backbone, sigma_data
+        self.precond = precond or EDMPrecond(sigma_data)
 
     def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
-        return edm_precond(self.backbone, x, as_sigma(sigma, x), None, labels, self.sigma_data)
+        return self.precond(self.backbone, x, as_sigma(sigma, x), None, labels)
 
     def last_layer(self) -> nn.Parameter:
         """The backbone's output-layer weight (for adaptive loss weights)."""
@@ -76,16 +176,18 @@ class EDMDenoiser(nn.Module):
 class CTM(nn.Module):
     """Consistency Trajectory Model: ``model(x_t, t, s) = G(x_t, t, s)``; ``denoise(x, sigma) = g(x, sigma, sigma)``.
 
-    g is EDM-preconditioned on t, with the backbone's second time input fed c_noise(s) (docs/method.md section 2)."""
+    g is EDM-preconditioned on t, with the backbone's second time input fed c_noise(s) (docs/method.md section 2);
+    a student of a foreign teacher keeps the teacher's preconditioning (`precond`) and its noise label for s."""
 
-    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5):
+    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5, precond=None):
         super().__init__()
         self.backbone, self.sigma_data = backbone, sigma_data
+        self.precond = precond or EDMPrecond(sigma_data)
 
     def g(self, x_t: Tensor, t: Tensor | float, s: Tensor | float, labels: Tensor | None = None) -> Tensor:
         """g_theta(x_t, t, s) = c_skip(t) x_t + c_out(t) F(c_in(t) x_t, c_noise(t), c_noise(s), labels)."""
         t, s = as_sigma(t, x_t), as_sigma(s, x_t)
-        return edm_precond(self.backbone, x_t, t, c_noise(s), labels, self.sigma_data)
+        return self.precond(self.backbone, x_t, t, self.precond.noise(s), labels)
 
     def forward(self, x_t: Tensor, t: Tensor | float, s: Tensor | float, labels: Tensor | None = None) -> Tensor:
         """G_theta(x_t, t, s) = (s/t) x_t + (1 - s/t) g_theta(x_t, t, s)."""

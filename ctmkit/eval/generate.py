@@ -70,7 +70,8 @@ def generate(model, n: int, nfe: int | None, gamma: float, seed: int, labels: Te
     if not 0 <= gamma <= 1:
         raise UserError(f"--gamma must be in [0, 1], got {gamma}")
     smin, smax = card.sigma_min, card.sigma_max
-    device = next(model.parameters()).device
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    device = param.device if param is not None else torch.device("cpu")
     out = []
     with torch.no_grad():
         for start in progress_bar(range(0, n, batch_size), desc=f"sampling {sampler} nfe={nfe}", enabled=progress):

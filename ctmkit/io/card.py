@@ -60,7 +60,8 @@ class DataCard:
 @dataclass(frozen=True)
 class ModelCard:
     """A trained network: kind ('ctm' | 'teacher'), its data, backbone, EDM sigma_data and sigma range, the
-    evaluation EMA rates, the teacher SPEC it was distilled from (CTMs) and the format version."""
+    evaluation EMA rates, the teacher SPEC it was distilled from (CTMs), the format version, and the
+    preconditioning of a foreign teacher's form (None = EDM; see ctmkit.core.precond.make_precond)."""
 
     kind: str
     data: DataCard
@@ -71,6 +72,7 @@ class ModelCard:
     ema: tuple[float, ...] = (0.999,)
     teacher: str | None = None
     format_version: int = FORMAT_VERSION
+    precond: dict | None = None
 
     @property
     def is_ctm(self) -> bool:
@@ -100,6 +102,8 @@ class ModelCard:
              "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "data": self.data.to_dict()}
         if self.teacher is not None:
             d["teacher"] = self.teacher
+        if self.precond is not None:
+            d["precond"] = self.precond
         return {**d, "ema": list(self.ema), "format_version": FORMAT_VERSION}
 
     @classmethod
@@ -119,8 +123,11 @@ class ModelCard:
         sig = [float(d[k]) for k in ("sigma_data", "sigma_min", "sigma_max")]
         if not (sig[0] > 0 and 0 < sig[1] < sig[2]):
             raise ValueError("need sigma_data > 0 and 0 < sigma_min < sigma_max")
+        precond = d.get("precond")
+        if precond is not None and not isinstance(precond, dict):
+            raise ValueError("its 'precond' entry must be an object")
         return cls(d["kind"], DataCard.from_dict(d["data"]), BackboneSpec(str(bb["arch"]), dict(bb["kwargs"])),
-                   *sig, tuple(float(r) for r in d.get("ema", (0.999,))), d.get("teacher"), version)
+                   *sig, tuple(float(r) for r in d.get("ema", (0.999,))), d.get("teacher"), version, precond)
 
     def write(self, run_dir: Path) -> None:
         atomic_write_text(Path(run_dir) / "model.json", json.dumps(self.to_dict(), indent=1))

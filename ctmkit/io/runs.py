@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from torch import nn
 
-from ..core.precond import CTM, EDMDenoiser
+from ..core.precond import CTM, EDMDenoiser, make_precond
 from ..errors import UserError
 from .card import ModelCard, malformed
 from .checkpoint import load_checkpoint, newest_intact
@@ -38,7 +38,7 @@ def build_model(card: ModelCard, where: str = "model.json") -> nn.Module:
     """The untrained network a card describes: a CTM or an EDMDenoiser (teacher) around its backbone."""
     wrapper = CTM if card.is_ctm else EDMDenoiser
     try:
-        return wrapper(card.backbone.build(), card.sigma_data)
+        return wrapper(card.backbone.build(), card.sigma_data, make_precond(card.precond, card.sigma_data))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise malformed(where, e) from None
 

@@ -9,6 +9,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UserError
+from .diffusers_unet import DiffusersUNet
 from .mlp import MLP
 from .unet import UNet
 
@@ -18,8 +19,8 @@ def _unet(**kw) -> UNet:
     return UNet(**kw)
 
 
-BACKBONES: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "unet": _unet}
-DATA_KIND = {"mlp": "vector", "unet": "image"}      # the data kind each backbone takes
+BACKBONES: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "unet": _unet, "diffusers_unet2d": DiffusersUNet}
+DATA_KIND = {"mlp": "vector", "unet": "image", "diffusers_unet2d": "image"}   # the data kind each backbone takes
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class BackboneSpec:
 
     @property
     def num_classes(self) -> int:
+        if "config" in self.kwargs:          # a diffusers UNet2DModel: its class-embedding count
+            return int(self.kwargs["config"].get("num_class_embeds") or 0)
         return int(self.kwargs.get("num_classes", 0))
 
     def to_dict(self) -> dict:

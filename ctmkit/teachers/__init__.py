@@ -1,6 +1,7 @@
 """Teachers behind the denoiser protocol `D(x, sigma, labels=None) -> x0_hat` (model space, EDM convention
-x = x0 + sigma n): `load_teacher(SPEC)`. SPECs today: a ctmkit teacher run folder, or `exact` (the known
-density of data with one). Foreign teachers (diffusers folders, EDM pickles, Python callables) go here."""
+x = x0 + sigma n): `load_teacher(SPEC)`. SPECs: a ctmkit teacher run folder, `exact` (the known density of data
+with one), `diffusers:DIR` (a diffusers pipeline folder) and `py:MODULE:ATTR` (the user's own denoiser; the one
+SPEC that runs code). See ctmkit/teachers/foreign.py."""
 
 from __future__ import annotations
 
@@ -10,27 +11,67 @@ from pathlib import Path
 from ..core.mixtures import EmpiricalDenoiser, GaussianMixture  # noqa: F401  (their home in ctmkit 0.1.0)
 from ..errors import UserError
 from ..io.runs import load_model
+from .foreign import PyTeacher, load_diffusers, load_py
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_teacher"]
+__all__ = ["load_teacher", "teacher_facts", "PyTeacher", "SPEC_HELP"]
+
+SPEC_HELP = ("a ctmkit teacher run folder, 'exact' (data with a known density), 'diffusers:DIR' (a diffusers "
+             "pipeline folder: UNet2DModel + DDPM/DDIM-style or flow-matching scheduler) or 'py:MODULE:ATTR' (your "
+             "own denoiser D(x, sigma, labels); runs your code)")
 
 
 def load_teacher(spec: str | Path, data=None):
-    """The teacher denoiser of a SPEC: 'exact' -> the exact mixture denoiser of `data` (a Dataset with a known
-    density), else a teacher run folder -> its EDMDenoiser (CPU, eval mode, `.card` attached). With `data`, the
-    teacher is checked against it (shape; a differing normalisation is a warning)."""
-    if str(spec) == "exact":
+    """The teacher denoiser of a SPEC (see SPEC_HELP), on the CPU in eval mode: 'exact' -> the exact mixture
+    denoiser of `data` (a Dataset with a known density); a run folder or `diffusers:DIR` -> an EDMDenoiser with
+    `.card` (its sigma range, data shape and classes); `py:MODULE:ATTR` -> a PyTeacher. With `data`, the teacher is
+    checked against it (shape and classes; a differing normalisation is a warning)."""
+    spec = str(spec)
+    if spec == "exact":
         if data is None or data.mixture is None:
             what = f"'{data.spec}' has none" if data is not None else "no data was given"
             raise UserError(f"teacher=exact needs data with a known density (gmm:PATH.json or a built-in mixture such "
                             f"as ring or grid); {what}: train a teacher with `ctmkit train-teacher`")
         return data.mixture
-    teacher = load_model(spec)
-    if teacher.card.kind != "teacher":
-        raise UserError(f"'{spec}' is a {teacher.card.kind} run, not a teacher")
+    if spec.startswith("py:"):
+        teacher = load_py(spec)
+        if data is not None and teacher.shape is not None and tuple(teacher.shape) != tuple(data.shape):
+            raise UserError(f"teacher '{spec}' takes shape {teacher.shape}, but '{data.spec}' has shape "
+                            f"{tuple(data.shape)}")
+        _check_classes(spec, teacher.num_classes, data)
+        return teacher
+    if spec.startswith("edm:"):
+        raise UserError("EDM pickles (edm:FILE.pkl) are not supported yet; convert the teacher or use a ctmkit, "
+                        "diffusers: or py: teacher")
+    if spec.startswith("diffusers:"):
+        teacher = load_diffusers(spec[len("diffusers:"):])
+    else:
+        teacher = load_model(spec)
+        if teacher.card.kind != "teacher":
+            raise UserError(f"'{spec}' is a {teacher.card.kind} run, not a teacher")
     if data is not None:
         teacher.card.check_data(data, f"teacher '{spec}'")
-        if teacher.card.data.normalizer != data.normalizer.to_dict():
+        _check_classes(spec, teacher.card.num_classes, data)
+        if teacher.card.data.kind == data.kind and not spec.startswith("diffusers:") \
+                and teacher.card.data.normalizer != data.normalizer.to_dict():
             log.warning("the data normalisation differs from the teacher's (different data or n_data?)")
     return teacher
+
+
+def _check_classes(spec: str, classes: int, data) -> None:
+    if data is not None and classes > 0 and data.num_classes != classes:
+        have = f"{data.num_classes} classes" if data.num_classes else "no labels"
+        raise UserError(f"teacher '{spec}' is conditioned on {classes} classes, but '{data.spec}' has {have}")
+
+
+def teacher_facts(teacher) -> dict:
+    """What a loaded teacher reports: sigma_min, sigma_max, shape (None: any) and num_classes."""
+    card = getattr(teacher, "card", None)
+    if card is not None:
+        return {"sigma_min": card.sigma_min, "sigma_max": card.sigma_max, "shape": tuple(card.shape),
+                "num_classes": card.num_classes}
+    if isinstance(teacher, PyTeacher):
+        return {"sigma_min": teacher.sigma_min, "sigma_max": teacher.sigma_max, "shape": teacher.shape,
+                "num_classes": teacher.num_classes}
+    return {"sigma_min": None, "sigma_max": None, "shape": None, "num_classes": 0}   # exact: the config's range

@@ -33,8 +33,16 @@ from ..core.losses import (
     last_layer_grad,
     make_distance,
 )
-from ..core.precond import CTM, bcast
-from ..core.schedules import karras_sigmas, sample_ctm_indices, sample_dsm_sigmas, sample_k, sample_uniform_pairs
+from ..core.precond import CTM, bcast, make_precond
+from ..core.schedules import (
+    SIGMA_MAX,
+    SIGMA_MIN,
+    karras_sigmas,
+    sample_ctm_indices,
+    sample_dsm_sigmas,
+    sample_k,
+    sample_uniform_pairs,
+)
 from ..core.solvers import solve_grid_segments
 from ..errors import UserError
 from ..io.card import ModelCard
@@ -43,7 +51,7 @@ from ..nets.augment import diff_augment
 from ..nets.disc import ImageDiscriminator, VectorDiscriminator
 from ..nets.dropout import set_dropout
 from ..nets.registry import BackboneSpec, backbone_spec
-from ..teachers import load_teacher
+from ..teachers import PyTeacher, load_teacher, teacher_facts
 from . import dist
 from .common import Run, make_optimizer
 from .ema import ema_update, frozen_copy
@@ -85,17 +93,20 @@ class CTMRun(Run):
         self.teacher = None if cfg.ctm.teacher_free else load_teacher(cfg.teacher, data)
         if isinstance(self.teacher, torch.nn.Module):
             self.teacher = self.teacher.to(self.device)
+        self.adopt_teacher_range()
         torch.manual_seed(cfg.train.seed)
         tcard = getattr(self.teacher, "card", None)
-        init = tcard is not None and cfg.ctm.init_from_teacher
-        self.spec = tcard.backbone if init else backbone_spec(cfg.model, data.kind, data.shape, data.num_classes,
-                                                              data.spec)
-        if cfg.ctm.student_dropout >= 0 and "dropout" in self.spec.kwargs:   # the per-preset student dropout
-            self.spec = BackboneSpec(self.spec.arch, {**self.spec.kwargs, "dropout": cfg.ctm.student_dropout})
-        self.net = CTM(self.spec.build(), cfg.model.sigma_data)
+        init = tcard is not None and cfg.ctm.init_from_teacher and not isinstance(self.teacher, PyTeacher)
+        self.spec = self.student_spec(tcard.backbone if init else backbone_spec(
+            cfg.model, data.kind, data.shape, data.num_classes, data.spec))
+        self.precond = tcard.precond if init else None        # a foreign teacher's form, kept by its student
+        self.net = CTM(self.spec.build(), cfg.model.sigma_data, make_precond(self.precond, cfg.model.sigma_data))
         if init:  # weight for weight: every shared layer copied; the s-embedding (unused by teachers) starts at 0
             missing = self.net.load_state_dict(self.teacher.state_dict(), strict=False)
             assert not missing.unexpected_keys, missing
+        elif isinstance(self.teacher, PyTeacher) and self.dist.main:
+            log.warning("teacher '%s' is a Python callable whose architecture ctmkit cannot extend: distilling into "
+                        "a ctmkit %s (model.* settings) trained from scratch", cfg.teacher, self.spec.arch)
         self.net.to(self.device)
         self.target = frozen_copy(self.net)                                # theta^-: EMA rate ctm.target_ema
         set_dropout(self.target, cfg.ctm.target_dropout)                   # explicit, not by train()/eval()
@@ -119,6 +130,30 @@ class CTMRun(Run):
         self.grid = karras_sigmas(cfg.ctm.num_scales, cfg.sigma_min, cfg.sigma_max)   # t_0 > ... > t_{N-1}
         self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.train.seed + 7)
 
+    def adopt_teacher_range(self) -> None:
+        """The teacher's sigma range replaces EDM's default one (0.002, 80) in the config (and so in the run's
+        config.yaml); an explicit range must lie inside the teacher's."""
+        cfg, facts = self.cfg, teacher_facts(self.teacher)
+        lo, hi = facts["sigma_min"], facts["sigma_max"]
+        if lo is None or (lo, hi) == (cfg.sigma_min, cfg.sigma_max):
+            return
+        if (cfg.sigma_min, cfg.sigma_max) == (SIGMA_MIN, SIGMA_MAX):
+            cfg.sigma_min, cfg.sigma_max = float(lo), float(hi)
+            if self.dist.main:
+                log.warning("using the teacher's sigma range [%g, %g] (sigma_min, sigma_max in config.yaml)", lo, hi)
+        elif not lo * (1 - 1e-6) <= cfg.sigma_min < cfg.sigma_max <= hi * (1 + 1e-6):
+            raise UserError(f"sigma range [{cfg.sigma_min:g}, {cfg.sigma_max:g}] is outside the teacher's "
+                            f"[{lo:g}, {hi:g}]; leave sigma_min / sigma_max at their defaults to use the teacher's")
+
+    def student_spec(self, spec: BackboneSpec) -> BackboneSpec:
+        """The student's backbone: the teacher's (or the config's), with ctm.student_dropout when it is >= 0."""
+        p = self.cfg.ctm.student_dropout
+        if p >= 0 and "dropout" in spec.kwargs:
+            return BackboneSpec(spec.arch, {**spec.kwargs, "dropout": p})
+        if p >= 0 and "dropout" in spec.kwargs.get("config", {}):       # a diffusers UNet2DModel
+            return BackboneSpec(spec.arch, {**spec.kwargs, "config": {**spec.kwargs["config"], "dropout": p}})
+        return spec
+
     def feature_map(self):
         """The Inception feature map of ctm.distance=feature (images only), else None."""
         if self.cfg.ctm.distance != "feature":
@@ -132,7 +167,8 @@ class CTMRun(Run):
         return gan_value if gan_value > 0 and self.gan_active() else base
 
     def model_card(self) -> ModelCard:
-        return ModelCard("ctm", backbone=self.spec, teacher=self.cfg.teacher, **self.card_fields())
+        return ModelCard("ctm", backbone=self.spec, teacher=self.cfg.teacher, precond=self.precond,
+                         **self.card_fields())
 
     def state(self) -> dict:
         return {**super().state(), "aug_gen": self.aug_gen.get_state()}

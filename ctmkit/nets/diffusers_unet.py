@@ -1,0 +1,83 @@
+"""A diffusers `UNet2DModel` as a ctmkit backbone F(x_in, noise_t, noise_s, labels), with the CTM's second time input.
+
+The UNet runs unchanged on (x_in, timestep noise_t, class_labels); s enters through an extra embedding (diffusers'
+own sinusoidal `Timesteps` + `TimestepEmbedding`, sized like the UNet's time embedding) whose last layer starts at
+zero and whose output is added to the UNet's time embedding (a forward hook on `unet.time_embedding`), so a student
+copied from a teacher starts as that teacher. Parameter names are the UNet's own under `unet.` (a teacher's
+weights load as they are) plus `s_embed.`. A UNet with 2C output channels (learned variance) gives its first C.
+
+diffusers is an optional extra (`pip install ctmkit[diffusers]`); it is imported only when such a network is built.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserError
+
+INSTALL_HINT = "diffusers teachers need the optional extra: pip install 'ctmkit[diffusers]' (or pip install diffusers)"
+
+
+def import_diffusers():
+    try:
+        import diffusers
+    except ImportError:
+        raise UserError(INSTALL_HINT) from None
+    return diffusers
+
+
+class DiffusersUNet(nn.Module):
+    """forward(x_in [B, C, H, W], noise_t [B] (timesteps), noise_s [B] | None, labels [B] | None) -> [B, C, H, W]."""
+
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        diffusers = import_diffusers()
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+        cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+        if cfg.get("time_embedding_type", "positional") != "positional":
+            raise UserError(f"UNet2DModel with time_embedding_type={cfg['time_embedding_type']!r} is not supported "
+                            "(only 'positional' takes fractional timesteps)")
+        if cfg.get("class_embed_type") not in (None,):
+            raise UserError(f"UNet2DModel with class_embed_type={cfg['class_embed_type']!r} is not supported "
+                            "(class labels must be integer indices: class_embed_type None with num_class_embeds)")
+        self.config = cfg
+        self.unet = diffusers.UNet2DModel(**cfg)
+        width = self.unet.time_proj.num_channels
+        emb_dim = self.unet.time_embedding.linear_2.out_features
+        self.s_proj = Timesteps(width, cfg.get("flip_sin_to_cos", True), cfg.get("freq_shift", 0))
+        self.s_embed = TimestepEmbedding(width, emb_dim)
+        nn.init.zeros_(self.s_embed.linear_2.weight)
+        nn.init.zeros_(self.s_embed.linear_2.bias)
+        self.channels = int(cfg.get("in_channels", 3))
+        self._s_emb: Tensor | None = None
+        self.unet.time_embedding.register_forward_hook(self._add_s)
+
+    def _add_s(self, module, inputs, output: Tensor) -> Tensor:
+        return output if self._s_emb is None else output + self._s_emb.to(output.dtype)
+
+    def forward(self, x: Tensor, noise_t: Tensor, noise_s: Tensor | None = None,
+                labels: Tensor | None = None) -> Tensor:
+        self._s_emb = None if noise_s is None else self.s_embed(self.s_proj(noise_s.float()).to(x.dtype))
+        try:
+            out = self.unet(x, noise_t.float(), class_labels=labels).sample
+        finally:
+            self._s_emb = None
+        return out[:, :self.channels]
+
+    def last_layer(self) -> nn.Parameter:
+        return self.unet.conv_out.weight
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config.get("num_class_embeds") or 0)
+
+
+def unet_config_from(model: nn.Module) -> dict:
+    """The JSON-serialisable config of a diffusers model (lists for tuples, private keys dropped)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(model.config).items() if not k.startswith("_")}
+
+
+def load_unet_weights(net: DiffusersUNet, state: dict[str, torch.Tensor]) -> None:
+    """Copy a UNet2DModel state dict into net.unet (strict: every weight must fit)."""
+    net.unet.load_state_dict(state, strict=True)

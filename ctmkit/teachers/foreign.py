@@ -1,0 +1,162 @@
+"""Foreign teachers behind the denoiser protocol (docs/method.md section 7): diffusers pipeline folders and the
+user's own Python denoisers.
+
+`diffusers:DIR`: a folder written by `save_pretrained` with `unet/` (a UNet2DModel, class-conditional ones
+included) and `scheduler/`: discrete-time VP schedulers with `alphas_cumprod` (DDPM, DDIM, ...) and prediction type
+epsilon, v_prediction or sample; or FlowMatchEulerDiscreteScheduler (rectified flow, velocity). Weights are read
+from the folder only (nothing downloads). The result is an EDMDenoiser around ctmkit's DiffusersUNet backbone with
+the teacher's own preconditioning and a ModelCard (so it samples, evaluates and distills like a ctmkit teacher).
+
+`py:MODULE:ATTR`: a denoiser callable D(x, sigma, labels=None) in model space, or a zero-argument factory that
+returns one. This imports and runs the user's module: the one SPEC that runs code, by the user's explicit choice.
+Optional attributes of the denoiser: sigma_min, sigma_max (default EDM's 0.002 and 80), shape (default: the data's),
+num_classes (default 0).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..core.precond import EDMDenoiser, FlowPrecond, VPPrecond
+from ..core.schedules import SIGMA_MAX, SIGMA_MIN
+from ..data.normalize import Normalizer
+from ..errors import UserError
+from ..io.card import DataCard, ModelCard
+from ..nets.diffusers_unet import DiffusersUNet, import_diffusers, load_unet_weights, unet_config_from
+from ..nets.registry import BackboneSpec
+
+FLOW_TAU_MAX = 0.995   # a rectified flow's tau = 1 is sigma = infinity: ctmkit starts at tau = 0.995 (sigma 199)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what}: '{path}' is missing") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{what}: cannot read '{path}' ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{what}: '{path}' must hold a JSON object")
+    return d
+
+
+def scheduler_precond(folder: Path):
+    """The preconditioning and sigma range of a diffusers scheduler folder: (precond, sigma_min, sigma_max)."""
+    cfg = _read_json(folder / "scheduler_config.json", f"diffusers teacher '{folder.parent}'")
+    name = str(cfg.get("_class_name", ""))
+    diffusers = import_diffusers()
+    if name == "FlowMatchEulerDiscreteScheduler":
+        T = int(cfg.get("num_train_timesteps", 1000))
+        return FlowPrecond(T), (1 / T) / (1 - 1 / T), FLOW_TAU_MAX / (1 - FLOW_TAU_MAX)
+    cls = getattr(diffusers, name, None) if name.endswith("Scheduler") else None
+    if cls is None:
+        raise UserError(f"diffusers teacher '{folder.parent}': unknown scheduler class '{name}'")
+    try:
+        sched = cls.from_config(cfg)
+    except Exception as e:    # a foreign config: any failure is the user's file, said in one line
+        raise UserError(f"diffusers teacher '{folder.parent}': cannot build {name} from its config ({e})") from None
+    ac = getattr(sched, "alphas_cumprod", None)
+    if ac is None:
+        raise UserError(f"diffusers teacher '{folder.parent}': {name} has no alphas_cumprod (not a discrete VP "
+                        "scheduler); supported: DDPM/DDIM-style schedulers and FlowMatchEulerDiscreteScheduler")
+    prediction = cfg.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction", "sample"):
+        raise UserError(f"diffusers teacher '{folder.parent}': prediction_type '{prediction}' is not supported "
+                        "(epsilon, v_prediction, sample)")
+    pre = VPPrecond(torch.as_tensor(ac, dtype=torch.float64), prediction)
+    return (pre, *pre.sigma_range)
+
+
+def load_diffusers(folder: str | Path) -> EDMDenoiser:
+    """A diffusers pipeline folder -> its denoiser (CPU, eval mode, `.card`)."""
+    folder = Path(folder)
+    if not (folder / "unet").is_dir() or not (folder / "scheduler").is_dir():
+        raise UserError(f"diffusers teacher '{folder}' must be a folder written by save_pretrained with unet/ and "
+                        "scheduler/ inside")
+    cfg = _read_json(folder / "unet" / "config.json", f"diffusers teacher '{folder}'")
+    if cfg.get("_class_name") != "UNet2DModel":
+        raise UserError(f"diffusers teacher '{folder}': its unet is a {cfg.get('_class_name')}; ctmkit takes "
+                        "UNet2DModel (UNet2DConditionModel / latent teachers are not supported yet)")
+    precond, sigma_min, sigma_max = scheduler_precond(folder / "scheduler")
+    diffusers = import_diffusers()
+    try:
+        unet = diffusers.UNet2DModel.from_pretrained(folder / "unet", local_files_only=True, low_cpu_mem_usage=False)
+    except Exception as e:    # corrupt or missing weights: one line naming the folder
+        raise UserError(f"diffusers teacher '{folder}': cannot load unet/ ({str(e).splitlines()[0]})") from None
+    config = unet_config_from(unet)
+    net = DiffusersUNet(config)
+    load_unet_weights(net, unet.state_dict())
+    teacher = EDMDenoiser(net, 0.5, precond)
+    size = config.get("sample_size") or 32
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    c = int(config.get("in_channels", 3))
+    norm = Normalizer("image", "NHW" if c == 1 else "NHWC", "uint8", lo=0.0, hi=255.0)
+    data = DataCard(f"diffusers:{folder}", "image", (c, h, w), net.num_classes, norm.to_dict())
+    teacher.card = ModelCard("teacher", data, BackboneSpec("diffusers_unet2d", {"config": config}), 0.5,
+                             float(sigma_min), float(sigma_max), precond=precond.spec)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+class PyTeacher(torch.nn.Module):
+    """A user's denoiser callable behind the protocol, with its reported sigma range, shape and classes."""
+
+    def __init__(self, fn, spec: str) -> None:
+        super().__init__()
+        self.fn, self.spec = fn, spec
+        self.sigma_min = float(getattr(fn, "sigma_min", SIGMA_MIN))
+        self.sigma_max = float(getattr(fn, "sigma_max", SIGMA_MAX))
+        shape = getattr(fn, "shape", None)
+        self.shape = tuple(int(v) for v in shape) if shape is not None else None
+        self.num_classes = int(getattr(fn, "num_classes", 0))
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise UserError(f"teacher '{spec}': needs 0 < sigma_min < sigma_max, got {self.sigma_min}, "
+                            f"{self.sigma_max}")
+        if self.shape is not None:   # a card, so that `ctmkit sample` can run it (samples stay in model space)
+            kind = "vector" if len(self.shape) == 1 else "image"
+            norm = (Normalizer("vector", "ND", "float32", shift=[0.0] * self.shape[0]) if kind == "vector" else
+                    Normalizer("image", "NCHW", "float32", lo=-1.0, hi=1.0))
+            data = DataCard(spec, kind, self.shape, self.num_classes, norm.to_dict())
+            self.card = ModelCard("teacher", data, BackboneSpec("py", {"spec": spec}), 0.5, self.sigma_min,
+                                  self.sigma_max)
+
+    def forward(self, x, sigma, labels=None):
+        return self.fn(x, sigma, labels)
+
+
+def load_py(spec: str) -> PyTeacher:
+    """`py:MODULE:ATTR` -> the user's denoiser (imported from the current folder or sys.path)."""
+    parts = spec[len("py:"):].split(":")
+    if len(parts) != 2 or not all(parts):
+        raise UserError(f"teacher SPEC '{spec}' must be py:MODULE:ATTR, e.g. py:my_teacher:make_denoiser")
+    module_name, attr = parts
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")   # the current folder, as `python -m` would
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"teacher '{spec}': cannot import module '{module_name}' ({e})") from None
+    if not hasattr(module, attr):
+        raise UserError(f"teacher '{spec}': module '{module_name}' has no attribute '{attr}'")
+    obj = getattr(module, attr)
+    if not callable(obj):
+        raise UserError(f"teacher '{spec}': '{attr}' is not callable")
+    if not isinstance(obj, torch.nn.Module) and _takes_no_arguments(obj):
+        obj = obj()                # a factory
+        if not callable(obj):
+            raise UserError(f"teacher '{spec}': the factory '{attr}' did not return a callable denoiser")
+    return PyTeacher(obj, spec)
+
+
+def _takes_no_arguments(fn) -> bool:
+    import inspect
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
