@@ -81,7 +81,8 @@ def network_sha256() -> str:
 
 
 @lru_cache(maxsize=2)
-def _load_net(device: str) -> torch.jit.ScriptModule:
+def load_inception(device: str) -> torch.jit.ScriptModule:
+    """The TorchScript Inception-v3 of the fid extra on `device`, loaded once per process and device."""
     with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript loading; the file is TorchScript
         warnings.simplefilter("ignore", DeprecationWarning)
         return torch.jit.load(str(inception_path()), map_location=device).eval().float()
@@ -117,7 +118,7 @@ class InceptionFeatures:
         """progress: show a progress bar (None: only on a terminal)."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size, self.progress = batch_size, progress
-        self.net = _load_net(str(self.device))
+        self.net = load_inception(str(self.device))
 
     @property
     def key(self) -> str:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UserError
-from .fid import _load_net
+from .fid import load_inception
 
 TAPS = ("pool1", "mixed_2", "mixed_7", "mixed_10")
 
@@ -29,7 +29,7 @@ class InceptionFeatureMap:
     def __init__(self, size: int = 139, device: str | torch.device = "cpu") -> None:
         if size < 75:
             raise UserError(f"the feature distance needs an input side >= 75 (Inception-v3), got {size}")
-        net = _load_net(str(torch.device(device)))
+        net = load_inception(str(torch.device(device)))
         self.layers = list(net.net.layers.named_children())
         for p in net.parameters():
             p.requires_grad = False
