@@ -97,9 +97,9 @@ def test_learned_variance_uses_the_first_channels(tmp_path):
     assert torch.allclose(teacher(x, sigma), x - 3.0 * eps, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["epsilon", "flow"])
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample", "flow"])
 def test_student_starts_as_the_teacher(tmp_path, kind):
-    sched = ddim("epsilon") if kind == "epsilon" else diffusers.FlowMatchEulerDiscreteScheduler()
+    sched = ddim(kind) if kind != "flow" else diffusers.FlowMatchEulerDiscreteScheduler()
     teacher = load_teacher(f"diffusers:{save_pipeline(tmp_path, tiny_unet(classes=3), sched)}")
     student = CTM(teacher.card.backbone.build(), 0.5, teacher.precond)
     missing = student.load_state_dict(teacher.state_dict(), strict=False)
@@ -169,9 +169,11 @@ def test_distillation_starts_the_student_as_the_teacher(tmp_path, kind):
         assert torch.equal(run.net.g(x, t, t / 3, labels), run.teacher(x, t, labels))
 
 
-def test_cli_distills_and_samples_a_diffusers_teacher(tmp_path):
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample", "flow"])
+def test_cli_distills_and_samples_a_diffusers_teacher(tmp_path, kind):
     from .test_cli import ctmkit, ok
-    folder = save_pipeline(tmp_path / "pipe", tiny_unet(classes=10), ddim("epsilon"))
+    sched = ddim(kind) if kind != "flow" else diffusers.FlowMatchEulerDiscreteScheduler()
+    folder = save_pipeline(tmp_path / "pipe", tiny_unet(classes=10), sched)
     spec = f"diffusers:{folder}"
     ok(ctmkit("distill", "--teacher", spec, "--data", "digits", "--out", tmp_path / "ctm", "--steps", "2",
               "--batch-size", "8", "--quiet", cwd=tmp_path))
@@ -179,12 +181,17 @@ def test_cli_distills_and_samples_a_diffusers_teacher(tmp_path):
 
     import yaml
     cfg = yaml.safe_load((tmp_path / "ctm" / "config.yaml").read_text())
-    assert 0.0099 < cfg["sigma_min"] < 0.0101 and 157 < cfg["sigma_max"] < 158
-    assert json.loads((tmp_path / "ctm" / "model.json").read_text())["precond"]["kind"] == "vp"
+    card = load_teacher(spec).card
+    assert (cfg["sigma_min"], cfg["sigma_max"]) == (card.sigma_min, card.sigma_max)
+    want = "flow" if kind == "flow" else "vp"
+    assert json.loads((tmp_path / "ctm" / "model.json").read_text())["precond"]["kind"] == want
+    assert card.precond["kind"] == want and (kind == "flow" or 0.0099 < card.sigma_min < 0.0101)
     for model, extra in [(tmp_path / "ctm", ["--nfe", "2"]), (spec, ["--nfe", "9"])]:
         ok(ctmkit("sample", "--model", model, "--n", "10", *extra, "--labels", "3", "--out", tmp_path / "s.npz",
                   "--quiet", cwd=tmp_path))
         assert np.load(tmp_path / "s.npz")["samples"].shape[0] == 10
+    if kind != "epsilon":
+        return
     r = ctmkit("distill", "--teacher", spec, "--data", "ring", "--out", tmp_path / "bad", "--steps", "1", "--quiet",
                cwd=tmp_path)
     assert r.returncode != 0 and "shape (1, 8, 8)" in r.stderr and "Traceback" not in r.stderr
