@@ -187,6 +187,27 @@ def _done(message: str) -> None:
         click.echo(message)
 
 
+def _two_jump_points(two_jumps, grid_n, model_dir, card) -> list[tuple]:
+    """eval --two-jump I1,I2 ...: gamma-sampling points equal to the reference's two-jump sampler."""
+    from .core.sampling import two_jump_as_gamma
+    from .eval.generate import check_two_jump
+    from .io.runs import training_grid_size
+    if grid_n is not None and not two_jumps:
+        raise UserError("--grid applies only with --two-jump")
+    points = []
+    for text in two_jumps:
+        jumps = _int_list(text, "--two-jump")
+        if len(jumps) != 2:
+            raise UserError(f"--two-jump takes two grid indices I1,I2, e.g. 36,20; got '{text}'")
+        n_grid = grid_n or training_grid_size(model_dir)
+        if n_grid is None:
+            raise UserError(f"cannot read ctm.num_scales from '{model_dir}/config.yaml': give --grid N")
+        grid = check_two_jump((*jumps, n_grid), True, "gamma", card.sigma_min, card.sigma_max)
+        ts, g = two_jump_as_gamma(grid, *jumps)
+        points.append(("gamma", tuple(ts.tolist()), g))
+    return points
+
+
 def _load_model_spec(spec: str):
     """A run folder or checkpoint file (load_model), or a foreign teacher SPEC (diffusers:DIR, py:MODULE:ATTR)."""
     if str(spec).startswith(("diffusers:", "py:", "edm:")):
@@ -245,6 +266,10 @@ def _float_list(text: str, what: str) -> list[float]:
 @click.option("--gamma", default="0,1", show_default=True, help="CTM gamma values (comma-separated).")
 @click.option("--ts", "ts_list", multiple=True,
               help="Custom CTM times, e.g. --ts 80,2.5,0.002; each --ts adds one point per --gamma beside --nfe.")
+@click.option("--two-jump", "two_jumps", multiple=True, metavar="I1,I2",
+              help="Adds the reference's two-jump sampler on training-grid indices (see `ctmkit sample --help`), run "
+                   "as gamma-sampling on (t_0, t_I2, sigma_min) with the gamma that jumps to t_I1; repeatable.")
+@click.option("--grid", "grid_n", type=int, default=None, help="N of the --two-jump grid (default: the run's).")
 @click.option("--heun", default="1,3,5,9,17,35", show_default=True,
               help="Heun NFE budgets (the teacher's solver) for --teacher, else the model as a denoiser; '' to skip.")
 @click.option("--n", "n", type=int, default=2000, show_default=True, help="Samples per point (and per seed).")
@@ -257,7 +282,7 @@ def _float_list(text: str, what: str) -> list[float]:
                    "Heun, same plot) instead of --model.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="FILE.json (+ PNG curve).")
 @user_errors
-def evaluate_cmd(model_dir, data, nfe, gamma, ts_list, heun, n, seeds, metric, teacher_dir, out):
+def evaluate_cmd(model_dir, data, nfe, gamma, ts_list, two_jumps, grid_n, heun, n, seeds, metric, teacher_dir, out):
     """Quality sweep over NFE and gamma (+ Heun budgets), written as JSON and a PNG curve. swd (vectors): sliced
     W1 divided by the true-vs-true floor (1.0 = as close as two true samples). classifier (labelled images):
     Frechet distance in the features of a small classifier trained on the data (domain-specific, not FID).
@@ -286,8 +311,9 @@ def evaluate_cmd(model_dir, data, nfe, gamma, ts_list, heun, n, seeds, metric, t
         for text in ts_list:
             times = check_times(_times(text), model.card.sigma_min, model.card.sigma_max)
             points += [("gamma", tuple(times.tolist()), g) for g in _float_list(gamma, "--gamma")]
-    elif ts_list:
-        raise UserError("--ts needs a CTM model (a teacher samples with --heun budgets)")
+        points += _two_jump_points(two_jumps, grid_n, model_dir, model.card)
+    elif ts_list or two_jumps:
+        raise UserError("--ts and --two-jump need a CTM model (a teacher samples with --heun budgets)")
     points += [("heun", k, 0.0) for k in _int_list(heun, "--heun")]
     if not points:
         raise UserError("nothing to evaluate: give --nfe/--gamma (CTM) or --heun")

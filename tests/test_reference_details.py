@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ctmkit.config import DistillConfig, load_config
-from ctmkit.core.sampling import gamma_sample, two_jump_sample
+from ctmkit.core.sampling import gamma_sample, two_jump_as_gamma, two_jump_sample
 from ctmkit.core.schedules import karras_sigmas
 from ctmkit.data import load_data
 from ctmkit.errors import UserError
@@ -112,6 +112,11 @@ def test_two_jump_sampler_follows_the_reference_formula() -> None:
     assert torch.equal(same, gamma_sample(G, z, torch.stack([grid[0], grid[9], grid[17]])))
     with pytest.raises(ValueError, match="i2 <= i1"):
         two_jump_sample(G, z, grid, 6, 12)
+    # the same sampler written as gamma-sampling on (t_0, t_i2, t_min) (how `ctmkit eval --two-jump` runs it)
+    ts, gamma = two_jump_as_gamma(grid, 12, 6)
+    assert 0 < gamma < 1
+    as_gamma = gamma_sample(G, z, ts, gamma, step_noise=z2[:, None])
+    assert torch.allclose(as_gamma, out, rtol=0, atol=1e-12)
 
 
 def test_two_jump_through_the_cli(tmp_path) -> None:
@@ -124,6 +129,13 @@ def test_two_jump_through_the_cli(tmp_path) -> None:
                       "leave out --nfe"), (["--grid", "9"], "only with --two-jump"), (["--two-jump", "3"], "two grid")]:
         r = ctmkit(*run, *bad, cwd=tmp_path)
         assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr
+    ok(ctmkit("eval", "--model", LEGACY_RUN, "--data", "ring", "--nfe", "1", "--gamma", "0", "--two-jump", "12,6",
+              "--heun", "", "--n", "20", "--seeds", "1", "--out", tmp_path / "e.json", cwd=tmp_path))
+    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    grid = karras_sigmas(18)
+    jump = [r for r in rows if "ts" in r]
+    assert len(jump) == 1 and jump[0]["ts"] == pytest.approx([80.0, float(grid[6]), 0.002])
+    assert jump[0]["gamma"] == pytest.approx(two_jump_as_gamma(grid, 12, 6)[1])
 
 
 needs_fid = pytest.mark.skipif(not fid_available(), reason="the fid extra (Inception network) is not installed")

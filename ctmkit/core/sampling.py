@@ -66,6 +66,15 @@ def two_jump_sample(model: Callable, noise: Tensor, grid: Tensor, i1: int, i2: i
     return model(x, _full(t2, x), _full(t_end, x), labels)
 
 
+def two_jump_as_gamma(grid: Tensor, i1: int, i2: int) -> tuple[Tensor, float]:
+    """The two-jump sampler as gamma-sampling: times (t_0, t_{i2}, t_{N-1}) and the gamma whose jump target
+    s~ = sqrt(1 - gamma^2) (t_{i2} - sigma_min) + sigma_min is t_{i1} (re-noising std sqrt(t_{i2}^2 - t_{i1}^2))."""
+    grid = torch.as_tensor(grid, dtype=torch.float64)
+    t0, t1, t2, t_min = (float(grid[i]) for i in (0, i1, i2, len(grid) - 1))
+    gamma = math.sqrt(max(0.0, 1 - ((t1 - t_min) / (t2 - t_min)) ** 2))
+    return torch.tensor([t0, t2, t_min], dtype=torch.float64), gamma
+
+
 def heun_sample(denoiser: Callable, noise: Tensor, sigmas: Tensor | None = None, nfe: int = 35,
                 labels: Tensor | None = None, sigma_max: float = SIGMA_MAX, sigma_min: float = SIGMA_MIN) -> Tensor:
     """EDM Heun sampling (Algorithm 1, no churn): noise [B, ...] standard normal -> x0. Default schedule: the
