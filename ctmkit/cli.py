@@ -152,7 +152,9 @@ def train_teacher(data, out, preset, config_file, steps, batch_size, seed, ckpt_
 @click.option("--teacher", default=None,
               help="Teacher SPEC: a ctmkit teacher run folder; 'exact' for data with a known density (gmm:PATH.json, "
                    "ring, grid); diffusers:DIR (a diffusers pipeline folder: UNet2DModel + a DDPM/DDIM-style or "
-                   "flow-matching scheduler; pip install 'ctmkit[diffusers]'); py:MODULE:ATTR (your own denoiser "
+                   "flow-matching scheduler; pip install 'ctmkit[diffusers]'); edm:FILE.pkl (an NVIDIA EDM network "
+                   "pickle such as edm-cifar10-32x32-uncond-vp.pkl, read without running its code); py:MODULE:ATTR "
+                   "(your own denoiser "
                    "D(x, sigma, labels) or a factory of one: this imports and runs your module).")
 @training_options
 @user_errors
@@ -278,8 +280,8 @@ def _float_list(text: str, what: str) -> list[float]:
               default="auto", show_default=True,
               help="auto: swd for vectors, classifier for labelled images, fid for unlabelled images.")
 @click.option("--teacher", "teacher_dir", default=None, type=click.Path(),
-              help="A teacher (run folder, diffusers:DIR or py:MODULE:ATTR): run the --heun points on it (teacher "
-                   "Heun, same plot) instead of --model.")
+              help="A teacher (run folder, diffusers:DIR, edm:FILE.pkl or py:MODULE:ATTR): run the --heun points on "
+                   "it (teacher Heun, same plot) instead of --model.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="FILE.json (+ PNG curve).")
 @user_errors
 def evaluate_cmd(model_dir, data, nfe, gamma, ts_list, two_jumps, grid_n, heun, n, seeds, metric, teacher_dir, out):
@@ -333,7 +335,8 @@ def evaluate_cmd(model_dir, data, nfe, gamma, ts_list, two_jumps, grid_n, heun, 
 @main.command("diagnose")
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="A CTM run folder.")
 @click.option("--teacher", "teacher_spec", required=True,
-              help="Teacher SPEC: a teacher run folder, or 'exact' for data with a known density (its flow map).")
+              help="Teacher SPEC: a teacher run folder, 'exact' for data with a known density (its flow map), "
+                   "diffusers:DIR, edm:FILE.pkl or py:MODULE:ATTR (see `ctmkit distill --help`).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for diagnose.json, coupled_error.png and jump_error.png (created if needed).")
 @click.option("--data", default=None, help="Data SPEC for --teacher exact (default: the model's own data SPEC).")
@@ -480,7 +483,7 @@ def _parse_labels(spec: str | None, n: int, num_classes: int):
 
 @main.command("sample")
 @click.option("--model", "model_dir", required=True, type=click.Path(),
-              help="A run folder (teacher or CTM), or a teacher SPEC: diffusers:DIR, py:MODULE:ATTR.")
+              help="A run folder (teacher or CTM), or a teacher SPEC: diffusers:DIR, edm:FILE.pkl, py:MODULE:ATTR.")
 @click.option("--n", "n", type=int, default=1000, show_default=True, help="Number of samples.")
 @click.option("--nfe", type=int, default=None,
               help="Network evaluations: CTM gamma-sampling default 1; Heun default 35 (18 steps).")

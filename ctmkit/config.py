@@ -22,9 +22,13 @@ from .errors import UserError
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # presets ship inside the package
 
 
+ARCHS = ("auto", "mlp", "unet", "songunet", "dhariwalunet")
+
+
 @dataclass
 class ModelConfig:
-    arch: str = "auto"              # "mlp" (vectors), "unet" (images) or "auto" (pick by data kind)
+    arch: str = "auto"              # "mlp" (vectors), "unet" (images), "songunet" / "dhariwalunet" (EDM's DDPM++ and
+                                    # ADM U-Nets, images) or "auto" (pick by data kind)
     sigma_data: float = 0.5         # EDM sigma_data (data are normalised so that their std is about 0.5)
     hidden: int = 256               # mlp: width
     depth: int = 4                  # mlp: residual blocks
@@ -39,7 +43,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         _check([
-            (self.arch in ("auto", "mlp", "unet"), f"model.arch must be 'mlp', 'unet' or 'auto', got '{self.arch}'"),
+            (self.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got '{self.arch}'"),
             (self.sigma_data > 0, "model.sigma_data must be > 0"),
             (self.hidden >= 1 and self.depth >= 1, "model.hidden and model.depth must be >= 1"),
             (self.emb_dim >= 1 and self.channels >= 1, "model.emb_dim and model.channels must be >= 1"),

@@ -11,6 +11,8 @@ feeds s to the backbone with the same noise-label function as t.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -141,6 +143,54 @@ class FlowPrecond:
         return (x_f - tau * v).to(x.dtype)
 
 
+class EDMNetPrecond:
+    """The preconditionings of NVIDIA EDM's network pickles (Karras et al. 2022, Table 1; docs/method.md section 7)
+    around an EDM U-Net F, in EDM's own float32 arithmetic:
+        D(x, sigma) = c_skip x + c_out F(c_in x, c_noise(sigma))
+        vp:    c_skip 1, c_out -sigma, c_in 1/sqrt(sigma^2 + 1), c_noise (M - 1) t_VP(sigma),
+               t_VP(sigma) = (sqrt(beta_min^2 + 2 beta_d ln(1 + sigma^2)) - beta_min) / beta_d
+        ve:    c_skip 1, c_out sigma,  c_in 1,                 c_noise ln(sigma / 2)
+        iddpm: c_skip 1, c_out -sigma, c_in 1/sqrt(sigma^2 + 1), c_noise M - 1 - argmin_j |u_j - sigma|, F's first C
+               channels (the network also outputs a variance)
+    (EDM's own EDMPrecond is ctmkit's EDMPrecond.) The student's s goes through the same c_noise."""
+
+    def __init__(self, kind: str, img_channels: int, **p) -> None:
+        if kind not in ("vp", "ve", "iddpm"):
+            raise ValueError(f"unknown EDM preconditioning {kind!r}")
+        self.kind, self.channels, self.p = kind, int(img_channels), dict(p)
+        self.spec = {"kind": f"edm_{kind}", "img_channels": self.channels, **self.p}
+        if kind == "iddpm":
+            self.u = iddpm_levels(int(p["M"]), float(p["C_1"]), float(p["C_2"]))
+
+    def noise(self, sigma: Tensor) -> Tensor:
+        sigma, p = sigma.float(), self.p
+        if self.kind == "vp":
+            t = ((p["beta_min"] ** 2 + 2 * p["beta_d"] * (1 + sigma**2).log()).sqrt() - p["beta_min"]) / p["beta_d"]
+            return (p["M"] - 1) * t
+        if self.kind == "ve":
+            return (0.5 * sigma).log()
+        index = (sigma.reshape(-1, 1) - self.u.to(sigma.device).reshape(1, -1)).abs().argmin(1)
+        return p["M"] - 1 - index.float()
+
+    def __call__(self, backbone: nn.Module, x: Tensor, t: Tensor, noise_s: Tensor | None, labels) -> Tensor:
+        x, sig = x.float(), bcast(t.float(), x)
+        c_in = 1 if self.kind == "ve" else 1 / (sig**2 + 1).sqrt()
+        c_out = sig if self.kind == "ve" else -sig
+        f = backbone(c_in * x, self.noise(t), noise_s, labels)
+        return x + c_out * f[:, :self.channels].float()
+
+
+def iddpm_levels(M: int, C_1: float, C_2: float) -> Tensor:
+    """iDDPM's M + 1 noise levels u_j (Nichol & Dhariwal 2021 as EDM tabulates them): u_M = 0 and
+    u_{j-1} = sqrt((u_j^2 + 1) / max(abar(j - 1) / abar(j), C_1) - 1), abar(j) = sin^2(pi j / (2 M (C_2 + 1)))."""
+    def abar(j: int) -> Tensor:
+        return (0.5 * math.pi * torch.tensor(j) / M / (C_2 + 1)).sin() ** 2
+    u = torch.zeros(M + 1)
+    for j in range(M, 0, -1):
+        u[j - 1] = ((u[j] ** 2 + 1) / (abar(j - 1) / abar(j)).clip(min=C_1) - 1).sqrt()
+    return u
+
+
 def make_precond(spec: dict | None, sigma_data: float = 0.5):
     """The preconditioning a model card names: None = EDM (ctmkit's networks), {'kind': 'vp', ...}, {'kind': 'flow',
     ...}; ValueError otherwise."""
@@ -151,6 +201,8 @@ def make_precond(spec: dict | None, sigma_data: float = 0.5):
         return VPPrecond(spec["alphas_cumprod"], spec.get("prediction", "epsilon"))
     if kind == "flow":
         return FlowPrecond(spec.get("num_train_timesteps", 1000))
+    if kind in ("edm_vp", "edm_ve", "edm_iddpm"):
+        return EDMNetPrecond(kind[4:], **{k: v for k, v in spec.items() if k != "kind"})
     raise ValueError(f"unknown preconditioning {kind!r}")
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import UserError
 from .diffusers_unet import DiffusersUNet
+from .edm_unets import DhariwalUNet, SongUNet
 from .mlp import MLP
 from .unet import UNet
 
@@ -19,8 +20,10 @@ def _unet(**kw) -> UNet:
     return UNet(**kw)
 
 
-BACKBONES: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "unet": _unet, "diffusers_unet2d": DiffusersUNet}
-DATA_KIND = {"mlp": "vector", "unet": "image", "diffusers_unet2d": "image"}   # the data kind each backbone takes
+BACKBONES: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "unet": _unet, "diffusers_unet2d": DiffusersUNet,
+                                                  "edm_songunet": SongUNet, "edm_dhariwalunet": DhariwalUNet}
+DATA_KIND = {"mlp": "vector", "unet": "image", "diffusers_unet2d": "image", "edm_songunet": "image",
+             "edm_dhariwalunet": "image", "songunet": "image", "dhariwalunet": "image"}   # data kind per arch
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class BackboneSpec:
     def num_classes(self) -> int:
         if "config" in self.kwargs:          # a diffusers UNet2DModel: its class-embedding count
             return int(self.kwargs["config"].get("num_class_embeds") or 0)
-        return int(self.kwargs.get("num_classes", 0))
+        return int(self.kwargs.get("num_classes", self.kwargs.get("label_dim", 0)))   # label_dim: EDM's U-Nets
 
     def to_dict(self) -> dict:
         return {"arch": self.arch, "kwargs": dict(self.kwargs)}
@@ -43,6 +46,18 @@ class BackboneSpec:
         if self.arch not in BACKBONES:
             raise UserError(f"unknown backbone '{self.arch}'; known: {', '.join(BACKBONES)}")
         return BACKBONES[self.arch](**self.kwargs)
+
+
+def _edm_unet_spec(arch: str, mcfg, shape: tuple, classes: int) -> BackboneSpec:
+    """SongUNet (DDPM++ settings) or DhariwalUNet (ADM) from the model config: channels -> model_channels,
+    num_res_blocks -> num_blocks; EDM-preconditioned like ctmkit's own UNet."""
+    c, h, w = shape
+    if h != w:
+        raise UserError(f"model.arch={arch} needs square images, got {h}x{w}")
+    kw = dict(img_resolution=h, in_channels=c, out_channels=c, label_dim=classes, model_channels=mcfg.channels,
+              channel_mult=list(mcfg.channel_mult), num_blocks=mcfg.num_res_blocks,
+              attn_resolutions=list(mcfg.attn_resolutions), dropout=mcfg.dropout)
+    return BackboneSpec("edm_songunet" if arch == "songunet" else "edm_dhariwalunet", kw)
 
 
 def auto_arch(arch: str, kind: str) -> str:
@@ -54,10 +69,12 @@ def backbone_spec(mcfg, kind: str, shape: tuple, num_classes: int, data_name: st
     """The backbone for data of `kind` and `shape` from a model config (`mcfg`: ctmkit.config.ModelConfig)."""
     arch = auto_arch(mcfg.arch, kind)
     if arch in DATA_KIND and DATA_KIND[arch] != kind:
-        other = "unet" if arch == "mlp" else "mlp"
+        other = "unet" if DATA_KIND[arch] == "vector" else "mlp"
         raise UserError(f"model.arch={arch} needs {DATA_KIND[arch]} data, but '{data_name}' holds {kind}s; "
                         f"use arch={other}")
     classes = num_classes if mcfg.conditional else 0
+    if arch in ("songunet", "dhariwalunet"):      # EDM's U-Nets (clean-room, same names and maths)
+        return _edm_unet_spec(arch, mcfg, shape, classes)
     if arch == "mlp":
         return BackboneSpec("mlp", dict(dim=shape[0], hidden=mcfg.hidden, depth=mcfg.depth, emb_dim=mcfg.emb_dim,
                                         dropout=mcfg.dropout, num_classes=classes, fourier_scale=mcfg.fourier_scale))

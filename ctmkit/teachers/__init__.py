@@ -1,7 +1,8 @@
 """Teachers behind the denoiser protocol `D(x, sigma, labels=None) -> x0_hat` (model space, EDM convention
 x = x0 + sigma n): `load_teacher(SPEC)`. SPECs: a ctmkit teacher run folder, `exact` (the known density of data
-with one), `diffusers:DIR` (a diffusers pipeline folder) and `py:MODULE:ATTR` (the user's own denoiser; the one
-SPEC that runs code). See ctmkit/teachers/foreign.py."""
+with one), `diffusers:DIR` (a diffusers pipeline folder), `edm:FILE.pkl` (an NVIDIA EDM network pickle, read without
+running its code) and `py:MODULE:ATTR` (the user's own denoiser; the one SPEC that runs code). See
+ctmkit/teachers/foreign.py and ctmkit/teachers/edm.py."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from ..core.mixtures import EmpiricalDenoiser, GaussianMixture  # noqa: F401  (their home in ctmkit 0.1.0)
 from ..errors import UserError
 from ..io.runs import load_model
+from .edm import load_edm
 from .foreign import PyTeacher, load_diffusers, load_py
 
 log = logging.getLogger(__name__)
@@ -18,8 +20,9 @@ log = logging.getLogger(__name__)
 __all__ = ["load_teacher", "teacher_facts", "PyTeacher", "SPEC_HELP"]
 
 SPEC_HELP = ("a ctmkit teacher run folder, 'exact' (data with a known density), 'diffusers:DIR' (a diffusers "
-             "pipeline folder: UNet2DModel + DDPM/DDIM-style or flow-matching scheduler) or 'py:MODULE:ATTR' (your "
-             "own denoiser D(x, sigma, labels); runs your code)")
+             "pipeline folder: UNet2DModel + DDPM/DDIM-style or flow-matching scheduler), 'edm:FILE.pkl' (an NVIDIA "
+             "EDM network pickle, loaded without running its code) or 'py:MODULE:ATTR' (your own denoiser "
+             "D(x, sigma, labels); runs your code)")
 
 
 def load_teacher(spec: str | Path, data=None):
@@ -42,9 +45,8 @@ def load_teacher(spec: str | Path, data=None):
         _check_classes(spec, teacher.num_classes, data)
         return teacher
     if spec.startswith("edm:"):
-        raise UserError("EDM pickles (edm:FILE.pkl) are not supported yet; convert the teacher or use a ctmkit, "
-                        "diffusers: or py: teacher")
-    if spec.startswith("diffusers:"):
+        teacher = load_edm(spec[len("edm:"):])
+    elif spec.startswith("diffusers:"):
         teacher = load_diffusers(spec[len("diffusers:"):])
     else:
         teacher = load_model(spec)
@@ -53,7 +55,7 @@ def load_teacher(spec: str | Path, data=None):
     if data is not None:
         teacher.card.check_data(data, f"teacher '{spec}'")
         _check_classes(spec, teacher.card.num_classes, data)
-        if teacher.card.data.kind == data.kind and not spec.startswith("diffusers:") \
+        if teacher.card.data.kind == data.kind and not spec.startswith(("diffusers:", "edm:")) \
                 and teacher.card.data.normalizer != data.normalizer.to_dict():
             log.warning("the data normalisation differs from the teacher's (different data or n_data?)")
     return teacher
