@@ -200,3 +200,16 @@ def test_cli_distills_an_edm_teacher_without_a_preset(tmp_path):
                   cwd=tmp_path))
         assert np.load(tmp_path / "s.npz")["samples"].shape == (4, 8, 8, 3)
     assert not (tmp_path / "EXECUTED").exists()
+
+
+def test_multihead_attention_block_matches_the_original():
+    """EDM's attention with several heads (Dhariwal nets use 64-channel heads, too big for a fixture): one block
+    with 4-channel heads, built by EDM's code outside the repository."""
+    from ctmkit.nets.edm_unets import BlockStyle, EDMBlock
+    t = load_file(str(FIX / "unetblock_multihead.safetensors"))
+    block = EDMBlock(8, 16, BlockStyle(emb_channels=32, dropout=0.0, skip_scale=1.0, eps=1e-5, channels_per_head=4),
+                     attention=True).eval()
+    block.load_state_dict({k: v for k, v in t.items() if not k.startswith("__")})
+    with torch.no_grad():
+        out = block(t["__x"], t["__emb"])
+    assert float((out - t["__out"]).abs().max()) <= 1e-5 * max(1.0, float(t["__out"].abs().max()))
