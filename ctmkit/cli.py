@@ -274,7 +274,8 @@ def _float_list(text: str, what: str) -> list[float]:
 @click.option("--grid", "grid_n", type=int, default=None, help="N of the --two-jump grid (default: the run's).")
 @click.option("--heun", default="1,3,5,9,17,35", show_default=True,
               help="Heun NFE budgets (the teacher's solver) for --teacher, else the model as a denoiser; '' to skip.")
-@click.option("--n", "n", type=int, default=2000, show_default=True, help="Samples per point (and per seed).")
+@click.option("--num-samples", "--n", "n", type=int, default=2000, show_default=True,
+              help="Samples per point (and per seed). --n is a short alias (under torchrun use --num-samples).")
 @click.option("--seeds", type=int, default=4, show_default=True, help="Sampling seeds averaged (vectors).")
 @click.option("--metric", "--metrics", "metric", type=click.Choice(["auto", "fid", "classifier", "swd"]),
               default="auto", show_default=True,
@@ -340,7 +341,7 @@ def evaluate_cmd(model_dir, data, nfe, gamma, ts_list, two_jumps, grid_n, heun, 
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for diagnose.json, coupled_error.png and jump_error.png (created if needed).")
 @click.option("--data", default=None, help="Data SPEC for --teacher exact (default: the model's own data SPEC).")
-@click.option("--n", "--num-samples", "n", type=int, default=256, show_default=True, help="Noise draws (samples).")
+@click.option("--num-samples", "--n", "n", type=int, default=256, show_default=True, help="Noise draws (samples).")
 @click.option("--nfe", default="1,2,3,4,5,6,7,8", show_default=True, help="CTM NFE values (comma-separated).")
 @click.option("--gamma", default="0,1", show_default=True, help="CTM gamma values (comma-separated).")
 @click.option("--grid", type=int, default=18, show_default=True,
@@ -398,7 +399,8 @@ def diagnose_cmd(model_dir, teacher_spec, out, data, n, nfe, gamma, grid, steps,
 @main.command("nll")
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="A run folder (teacher or CTM).")
 @click.option("--data", required=True, help="Data SPEC whose likelihood to compute. " + DATA_HELP)
-@click.option("--n", "n", type=int, default=256, show_default=True, help="Number of data points.")
+@click.option("--num-samples", "--n", "n", type=int, default=256, show_default=True,
+              help="Number of data points (--n: short alias).")
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--rtol", type=float, default=1e-5, show_default=True, help="RK45 relative tolerance.")
 @click.option("--atol", type=float, default=1e-5, show_default=True, help="RK45 absolute tolerance.")
@@ -463,28 +465,32 @@ def show_config(command, preset):
     click.echo(yaml.safe_dump(to_dict(load_config(cls, preset)), sort_keys=False))
 
 
-def _parse_labels(spec: str | None, n: int, num_classes: int):
+def _parse_labels(spec: str | None, num_classes: int):
+    """--labels -> labels(start, b) of samples start .. start + b - 1 (the given classes cycled, or all classes in
+    turn), computed per batch so that no n-sized array is ever built; None for an unconditional model."""
     import torch
     if num_classes == 0:
         if spec:
             raise UserError("--labels given, but the model is not class-conditional")
         return None
-    if not spec:
-        return torch.arange(n) % num_classes
-    try:
-        vals = [int(v) for v in spec.split(",")]
-    except ValueError:
-        raise UserError(f"--labels must be comma-separated integers, got '{spec}'") from None
-    bad = [v for v in vals if not 0 <= v < num_classes]
-    if bad:
-        raise UserError(f"--labels {bad[0]} is out of range: this model has classes 0..{num_classes - 1}")
-    return torch.tensor(vals)[torch.arange(n) % len(vals)]
+    vals = torch.arange(num_classes)
+    if spec:
+        try:
+            vals = torch.tensor([int(v) for v in spec.split(",")])
+        except ValueError:
+            raise UserError(f"--labels must be comma-separated integers, got '{spec}'") from None
+        bad = [int(v) for v in vals if not 0 <= v < num_classes]
+        if bad:
+            raise UserError(f"--labels {bad[0]} is out of range: this model has classes 0..{num_classes - 1}")
+    return lambda start, b: vals[torch.arange(start, start + b) % len(vals)]
 
 
 @main.command("sample")
 @click.option("--model", "model_dir", required=True, type=click.Path(),
               help="A run folder (teacher or CTM), or a teacher SPEC: diffusers:DIR, edm:FILE.pkl, py:MODULE:ATTR.")
-@click.option("--n", "n", type=int, default=1000, show_default=True, help="Number of samples.")
+@click.option("--num-samples", "--n", "n", type=int, default=1000, show_default=True,
+              help="Number of samples. --n is a short alias; under torchrun use --num-samples (torchrun's own parser "
+                   "takes --n as an abbreviation of its options).")
 @click.option("--nfe", type=int, default=None,
               help="Network evaluations: CTM gamma-sampling default 1; Heun default 35 (18 steps).")
 @click.option("--ts", default=None,
@@ -528,16 +534,20 @@ def sample(model_dir, n, nfe, ts, two_jump, grid_n, gamma, sampler, seed, labels
     _check_out_dir(out_path)
     import torch
     model = _load_model_spec(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
-    lab = _parse_labels(labels, n, model.card.num_classes)
+    lab = _parse_labels(labels, model.card.num_classes)
     if jumps is not None:
         run_dir = Path(model_dir) if Path(model_dir).is_dir() else Path(model_dir).parent.parent   # or a checkpoint
         grid_n = grid_n or training_grid_size(run_dir)
         if grid_n is None:
             raise UserError(f"cannot read ctm.num_scales from '{model_dir}/config.yaml': give --grid N")
         jumps = (*jumps, grid_n)
-    from .eval.generate import generate, write_samples
-    x = generate(model, n, nfe, gamma, seed, lab, batch_size, sampler, progress=not quiet, ts=times, two_jump=jumps)
-    for p in write_samples(x, lab, model.card, Path(out)):
+    from .eval.generate import check_disk, generate_batches, sample_bytes, stream_samples
+    if out_path.suffix == ".npz":          # refused up front, not after hours of sampling
+        check_disk(out_path, sample_bytes(model.card, n, lab is not None))
+    count = n if out_path.suffix == ".npz" else min(n, 256)          # a PNG alone shows the first 256
+    batches = generate_batches(model, count, nfe, gamma, seed, lab, batch_size, sampler, progress=not quiet, ts=times,
+                               two_jump=jumps)
+    for p in stream_samples(batches, count, lab, model.card, out_path):
         click.echo(f"wrote {p}")
 
 

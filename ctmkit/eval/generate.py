@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import io
-import os
+import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ from ..core.sampling import gamma_sample, heun_sample, per_sample_normal, sample
 from ..core.schedules import karras_sigmas
 from ..data import Normalizer
 from ..errors import UserError
-from ..io.atomic import atomic_write_bytes
+from ..io.atomic import atomic_file
 from ..io.card import ModelCard
 from ..progress import progress_bar
 from .report import save_image_grid, save_scatter
@@ -49,17 +49,40 @@ def check_two_jump(two_jump, is_ctm: bool, sampler: str, sigma_min: float, sigma
 def generate(model, n: int, nfe: int | None, gamma: float, seed: int, labels: Tensor | None, batch_size: int = 500,
              sampler: str = "auto", progress: bool | None = True, ts=None, two_jump=None) -> Tensor:
     """Model-space samples [n, ...] from a teacher (Heun) or a CTM (gamma-sampling, or Heun with its denoiser);
-    noise is per-sample seeded, so results do not depend on batch_size. `ts`: custom times t_0 > ... > t_K
-    instead of the default schedule for `nfe` (gamma-sampling jumps between them; Heun steps along them).
+    noise is per-sample seeded, so it does not depend on batch_size (results agree to float round-off). `ts`:
+    custom times t_0 > ... > t_K instead of the default schedule for `nfe` (gamma-sampling jumps between them; Heun
+    steps along them).
     `two_jump` (i1, i2, N): the reference's two-jump sampler on the N-point training grid (a CTM, NFE 2)."""
+    lab = None if labels is None else (lambda start, b: labels[start:start + b])
+    out = list(generate_batches(model, n, nfe, gamma, seed, lab, batch_size, sampler, progress, ts, two_jump))
+    return torch.cat(out)
+
+
+def generate_batches(model, n: int, nfe: int | None, gamma: float, seed: int, labels=None, batch_size: int = 500,
+                     sampler: str = "auto", progress: bool | None = True, ts=None, two_jump=None):
+    """`generate` one batch at a time (bounded memory): yields model-space batches on the CPU, in order.
+    `labels(start, b)` gives the labels of samples start .. start + b - 1 (None: unconditional)."""
     card = model.card
     sigmas = None if ts is None else check_times(ts, card.sigma_min, card.sigma_max)
     if sigmas is not None:
         nfe = len(sigmas) - 1
     shape, is_ctm = card.shape, card.is_ctm
+    grid = None
     if two_jump is not None:
         grid = check_two_jump(two_jump, is_ctm, sampler, card.sigma_min, card.sigma_max)
         sampler, nfe = "two_jump", 2
+    sampler, nfe = _check_sampler(sampler, nfe, gamma, is_ctm)
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    device = param.device if param is not None else torch.device("cpu")
+    with torch.no_grad():
+        for start in progress_bar(range(0, n, batch_size), desc=f"sampling {sampler} nfe={nfe}", enabled=progress):
+            b = min(batch_size, n - start)
+            z = per_sample_normal(b, (nfe,) + shape, seed, start).to(device)  # [b, nfe, ...]: initial + re-noising
+            lab = labels(start, b).to(device) if labels is not None else None
+            yield _sample_batch(model, z, lab, sampler, nfe, gamma, sigmas, grid, two_jump).cpu()
+
+
+def _check_sampler(sampler: str, nfe: int | None, gamma: float, is_ctm: bool) -> tuple[str, int]:
     if sampler == "auto":
         sampler = "gamma" if is_ctm else "heun"
     if sampler == "gamma" and not is_ctm:
@@ -69,50 +92,89 @@ def generate(model, n: int, nfe: int | None, gamma: float, seed: int, labels: Te
         raise UserError(f"--nfe must be >= 1, got {nfe}")
     if not 0 <= gamma <= 1:
         raise UserError(f"--gamma must be in [0, 1], got {gamma}")
+    return sampler, nfe
+
+
+def _sample_batch(model, z: Tensor, lab, sampler: str, nfe: int, gamma: float, sigmas, grid, two_jump) -> Tensor:
+    card = model.card
     smin, smax = card.sigma_min, card.sigma_max
-    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    device = param.device if param is not None else torch.device("cpu")
-    out = []
-    with torch.no_grad():
-        for start in progress_bar(range(0, n, batch_size), desc=f"sampling {sampler} nfe={nfe}", enabled=progress):
-            b = min(batch_size, n - start)
-            z = per_sample_normal(b, (nfe,) + shape, seed, start).to(device)  # [b, nfe, ...]: initial + re-noising
-            lab = labels[start:start + b].to(device) if labels is not None else None
-            if sampler == "two_jump":
-                x = two_jump_sample(model, z[:, 0], grid, two_jump[0], two_jump[1], lab, z[:, 1])
-            elif sampler == "gamma":
-                sched = sample_schedule(nfe, smin, smax) if sigmas is None else sigmas
-                x = gamma_sample(model, z[:, 0], sched, gamma, labels=lab, step_noise=z[:, 1:],
-                                 sigma_min=None if sigmas is None else smin)   # gamma's offset: the model's sigma_min
-            else:
-                den = model.denoise if is_ctm else model
-                x = heun_sample(den, z[:, 0], sigmas, nfe=nfe, labels=lab, sigma_max=smax, sigma_min=smin)
-            out.append(x.cpu())
-    return torch.cat(out)
+    if sampler == "two_jump":
+        return two_jump_sample(model, z[:, 0], grid, two_jump[0], two_jump[1], lab, z[:, 1])
+    if sampler == "gamma":
+        sched = sample_schedule(nfe, smin, smax) if sigmas is None else sigmas
+        return gamma_sample(model, z[:, 0], sched, gamma, labels=lab, step_noise=z[:, 1:],
+                            sigma_min=None if sigmas is None else smin)   # gamma's offset: the model's sigma_min
+    den = model.denoise if card.is_ctm else model
+    return heun_sample(den, z[:, 0], sigmas, nfe=nfe, labels=lab, sigma_max=smax, sigma_min=smin)
 
 
-def write_samples(x: Tensor, labels: Tensor | None, card: ModelCard, out: Path) -> list[Path]:
-    """Write samples in the data's own space: FILE.npz (samples, labels) and, for images or 2-D data, a PNG."""
+def sample_bytes(card: ModelCard, n: int, labelled: bool) -> int:
+    """Bytes of n samples written as .npz in the data's own dtype (+ int64 labels), headers aside."""
+    item = 1 if card.data.normalizer.get("dtype") == "uint8" else 4
+    per = int(np.prod(card.shape)) * item + (8 if labelled else 0)
+    return n * per
+
+
+def check_disk(out: Path, need: int) -> None:
+    """UserError when the folder of `out` has less free space than `need` bytes (with 1 % and 16 MB to spare)."""
+    free = shutil.disk_usage(out.parent if str(out.parent) else ".").free
+    if need * 1.01 + 16e6 > free:
+        raise UserError(f"the samples need about {_size(need)} in '{out.parent}', which has {_size(free)} free; "
+                        "ask for fewer (--num-samples) or write elsewhere")
+
+
+def _size(b: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if b < 1000 or unit == "PB":
+            return f"{b:.1f} {unit}"
+        b /= 1000
+    return f"{b:.1f} PB"
+
+
+def stream_samples(batches, n: int, labels, card: ModelCard, out: Path, grid_max: int = 256) -> list[Path]:
+    """Write `batches` (model space, in order) to FILE.npz as they come, in the data's own space (bounded memory:
+    one batch at a time), with labels(start, b) when given; a PNG of the first `grid_max` beside it (images, 2-D).
+    FILE.png alone: only the grid (the first `grid_max` samples are drawn)."""
     out = Path(out)
-    if out.suffix not in (".npz", ".png"):
-        raise UserError(f"--out must end in .npz or .png, got '{out.name}'")
-    if not out.parent.exists():
-        raise UserError(f"output folder '{out.parent}' does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"output folder '{out.parent}' is not writable")
-    written = []
+    norm = Normalizer.from_dict(card.data.normalizer)
+    first, written, start = [], [], 0
     if out.suffix == ".npz":
-        data = Normalizer.from_dict(card.data.normalizer).to_data(x.cpu())
-        buf = io.BytesIO()
-        arrays = {"samples": data} | ({"labels": labels.numpy()} if labels is not None else {})
-        np.savez(buf, **arrays)
-        atomic_write_bytes(out, buf.getvalue())
+        with atomic_file(out) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("samples.npy", "w", force_zip64=True) as member:
+                for x in batches:
+                    data = norm.to_data(x)
+                    if start == 0:
+                        _npy_header(member, (n, *data.shape[1:]), data.dtype)
+                    member.write(np.ascontiguousarray(data).tobytes())
+                    if sum(len(v) for v in first) < grid_max:
+                        first.append(x[:grid_max])
+                    start += x.shape[0]
+            if labels is not None:
+                with zf.open("labels.npy", "w", force_zip64=True) as member:
+                    _npy_header(member, (n,), np.dtype(np.int64))
+                    for s in range(0, n, 1 << 20):
+                        member.write(labels(s, min(1 << 20, n - s)).numpy().astype(np.int64).tobytes())
         written.append(out)
-    png = out.with_suffix(".png")
+    else:
+        for x in batches:
+            first.append(x)
+            if sum(len(v) for v in first) >= grid_max:
+                break
+    return written + _preview(torch.cat(first)[:grid_max] if first else None, card, out.with_suffix(".png"))
+
+
+def _npy_header(f, shape: tuple, dtype) -> None:
+    np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                             "fortran_order": False, "shape": tuple(int(v) for v in shape)})
+
+
+def _preview(x: Tensor | None, card: ModelCard, png: Path) -> list[Path]:
+    if x is None:
+        return []
     if card.data.kind == "image":
-        save_image_grid(x[:256], png)
-        written.append(png)
-    elif x.shape[1] == 2:
+        save_image_grid(x, png)
+        return [png]
+    if x.shape[1] == 2:
         save_scatter([("samples", x.cpu().numpy())], png)
-        written.append(png)
-    return written
+        return [png]
+    return []
