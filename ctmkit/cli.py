@@ -263,7 +263,12 @@ def _float_list(text: str, what: str) -> list[float]:
 
 @main.command("eval")
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="A run folder (teacher or CTM).")
-@click.option("--data", required=True, help="Data SPEC to compare with (the training data). " + DATA_HELP)
+@click.option("--data", default=None, help="Data SPEC to compare with (the training data); not needed with --ref. "
+              + DATA_HELP)
+@click.option("--ref", "ref", default=None, type=click.Path(dir_okay=False),
+              help="FID against a reference statistics file (mu [2048], sigma [2048, 2048] in an .npz: EDM's format, "
+                   "e.g. its published cifar10-32x32.npz, or `ctmkit fid-ref`) instead of --data; implies "
+                   "--metric fid.")
 @click.option("--nfe", default="1,2,4,8", show_default=True, help="CTM NFE values (comma-separated).")
 @click.option("--gamma", default="0,1", show_default=True, help="CTM gamma values (comma-separated).")
 @click.option("--ts", "ts_list", multiple=True,
@@ -285,7 +290,8 @@ def _float_list(text: str, what: str) -> list[float]:
                    "it (teacher Heun, same plot) instead of --model.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="FILE.json (+ PNG curve).")
 @user_errors
-def evaluate_cmd(model_dir, data, nfe, gamma, ts_list, two_jumps, grid_n, heun, n, seeds, metric, teacher_dir, out):
+def evaluate_cmd(model_dir, data, ref, nfe, gamma, ts_list, two_jumps, grid_n, heun, n, seeds, metric, teacher_dir,
+                 out):
     """Quality sweep over NFE and gamma (+ Heun budgets), written as JSON and a PNG curve. swd (vectors): sliced
     W1 divided by the true-vs-true floor (1.0 = as close as two true samples). classifier (labelled images):
     Frechet distance in the features of a small classifier trained on the data (domain-specific, not FID).
@@ -305,9 +311,14 @@ def evaluate_cmd(model_dir, data, nfe, gamma, ts_list, two_jumps, grid_n, heun, 
     _check_out_dir(out)
     if n < 2 or seeds < 1:
         raise UserError("--n must be >= 2 and --seeds >= 1")
+    if (data is None) == (ref is None):
+        raise UserError("give --data (the data to compare with) or --ref (FID reference statistics), not both")
+    if ref is not None and metric not in ("auto", "fid"):
+        raise UserError(f"--ref holds FID statistics: it goes with --metric fid, not {metric}")
     model = _load_model_spec(model_dir)
-    dataset = load_data(data)
-    model.card.check_data(dataset)
+    dataset = load_data(data) if data is not None else None
+    if dataset is not None:
+        model.card.check_data(dataset)
     points = []
     if model.card.is_ctm:
         points += [("gamma", k, g) for g in _float_list(gamma, "--gamma") for k in _int_list(nfe, "--nfe")]
@@ -320,17 +331,51 @@ def evaluate_cmd(model_dir, data, nfe, gamma, ts_list, two_jumps, grid_n, heun, 
     points += [("heun", k, 0.0) for k in _int_list(heun, "--heun")]
     if not points:
         raise UserError("nothing to evaluate: give --nfe/--gamma (CTM) or --heun")
-    resolve_metric(metric, dataset)  # a bad choice is refused before a teacher is loaded or anything sampled
+    if dataset is not None:
+        resolve_metric(metric, dataset)  # a bad choice is refused before a teacher is loaded or anything sampled
+    elif model.card.data.kind != "image":
+        raise UserError("--ref (FID statistics) needs an image model")
     teacher = _load_model_spec(teacher_dir) if teacher_dir is not None else None   # any run folder or SPEC
-    if teacher is not None:
+    if teacher is not None and dataset is not None:
         teacher.card.check_data(dataset, "the teacher")
-    result = sweep(model, dataset, points, make_quality(metric, dataset, n, seeds, progress=None), teacher=teacher)
+    quality = make_quality("fid" if ref else metric, dataset, n, seeds, progress=None, ref=ref)
+    result = sweep(model, dataset, points, quality, teacher=teacher)
     plot_result(result, out.with_suffix(".png"))
     atomic_write_text(out, json.dumps(result.to_dict(), indent=1))
     for r in result.rows:
         times = f" ts={','.join(f'{v:g}' for v in r.extras['ts'])}" if "ts" in r.extras else ""
         click.echo(f"{r.sampler:6} nfe={r.nfe:<3} gamma={r.gamma:.2f}{times}  {result.metric}={r.value:.4f}")
     click.echo(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+@main.command("fid-ref")
+@click.option("--data", required=True, help="Data SPEC of the reference images. " + DATA_HELP)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="FILE.npz: mu [2048], sigma [2048, 2048].")
+@click.option("--num-samples", "--n", "n", type=int, default=None,
+              help="Use this many items (a fixed random subset); default: all of them, as EDM's reference files do.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def fid_ref(data, out, n, quiet):
+    """Write FID reference statistics of a data set in EDM's format (an .npz with float64 `mu` and `sigma` of the
+    Inception-v3 pool3 features, the network of the fid extra), for `ctmkit eval --metric fid --ref FILE`."""
+    import torch
+
+    from .data import load_data
+    from .metrics.fid import InceptionFeatures, fid_stats, write_ref_stats
+    out = Path(out)
+    if out.suffix != ".npz":
+        raise UserError(f"--out must end in .npz, got '{out.name}'")
+    _check_out_dir(out)
+    dataset = load_data(data)
+    if dataset.kind != "image":
+        raise UserError(f"'{data}' holds vectors; FID statistics need images")
+    if n is not None and n < 2:
+        raise UserError("--num-samples must be >= 2")
+    count = len(dataset) if n is None else min(n, len(dataset))
+    real = dataset.x if count == len(dataset) else dataset.fresh(count, torch.Generator().manual_seed(0))
+    mu, sigma = fid_stats(InceptionFeatures(progress=not quiet)(real))
+    write_ref_stats(out, mu, sigma)
+    click.echo(f"wrote {out} ({count} images)")
 
 
 @main.command("diagnose")

@@ -15,7 +15,15 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..metrics.fid import FID_DOC, INSTALL_HINT, InceptionFeatures, fid_available, inception_path, reference_stats
+from ..metrics.fid import (
+    FID_DOC,
+    INSTALL_HINT,
+    InceptionFeatures,
+    fid_available,
+    inception_path,
+    read_ref_stats,
+    reference_stats,
+)
 from ..metrics.frechet import classifier_accuracy, feature_stats, frechet_distance, train_classifier
 from ..metrics.swd import mmd_rbf, swd_ratio
 from .generate import generate
@@ -153,23 +161,32 @@ class ClassifierFD(FeatureFD):
 
 
 class InceptionFD(FeatureFD):
-    """FID of a model's n samples against the (cached) Inception statistics of min(n, len(data)) real items."""
+    """FID of a model's n samples against the (cached) Inception statistics of min(n, len(data)) real items, or
+    against a reference statistics file `ref` (EDM's format, e.g. from `ctmkit fid-ref`)."""
 
     name, doc, axis = "fid", FID_DOC, "FID"
 
-    def __init__(self, data, n: int = 2000, progress: bool | None = False):
+    def __init__(self, data, n: int = 2000, progress: bool | None = False, ref: str | None = None):
         super().__init__()
         self.data, self.n = data, n
         self.inception = InceptionFeatures(progress=progress)
-        self.mu_r, self.s_r = reference_stats(data, n, features=self.inception)
-        self.info["reference_n"] = min(n, len(data))
+        if ref is not None:
+            self.mu_r, self.s_r = read_ref_stats(ref)
+            self.info["reference"] = str(ref)
+        else:
+            self.mu_r, self.s_r = reference_stats(data, n, features=self.inception)
+            self.info["reference_n"] = min(n, len(data))
 
     def features(self, x: Tensor) -> Tensor:
         return self.inception(x)
 
 
-def make_quality(metric: str, data, n: int = 2000, seeds: int = 4, progress: bool | None = False) -> Quality:
-    """The Quality for `metric` ('auto' resolved against the data, see resolve_metric)."""
+def make_quality(metric: str, data, n: int = 2000, seeds: int = 4, progress: bool | None = False,
+                 ref: str | None = None) -> Quality:
+    """The Quality for `metric` ('auto' resolved against the data, see resolve_metric); `ref`: FID against a
+    reference statistics file instead of the data (then `data` may be None)."""
+    if ref is not None:
+        return InceptionFD(data, n, progress=progress, ref=ref)
     metric = resolve_metric(metric, data)
     if metric == "swd":
         return SWDQuality(data, n, seeds)

@@ -83,7 +83,8 @@ def sweep(model, data, points: list[tuple], quality: Quality, teacher=None,
                         extras if ts is None else {**extras, "ts": ts}))
         if on_samples is not None:
             on_samples(rows[-1], x)
-    return EvalResult(quality.name, quality.doc, quality.axis, data.spec, model.card.kind, rows, dict(quality.info))
+    spec = data.spec if data is not None else f"reference statistics {quality.info.get('reference')}"
+    return EvalResult(quality.name, quality.doc, quality.axis, spec, model.card.kind, rows, dict(quality.info))
 
 
 def series_name(model: str, sampler: str, gamma: float, ts: list | None = None) -> str:

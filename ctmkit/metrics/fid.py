@@ -222,6 +222,32 @@ def reference_stats(data, n: int, cache_dir: Path | str | None = None, features=
     return mu, sigma
 
 
+# ---- reference statistics files (EDM's format) ----------------------------------------------------------
+def write_ref_stats(path: Path | str, mu: np.ndarray, sigma: np.ndarray) -> None:
+    """FID reference statistics as EDM writes them (fid.py ref): an .npz with `mu` [2048] and `sigma` [2048, 2048],
+    float64; written atomically."""
+    buf = io.BytesIO()
+    np.savez(buf, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def read_ref_stats(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of a reference statistics file (EDM's or ctmkit's: keys `mu`, `sigma`); one UserError when the
+    file is missing or not such a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"reference statistics '{path}' do not exist (write them with `ctmkit fid-ref`)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise UserError(f"'{path}' is not an FID statistics file with mu and sigma ({type(e).__name__})") from None
+    if mu.shape != (2048,) or sigma.shape != (2048, 2048) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"'{path}': need finite mu [2048] and sigma [2048, 2048] (Inception-v3 pool3), got "
+                        f"{mu.shape} and {sigma.shape}")
+    return mu, sigma
+
+
 # ---- k-NN precision / recall ---------------------------------------------------------------------
 def _knn_radii(feats: Tensor, k: int, chunk: int) -> Tensor:
     """Distance from each row of feats [N, F] to its k-th nearest other row -> [N]."""
