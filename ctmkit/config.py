@@ -95,6 +95,8 @@ class TrainConfig:
 class TeacherConfig:
     data: str = "ring"              # data SPEC (see `ctmkit train-teacher --help`)
     n_data: int = 0                 # cap on items (finite data) / pool size (generated data); 0 = default
+    xflip: bool = False             # images: flip each training image left-right with probability 1/2 (the
+                                    # reference's CIFAR-10 and ImageNet-64 training; EDM's --xflip)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     p_mean: float = -1.2            # EDM log-normal sigma sampling mean
@@ -178,6 +180,7 @@ class CTMConfig:
 class DistillConfig:
     data: str = "ring"
     n_data: int = 0
+    xflip: bool = False             # images: random left-right flips of training images (as the teacher's)
     teacher: str = "exact"          # teacher SPEC: a run folder, "exact" (data with a known density),
                                     # "diffusers:DIR" or "py:MODULE:ATTR" (see `ctmkit distill --help`)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -175,3 +175,20 @@ def test_feature_distance_trains_a_ctm_on_images(tmp_path) -> None:
 def test_feature_distance_needs_images(tmp_path) -> None:
     with pytest.raises(UserError, match="needs image data"):
         _ring_run(tmp_path, ["ctm.distance=feature"])
+
+
+def test_xflip_flips_about_half_of_each_image_batch(tmp_path):
+    unet = ["model.channels=8", "model.channel_mult=[1]", "model.num_res_blocks=1", "model.attn_resolutions=[]"]
+    data = load_data("digits", n=256)
+    runs = []
+    for flip in ("false", "true"):
+        cfg = load_config(DistillConfig, None, None, [*unet, f"xflip={flip}", "ctm.teacher_free=true"],
+                          data="digits", teacher="exact", **{"train.batch_size": 200})
+        runs.append(CTMRun(cfg, tmp_path / f"r{flip}", data))
+    plain, flipped = (r.global_batch()[0] for r in runs)
+    same = (plain == flipped).flatten(1).all(1)
+    mirrored = (plain.flip(-1) == flipped).flatten(1).all(1)
+    assert bool((same | mirrored).all())
+    symmetric = (plain == plain.flip(-1)).flatten(1).all(1)
+    assert 60 <= int((mirrored & ~symmetric).sum()) <= 140           # about half of 200 (binomial, 5 std)
+    assert load_config(DistillConfig, "cifar10").xflip and not load_config(DistillConfig, "digits").xflip

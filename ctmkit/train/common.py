@@ -151,6 +151,9 @@ class Run:
         """The iteration's whole batch (x [B, ...], labels [B] | None) from the shared generator; B = size, or
         train.batch_size."""
         x, labels = self.data.sample_batch(size or self.tcfg.batch_size, self.gen)
+        if getattr(self.cfg, "xflip", False) and self.data.kind == "image":   # one extra draw only when on
+            flip = torch.rand(x.shape[0], generator=self.gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x, (labels if labels is not None and self.use_labels else None)
 
     def reduce_stats(self, stats: dict) -> dict:
