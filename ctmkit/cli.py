@@ -338,8 +338,13 @@ def evaluate_cmd(model_dir, data, ref, nfe, gamma, ts_list, two_jumps, grid_n, h
     teacher = _load_model_spec(teacher_dir) if teacher_dir is not None else None   # any run folder or SPEC
     if teacher is not None and dataset is not None:
         teacher.card.check_data(dataset, "the teacher")
+    from .train import dist
+    job, _ = dist.setup("auto")          # under torchrun the sampling of each point is split over the ranks
     quality = make_quality("fid" if ref else metric, dataset, n, seeds, progress=None, ref=ref)
     result = sweep(model, dataset, points, quality, teacher=teacher)
+    dist.teardown()
+    if not job.main:
+        return
     plot_result(result, out.with_suffix(".png"))
     atomic_write_text(out, json.dumps(result.to_dict(), indent=1))
     for r in result.rows:
@@ -577,8 +582,9 @@ def sample(model_dir, n, nfe, ts, two_jump, grid_n, gamma, sampler, seed, labels
     if out_path.suffix not in (".npz", ".png"):
         raise UserError(f"--out must end in .npz or .png, got '{out_path.name}'")
     _check_out_dir(out_path)
-    import torch
-    model = _load_model_spec(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
+    from .train import dist
+    job, device = dist.setup("auto")     # under torchrun: the batches are split over the ranks, rank 0 writes
+    model = _load_model_spec(model_dir).to(device)
     lab = _parse_labels(labels, model.card.num_classes)
     if jumps is not None:
         run_dir = Path(model_dir) if Path(model_dir).is_dir() else Path(model_dir).parent.parent   # or a checkpoint
@@ -592,8 +598,13 @@ def sample(model_dir, n, nfe, ts, two_jump, grid_n, gamma, sampler, seed, labels
     count = n if out_path.suffix == ".npz" else min(n, 256)          # a PNG alone shows the first 256
     batches = generate_batches(model, count, nfe, gamma, seed, lab, batch_size, sampler, progress=not quiet, ts=times,
                                two_jump=jumps)
-    for p in stream_samples(batches, count, lab, model.card, out_path):
-        click.echo(f"wrote {p}")
+    if job.main:
+        for p in stream_samples(batches, count, lab, model.card, out_path):
+            click.echo(f"wrote {p}")
+    else:
+        for _ in batches:                # the other ranks take part in every gather
+            pass
+    dist.teardown()
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@ resumed run equals an uninterrupted one. The 2-process runs go through torchrun 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,10 +72,10 @@ def test_micro_batches_equal_one_big_batch_ctm(tmp_path):
     assert_same_nets(a, b, atol=2e-6)
 
 
-def _torchrun(args: list[str], tmp_path) -> None:
+def _torchrun(args: list[str], tmp_path, quiet: bool = True) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "ctmkit", *args, "--quiet"]
+           "-m", "ctmkit", *args, *(["--quiet"] if quiet else [])]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -189,3 +191,22 @@ def test_teardown_frees_ddp_before_destroying_the_group(tmp_path):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("ok") == 2
+
+
+def test_sampling_under_torchrun_equals_one_process(tmp_path):
+    """`sample` and `eval` split their batches over 2 gloo ranks (batch k on rank k mod 2, per-sample seeds): the
+    samples and the metric are those of one process, bitwise; rank 0 alone writes."""
+    from .test_cli import ctmkit, ok
+    from .test_layout import LEGACY_RUN
+    common = ["--model", str(LEGACY_RUN), "--batch-size", "4"]
+    sample = ["sample", *common, "--num-samples", "31", "--nfe", "2", "--gamma", "0.5", "--quiet"]
+    _torchrun([*sample, "--out", str(tmp_path / "two.npz")], tmp_path)
+    ok(ctmkit(*sample, "--out", tmp_path / "one.npz", cwd=tmp_path))
+    a, b = (np.load(tmp_path / f"{k}.npz")["samples"] for k in ("one", "two"))
+    assert a.shape == (31, 2) and np.array_equal(a, b)
+    ev = ["eval", "--model", str(LEGACY_RUN), "--data", "ring", "--nfe", "1,2", "--gamma", "0", "--heun", "",
+          "--num-samples", "50", "--seeds", "2"]
+    _torchrun([*ev, "--out", str(tmp_path / "two.json")], tmp_path, quiet=False)
+    ok(ctmkit(*ev, "--out", tmp_path / "one.json", cwd=tmp_path))
+    rows = [json.loads((tmp_path / f"{k}.json").read_text())["rows"] for k in ("one", "two")]
+    assert [r["value"] for r in rows[0]] == [r["value"] for r in rows[1]]

@@ -74,12 +74,32 @@ def generate_batches(model, n: int, nfe: int | None, gamma: float, seed: int, la
     sampler, nfe = _check_sampler(sampler, nfe, gamma, is_ctm)
     param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     device = param.device if param is not None else torch.device("cpu")
+    rank, world = _shard()
+    starts = range(0, n, batch_size)
     with torch.no_grad():
-        for start in progress_bar(range(0, n, batch_size), desc=f"sampling {sampler} nfe={nfe}", enabled=progress):
-            b = min(batch_size, n - start)
-            z = per_sample_normal(b, (nfe,) + shape, seed, start).to(device)  # [b, nfe, ...]: initial + re-noising
-            lab = labels(start, b).to(device) if labels is not None else None
-            yield _sample_batch(model, z, lab, sampler, nfe, gamma, sigmas, grid, two_jump).cpu()
+        for r in progress_bar(range(0, len(starts), world), desc=f"sampling {sampler} nfe={nfe}",
+                              enabled=progress and rank == 0):
+            mine = None
+            if r + rank < len(starts):       # batch k runs on rank k mod world, with the shapes one process uses
+                start = starts[r + rank]
+                b = min(batch_size, n - start)
+                z = per_sample_normal(b, (nfe,) + shape, seed, start).to(device)  # [b, nfe, ...]: start + re-noise
+                lab = labels(start, b).to(device) if labels is not None else None
+                mine = _sample_batch(model, z, lab, sampler, nfe, gamma, sigmas, grid, two_jump).cpu()
+            if world == 1:
+                yield mine
+                continue
+            got = [None] * world
+            torch.distributed.all_gather_object(got, mine)     # every rank gets the round's batches, in order
+            yield from (x for x in got if x is not None)
+
+
+def _shard() -> tuple[int, int]:
+    """(rank, world) of a torchrun job whose process group is up, else (0, 1): sampling splits its batches over
+    the ranks (per-sample seeds: the samples do not depend on the number of processes)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def _check_sampler(sampler: str, nfe: int | None, gamma: float, is_ctm: bool) -> tuple[str, int]:
