@@ -189,6 +189,24 @@ def _done(message: str) -> None:
         click.echo(message)
 
 
+def _eval_points(model, model_dir, nfe, gamma, ts_list, two_jumps, grid_n, heun) -> list[tuple]:
+    """The (sampler, nfe or times, gamma) points of `ctmkit eval`."""
+    from .eval.generate import check_times
+    points = []
+    if model.card.is_ctm:
+        points += [("gamma", k, g) for g in _float_list(gamma, "--gamma") for k in _int_list(nfe, "--nfe")]
+        for text in ts_list:
+            times = check_times(_times(text), model.card.sigma_min, model.card.sigma_max)
+            points += [("gamma", tuple(times.tolist()), g) for g in _float_list(gamma, "--gamma")]
+        points += _two_jump_points(two_jumps, grid_n, model_dir, model.card)
+    elif ts_list or two_jumps:
+        raise UserError("--ts and --two-jump need a CTM model (a teacher samples with --heun budgets)")
+    points += [("heun", k, 0.0) for k in _int_list(heun, "--heun")]
+    if not points:
+        raise UserError("nothing to evaluate: give --nfe/--gamma (CTM) or --heun")
+    return points
+
+
 def _two_jump_points(two_jumps, grid_n, model_dir, card) -> list[tuple]:
     """eval --two-jump I1,I2 ...: gamma-sampling points equal to the reference's two-jump sampler."""
     from .core.sampling import two_jump_as_gamma
@@ -301,7 +319,6 @@ def evaluate_cmd(model_dir, data, ref, nfe, gamma, ts_list, two_jumps, grid_n, h
     import json
 
     from .data import load_data
-    from .eval.generate import check_times
     from .eval.quality import make_quality, resolve_metric
     from .eval.sweep import plot_result, sweep
     from .io.atomic import atomic_write_text
@@ -319,18 +336,7 @@ def evaluate_cmd(model_dir, data, ref, nfe, gamma, ts_list, two_jumps, grid_n, h
     dataset = load_data(data) if data is not None else None
     if dataset is not None:
         model.card.check_data(dataset)
-    points = []
-    if model.card.is_ctm:
-        points += [("gamma", k, g) for g in _float_list(gamma, "--gamma") for k in _int_list(nfe, "--nfe")]
-        for text in ts_list:
-            times = check_times(_times(text), model.card.sigma_min, model.card.sigma_max)
-            points += [("gamma", tuple(times.tolist()), g) for g in _float_list(gamma, "--gamma")]
-        points += _two_jump_points(two_jumps, grid_n, model_dir, model.card)
-    elif ts_list or two_jumps:
-        raise UserError("--ts and --two-jump need a CTM model (a teacher samples with --heun budgets)")
-    points += [("heun", k, 0.0) for k in _int_list(heun, "--heun")]
-    if not points:
-        raise UserError("nothing to evaluate: give --nfe/--gamma (CTM) or --heun")
+    points = _eval_points(model, model_dir, nfe, gamma, ts_list, two_jumps, grid_n, heun)
     if dataset is not None:
         resolve_metric(metric, dataset)  # a bad choice is refused before a teacher is loaded or anything sampled
     elif model.card.data.kind != "image":
@@ -351,6 +357,31 @@ def evaluate_cmd(model_dir, data, ref, nfe, gamma, ts_list, two_jumps, grid_n, h
         times = f" ts={','.join(f'{v:g}' for v in r.extras['ts'])}" if "ts" in r.extras else ""
         click.echo(f"{r.sampler:6} nfe={r.nfe:<3} gamma={r.gamma:.2f}{times}  {result.metric}={r.value:.4f}")
     click.echo(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+@main.command("prepare")
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--resolution", type=int, default=None,
+              help="Centre-crop to a square and resize to R x R (Lanczos; EDM dataset_tool's center-crop). For "
+                   "image files (folders, zips) of differing sizes, e.g. ImageNet.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def prepare_cmd(src, out, resolution, quiet):
+    """Convert a data source to OUT.npy: uint8 images [N, H, W(, C)], labels (if any) in OUT.labels.npy beside it,
+    read back together by `--data OUT.npy`. SRC: an image folder (class subfolders = labels), an EDM dataset zip or
+    folder (dataset.json labels), a CIFAR-10 batches folder, an MNIST idx folder, or an .npz / .npy of uint8
+    images. Images are decoded one at a time into a memory-mapped file: memory stays bounded."""
+    from .data.prepare import prepare
+    if resolution is not None and resolution < 1:
+        raise UserError("--resolution must be >= 1")
+    src_path = Path(src)
+    if not src_path.exists():
+        raise UserError(f"'{src}' does not exist")
+    _check_out_dir(Path(out))
+    info = prepare(src_path, Path(out), resolution, progress=not quiet)
+    extra = f" + {Path(out).with_suffix('.labels.npy')}" if info["labelled"] else ""
+    click.echo(f"wrote {out}{extra}: {info['n']} images of shape {tuple(info['shape'])}")
 
 
 @main.command("fid-ref")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from ctmkit.data import readers
 from ctmkit.data.dataset import Dataset, check_n, from_array, from_mixture
+from ctmkit.data.images import is_edm_dataset, labels_path, read_edm_dataset
 from ctmkit.data.toy import DEFAULT_POOL, builtin_names, load_builtin
 from ctmkit.errors import UserError
 
@@ -37,21 +39,35 @@ def load_data(spec: str, n: int | None = None, seed: int = 0) -> Dataset:
             raise UserError(f"data path '{spec}' does not exist")
         raise UserError(f"unknown data set '{spec}': not a built-in ({', '.join(builtin_names())}) "
                         "and no such file or folder")
-    if path.is_dir():
-        try:
-            raw = _read_folder(path, n)
-        except OSError as e:  # e.g. a folder or file without read permission
-            raise UserError(f"cannot read data folder '{spec}' ({e.strerror or e}); check permissions") from e
-    elif path.suffix.lower() == ".npy":
-        raw = readers.read_npy(path)
-    elif path.suffix.lower() == ".npz":
-        raw = readers.read_npz(path)
-    elif path.suffix.lower() == ".json":
-        raise UserError(f"'{spec}' is a JSON file; write gmm:{spec} to load it as a Gaussian mixture")
-    else:
-        raise UserError(f"unsupported data file '{spec}'; use .npy, .npz, gmm:FILE.json or an image folder")
+    raw = read_raw(path, n)
     return from_array(raw.data, spec=spec, labels=raw.labels, num_classes=raw.num_classes, n=n,
                       layout=raw.layout)
+
+
+def read_raw(path: Path, n: int | None = None) -> readers.Raw:
+    """The raw arrays of a data file or folder: .npy (+ FILE.labels.npy beside it), .npz, an EDM dataset zip or
+    folder (dataset.json), an MNIST idx folder, a CIFAR-10 batches folder or a folder of images."""
+    spec = str(path)
+    if is_edm_dataset(path):
+        try:
+            return read_edm_dataset(path, n)
+        except (OSError, zipfile.BadZipFile) as e:
+            raise UserError(f"cannot read '{spec}' as an EDM dataset ({e})") from None
+    if path.is_dir():
+        try:
+            return _read_folder(path, n)
+        except OSError as e:  # e.g. a folder or file without read permission
+            raise UserError(f"cannot read data folder '{spec}' ({e.strerror or e}); check permissions") from e
+    if path.suffix.lower() == ".npy":
+        raw = readers.read_npy(path)
+        if labels_path(path).is_file():
+            raw.labels = readers.read_npy(labels_path(path)).data
+        return raw
+    if path.suffix.lower() == ".npz":
+        return readers.read_npz(path)
+    if path.suffix.lower() == ".json":
+        raise UserError(f"'{spec}' is a JSON file; write gmm:{spec} to load it as a Gaussian mixture")
+    raise UserError(f"unsupported data file '{spec}'; use .npy, .npz, .zip (EDM), gmm:FILE.json or an image folder")
 
 
 def _read_folder(path: Path, n: int | None) -> readers.Raw:

@@ -1,0 +1,98 @@
+"""`ctmkit prepare SRC OUT.npy`: any supported data source -> a uint8 .npy (+ OUT.labels.npy), in bounded memory.
+
+Image files (plain folders with class subfolders, EDM zips / dataset folders) are decoded one at a time into a
+memory-mapped temp file, optionally centre-cropped and resized (`--resolution`, as EDM's dataset_tool
+`--transform=center-crop`), then renamed into place; array sources (CIFAR-10 batches, MNIST idx, .npz, .npy) are
+copied in chunks. See ctmkit/data/images.py for EDM's dataset format.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..progress import progress_bar
+from .images import IMAGE_EXTS, ImageSource, is_edm_dataset, iter_arrays, labels_path
+from .load import read_raw
+
+
+def prepare(src_path: Path, out: Path, resolution: int | None = None, progress: bool | None = True) -> dict:
+    """Convert a data source to OUT.npy (+ OUT.labels.npy); returns {n, shape, labelled}."""
+    out = Path(out)
+    if out.suffix != ".npy":
+        raise UserError(f"OUT must end in .npy, got '{out.name}'")
+    src_path = Path(src_path)
+    if src_path.is_dir() and not is_edm_dataset(src_path) and _plain_image_folder(src_path):
+        images = ImageSource(src_path)
+        images.labels, images.num_classes = _folder_labels(src_path, images.names)
+        return _prepare_images(images, out, resolution, progress)
+    if is_edm_dataset(src_path):
+        return _prepare_images(ImageSource(src_path), out, resolution, progress)
+    if resolution:
+        raise UserError("--resolution applies to image files (folders and zips); this source is an array")
+    raw = read_raw(src_path)
+    a = np.asarray(raw.data)
+    if a.dtype != np.uint8 or a.ndim not in (3, 4):
+        raise UserError(f"'{src_path}' is not a set of uint8 images (dtype {a.dtype}, shape {a.shape})")
+    _write_npy(out, a.shape, (a[i:i + 4096] for i in range(0, len(a), 4096)), progress, len(a))
+    _write_labels(out, raw.labels)
+    return {"n": len(a), "shape": list(a.shape[1:]), "labelled": raw.labels is not None}
+
+
+def _plain_image_folder(folder: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_EXTS for p in folder.iterdir()) or any(
+        p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
+
+
+def _folder_labels(folder: Path, names: list[str]) -> tuple[np.ndarray | None, int | None]:
+    """Class subfolders (sorted -> 0..K-1) as labels; images directly in the folder: unlabelled."""
+    tops = [n.split("/")[0] if "/" in n else None for n in names]
+    if any(t is None for t in tops):
+        return None, None
+    classes = sorted(set(tops))
+    index = {c: k for k, c in enumerate(classes)}
+    return np.array([index[t] for t in tops], np.int64), len(classes)
+
+
+def _prepare_images(src: ImageSource, out: Path, resolution: int | None, progress) -> dict:
+    gray = src.open(0).mode in ("L", "1")
+    first = next(iter_arrays(src, resolution, gray))
+    shape = (len(src), *first.shape)
+    it = progress_bar(iter_arrays(src, resolution, gray), desc="prepare", total=len(src), enabled=progress)
+    _write_npy(out, shape, (a[None] for a in it), None, len(src))
+    _write_labels(out, src.labels)
+    return {"n": len(src), "shape": list(first.shape), "labelled": src.labels is not None}
+
+
+def _write_npy(out: Path, shape: tuple, chunks, progress, n: int) -> None:
+    """Fill a memory-mapped temp .npy chunk by chunk, then rename it to `out` (bounded memory, atomic)."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.npy")
+    try:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        i = 0
+        for c in chunks:
+            mm[i:i + len(c)] = c
+            i += len(c)
+        mm.flush()
+        del mm
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_labels(out: Path, labels: np.ndarray | None) -> None:
+    path = labels_path(out)
+    if labels is None:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+    try:
+        np.save(tmp, np.asarray(labels, np.int64))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
