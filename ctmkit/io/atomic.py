@@ -29,17 +29,8 @@ def temp_beside(path: Path) -> tuple[int, str]:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file atomically: temp file in the same folder, fsync, rename."""
-    path = Path(path)
-    fd, tmp = temp_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 @contextlib.contextmanager
