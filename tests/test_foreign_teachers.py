@@ -211,3 +211,21 @@ def test_cli_distills_a_py_teacher_into_a_ctmkit_network(tmp_path):
                   "--steps", "2", "--batch-size", "8", *MLP, cwd=tmp_path))
     assert "cannot extend" in r.stderr and "using the teacher's sigma range [0.01, 50]" in r.stderr
     ok(ctmkit("sample", "--model", tmp_path / "ctm", "--n", "5", "--out", tmp_path / "s.npz", "--quiet", cwd=tmp_path))
+
+
+def test_student_in_edm_form_keeps_the_teachers_weights(tmp_path):
+    """ctm.student_precond=edm: the student takes EDM's preconditioning (the reference's CIFAR-10 student of a VP
+    teacher), with the teacher's weights copied and no `precond` in its card."""
+    from ctmkit.config import DistillConfig, load_config
+    from ctmkit.data import load_data
+    from ctmkit.train.ctm import CTMRun
+    folder = save_pipeline(tmp_path / "pipe", tiny_unet(classes=10), ddim("epsilon"))
+    cfg = load_config(DistillConfig, None, None, ["ctm.gan=false", "ctm.student_precond=edm"], data="digits",
+                      teacher=f"diffusers:{folder}", **{"train.steps": 2, "train.batch_size": 4})
+    run = CTMRun(cfg, tmp_path / "ctm", load_data("digits", n=64))
+    assert run.model_card().precond is None and run.spec.arch == "diffusers_unet2d"
+    teacher_sd = run.teacher.state_dict()
+    assert all(torch.equal(v, teacher_sd[k]) for k, v in run.net.state_dict().items() if k in teacher_sd)
+    run.fit(progress=False)
+    with pytest.raises(UserError, match="student_precond"):
+        load_config(DistillConfig, None, None, ["ctm.student_precond=vp"])

@@ -99,7 +99,8 @@ class CTMRun(Run):
         init = tcard is not None and cfg.ctm.init_from_teacher and not isinstance(self.teacher, PyTeacher)
         self.spec = self.student_spec(tcard.backbone if init else backbone_spec(
             cfg.model, data.kind, data.shape, data.num_classes, data.spec))
-        self.precond = tcard.precond if init else None        # a foreign teacher's form, kept by its student
+        keep = init and cfg.ctm.student_precond == "teacher"
+        self.precond = tcard.precond if keep else None        # a foreign teacher's form, kept by its student
         self.net = CTM(self.spec.build(), cfg.model.sigma_data, make_precond(self.precond, cfg.model.sigma_data))
         if init:  # weight for weight: every shared layer copied; the s-embedding (unused by teachers) starts at 0
             missing = self.net.load_state_dict(self.teacher.state_dict(), strict=False)
