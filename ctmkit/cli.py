@@ -211,21 +211,30 @@ def _two_jump_points(two_jumps, grid_n, model_dir, card) -> list[tuple]:
     """eval --two-jump I1,I2 ...: gamma-sampling points equal to the reference's two-jump sampler."""
     from .core.sampling import two_jump_as_gamma
     from .eval.generate import check_two_jump
-    from .io.runs import training_grid_size
     if grid_n is not None and not two_jumps:
         raise UserError("--grid applies only with --two-jump")
     points = []
     for text in two_jumps:
-        jumps = _int_list(text, "--two-jump")
-        if len(jumps) != 2:
-            raise UserError(f"--two-jump takes two grid indices I1,I2, e.g. 36,20; got '{text}'")
-        n_grid = grid_n or training_grid_size(model_dir)
-        if n_grid is None:
-            raise UserError(f"cannot read ctm.num_scales from '{model_dir}/config.yaml': give --grid N")
-        grid = check_two_jump((*jumps, n_grid), True, "gamma", card.sigma_min, card.sigma_max)
-        ts, g = two_jump_as_gamma(grid, *jumps)
+        i1, i2, n_grid = _two_jump_request(text, grid_n, model_dir)
+        grid = check_two_jump((i1, i2, n_grid), True, "gamma", card.sigma_min, card.sigma_max)
+        ts, g = two_jump_as_gamma(grid, i1, i2)
         points.append(("gamma", tuple(ts.tolist()), g))
     return points
+
+
+def _two_jump_request(text: str, grid_n: int | None, model_dir) -> tuple[int, int, int]:
+    """--two-jump I1,I2 [--grid N] -> (I1, I2, N); N defaults to the run's ctm.num_scales (a run folder, or the run
+    of a checkpoint file)."""
+    from .io.runs import training_grid_size
+    jumps = _int_list(text, "--two-jump")
+    if len(jumps) != 2:
+        raise UserError(f"--two-jump takes two grid indices I1,I2, e.g. 36,20; got '{text}'")
+    if grid_n is None:
+        run_dir = Path(model_dir) if Path(model_dir).is_dir() else Path(model_dir).parent.parent
+        grid_n = training_grid_size(run_dir)
+        if grid_n is None:
+            raise UserError(f"cannot read ctm.num_scales from '{run_dir}/config.yaml': give --grid N")
+    return jumps[0], jumps[1], grid_n
 
 
 def _load_model_spec(spec: str):
@@ -594,7 +603,6 @@ def _parse_labels(spec: str | None, num_classes: int):
 @user_errors
 def sample(model_dir, n, nfe, ts, two_jump, grid_n, gamma, sampler, seed, labels, batch_size, out, quiet):
     """Sample a trained teacher or CTM; samples come back in the data's own space and layout."""
-    from .io.runs import training_grid_size
     if n < 1 or batch_size < 1:
         raise UserError("--n and --batch-size must be >= 1")
     if nfe is not None and nfe < 1:  # checked here: generate() reads --nfe 0 as "use the default"
@@ -604,11 +612,8 @@ def sample(model_dir, n, nfe, ts, two_jump, grid_n, gamma, sampler, seed, labels
     if two_jump is not None and (nfe is not None or ts is not None or gamma != 0):
         raise UserError("--two-jump sets the whole schedule: leave out --nfe, --ts and --gamma")
     times = _times(ts) if ts is not None else None
-    jumps = _int_list(two_jump, "--two-jump") if two_jump is not None else None
-    if grid_n is not None and jumps is None:
+    if grid_n is not None and two_jump is None:
         raise UserError("--grid applies only with --two-jump")
-    if jumps is not None and len(jumps) != 2:
-        raise UserError(f"--two-jump takes two grid indices I1,I2, e.g. 36,20; got '{two_jump}'")
     out_path = Path(out)  # checked before sampling, not after all the work is done
     if out_path.suffix not in (".npz", ".png"):
         raise UserError(f"--out must end in .npz or .png, got '{out_path.name}'")
@@ -617,12 +622,7 @@ def sample(model_dir, n, nfe, ts, two_jump, grid_n, gamma, sampler, seed, labels
     job, device = dist.setup("auto")     # under torchrun: the batches are split over the ranks, rank 0 writes
     model = _load_model_spec(model_dir).to(device)
     lab = _parse_labels(labels, model.card.num_classes)
-    if jumps is not None:
-        run_dir = Path(model_dir) if Path(model_dir).is_dir() else Path(model_dir).parent.parent   # or a checkpoint
-        grid_n = grid_n or training_grid_size(run_dir)
-        if grid_n is None:
-            raise UserError(f"cannot read ctm.num_scales from '{model_dir}/config.yaml': give --grid N")
-        jumps = (*jumps, grid_n)
+    jumps = _two_jump_request(two_jump, grid_n, model_dir) if two_jump is not None else None
     from .eval.generate import check_disk, generate_batches, sample_bytes, stream_samples
     if out_path.suffix == ".npz":          # refused up front, not after hours of sampling
         check_disk(out_path, sample_bytes(model.card, n, lab is not None))

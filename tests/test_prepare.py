@@ -100,3 +100,17 @@ def test_bad_edm_inputs_are_one_clear_line(tmp_path):
     neg = edm_zip(tmp_path / "neg.zip", imgs, [0, -1, 0])
     with pytest.raises(UserError, match="class indices >= 0"):
         load_data(str(neg))
+
+
+def test_prepare_reads_a_cifar_parent_folder_as_arrays(tmp_path):
+    """A folder holding cifar-10-batches-py is CIFAR-10 (as `--data` reads it), not a folder of class subfolders."""
+    import pickle
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rows = np.random.default_rng(0).integers(0, 256, size=(3, 3072), dtype=np.uint8)
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": rows, b"labels": [4, 0, 9]}, f)
+    info = prepare(tmp_path / "data", tmp_path / "c.npy", progress=False)
+    assert info == {"n": 3, "shape": [32, 32, 3], "labelled": True}
+    assert np.array_equal(np.load(tmp_path / "c.npy"), rows.reshape(3, 3, 32, 32).transpose(0, 2, 3, 1))
+    assert np.load(tmp_path / "c.labels.npy").tolist() == [4, 0, 9]

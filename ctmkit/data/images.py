@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import UserError
-from .readers import IMAGE_EXTS, Raw
+from .readers import IMAGE_EXTS, Raw, first_line
 
 
 def is_edm_dataset(path: Path) -> bool:
@@ -79,13 +79,8 @@ class ImageSource:
                 im = Image.open(self.path / name)
                 im.load()
         except Exception as e:     # PIL: UnidentifiedImageError, OSError (truncated), DecompressionBombError...
-            raise UserError(f"cannot read image '{name}' in '{self.path}' ({_first_line(e)}); fix or remove it") from e
+            raise UserError(f"cannot read image '{name}' in '{self.path}' ({first_line(e)}); fix or remove it") from e
         return im
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def center_crop_resize(im, resolution: int):

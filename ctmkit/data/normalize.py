@@ -152,6 +152,12 @@ def fit_vectors(x: np.ndarray, dtype: str) -> Normalizer:
     return vector_normalizer(mean, var, dtype)
 
 
+def uint8_image_normalizer(channels: int) -> Normalizer:
+    """The normalizer of uint8 images [N, H, W] (one channel) or [N, H, W, C]: [0, 255] <-> [-1, 1] (the data space
+    of foreign image teachers, whose samples are written as uint8 images)."""
+    return Normalizer("image", "NHW" if channels == 1 else "NHWC", "uint8", lo=0.0, hi=255.0)
+
+
 def fit_images(x: np.ndarray, layout: str, dtype: str) -> Normalizer:
     """Image normalizer: uint8 -> [0, 255]; float -> [0, 1] or [-1, 1] if inside it, else observed min/max."""
     if dtype == "uint8":

@@ -8,6 +8,7 @@ copied in chunks. See ctmkit/data/images.py for EDM's dataset format.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..progress import progress_bar
+from . import readers
 from .images import IMAGE_EXTS, ImageSource, is_edm_dataset, iter_arrays, labels_path
 from .load import read_raw
 
@@ -25,7 +27,7 @@ def prepare(src_path: Path, out: Path, resolution: int | None = None, progress: 
     if out.suffix != ".npy":
         raise UserError(f"OUT must end in .npy, got '{out.name}'")
     src_path = Path(src_path)
-    if src_path.is_dir() and not is_edm_dataset(src_path) and _plain_image_folder(src_path):
+    if src_path.is_dir() and not _array_folder(src_path) and _plain_image_folder(src_path):
         images = ImageSource(src_path)
         images.labels, images.num_classes = _folder_labels(src_path, images.names)
         return _prepare_images(images, out, resolution, progress)
@@ -37,9 +39,14 @@ def prepare(src_path: Path, out: Path, resolution: int | None = None, progress: 
     a = np.asarray(raw.data)
     if a.dtype != np.uint8 or a.ndim not in (3, 4):
         raise UserError(f"'{src_path}' is not a set of uint8 images (dtype {a.dtype}, shape {a.shape})")
-    _write_npy(out, a.shape, (a[i:i + 4096] for i in range(0, len(a), 4096)), progress, len(a))
+    _write_npy(out, a.shape, (a[i:i + 4096] for i in range(0, len(a), 4096)))
     _write_labels(out, raw.labels)
     return {"n": len(a), "shape": list(a.shape[1:]), "labelled": raw.labels is not None}
+
+
+def _array_folder(folder: Path) -> bool:
+    """Folders read as arrays or by their own format: EDM datasets, MNIST idx, CIFAR-10 batches (or their parent)."""
+    return is_edm_dataset(folder) or readers.is_mnist_folder(folder) or readers.cifar_dir(folder) is not None
 
 
 def _plain_image_folder(folder: Path) -> bool:
@@ -62,15 +69,27 @@ def _prepare_images(src: ImageSource, out: Path, resolution: int | None, progres
     first = next(iter_arrays(src, resolution, gray))
     shape = (len(src), *first.shape)
     it = progress_bar(iter_arrays(src, resolution, gray), desc="prepare", total=len(src), enabled=progress)
-    _write_npy(out, shape, (a[None] for a in it), None, len(src))
+    _write_npy(out, shape, (a[None] for a in it))
     _write_labels(out, src.labels)
     return {"n": len(src), "shape": list(first.shape), "labelled": src.labels is not None}
 
 
-def _write_npy(out: Path, shape: tuple, chunks, progress, n: int) -> None:
-    """Fill a memory-mapped temp .npy chunk by chunk, then rename it to `out` (bounded memory, atomic)."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.npy")
+@contextlib.contextmanager
+def _replacing(path: Path):
+    """A temp path beside `path` (a dot file ending in .npy), renamed to `path` when the block ends without an
+    error, removed otherwise."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
     try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_npy(out: Path, shape: tuple, chunks) -> None:
+    """Fill a memory-mapped temp .npy chunk by chunk, then rename it to `out` (bounded memory, atomic)."""
+    with _replacing(out) as tmp:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         i = 0
         for c in chunks:
@@ -78,10 +97,6 @@ def _write_npy(out: Path, shape: tuple, chunks, progress, n: int) -> None:
             i += len(c)
         mm.flush()
         del mm
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _write_labels(out: Path, labels: np.ndarray | None) -> None:
@@ -89,10 +104,5 @@ def _write_labels(out: Path, labels: np.ndarray | None) -> None:
     if labels is None:
         path.unlink(missing_ok=True)
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
-    try:
+    with _replacing(path) as tmp:
         np.save(tmp, np.asarray(labels, np.int64))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

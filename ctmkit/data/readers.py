@@ -31,7 +31,7 @@ class Raw:
     layout: str | None = None
 
 
-def _why(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     """One line describing an exception from a third-party reader."""
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
@@ -43,7 +43,7 @@ def read_npy(path: Path) -> Raw:
     try:
         a = np.load(path, allow_pickle=False)
     except Exception as e:  # numpy raises ValueError/OSError/EOFError/... on malformed files
-        raise UserError(f"cannot read '{path}' as a .npy array ({_why(e)}); save it with numpy.save") from e
+        raise UserError(f"cannot read '{path}' as a .npy array ({first_line(e)}); save it with numpy.save") from e
     if not isinstance(a, np.ndarray):
         raise UserError(f"'{path}' is not a .npy array; save it with numpy.save")
     return Raw(a)
@@ -69,7 +69,7 @@ def read_npz(path: Path) -> Raw:
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"cannot read '{path}' as a .npz archive ({_why(e)}); "
+        raise UserError(f"cannot read '{path}' as a .npz archive ({first_line(e)}); "
                         "save it with numpy.savez") from e
     return Raw(data, labels)
 
@@ -112,7 +112,7 @@ def read_image_folder(folder: Path, n: int | None = None) -> Raw:
                 sizes.append(im.size)
                 modes.append(im.mode)
         except Exception as e:  # PIL raises UnidentifiedImageError/OSError/DecompressionBombError/...
-            raise UserError(f"cannot read image file '{f}' ({_why(e)}); fix or remove it") from e
+            raise UserError(f"cannot read image file '{f}' ({first_line(e)}); fix or remove it") from e
         if sizes[-1] != sizes[0]:
             (w0, h0), (w1, h1) = sizes[0], sizes[-1]
             raise UserError(f"images differ in size: '{files[0]}' is {w0}x{h0} but '{f}' is {w1}x{h1}; "
@@ -126,7 +126,7 @@ def read_image_folder(folder: Path, n: int | None = None) -> Raw:
             with Image.open(f) as im:
                 out[i] = np.asarray(im.convert("L" if gray else "RGB"), dtype=np.uint8)
         except Exception as e:
-            raise UserError(f"cannot read image file '{f}' ({_why(e)}); fix or remove it") from e
+            raise UserError(f"cannot read image file '{f}' ({first_line(e)}); fix or remove it") from e
     return Raw(out, None if labels is None else np.asarray(labels, dtype=np.int64), num_classes=num_classes,
                layout="NHW" if gray else "NHWC")
 
@@ -176,7 +176,7 @@ def _read_idx(path: Path, magic: int, ndim: int, limit: int | None) -> np.ndarra
     except UserError:
         raise
     except Exception as e:  # gzip.BadGzipFile, EOFError, OSError
-        raise UserError(f"cannot read idx file '{path}' ({_why(e)})") from e
+        raise UserError(f"cannot read idx file '{path}' ({first_line(e)})") from e
     if len(payload) < count * item or extra:
         raise UserError(f"idx file '{path}' has the wrong size for its header {dims}; re-download it")
     return np.frombuffer(payload, dtype=np.uint8).reshape([count] + dims[1:])
@@ -242,7 +242,7 @@ def restricted_load(path: Path) -> object:
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"cannot read '{path}' as a CIFAR-10 python batch ({_why(e)})") from e
+        raise UserError(f"cannot read '{path}' as a CIFAR-10 python batch ({first_line(e)})") from e
 
 
 def cifar_dir(folder: Path) -> Path | None:
@@ -298,7 +298,7 @@ def read_gmm_json(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     try:
         spec = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"mixture file '{path}' is not valid JSON ({_why(e)})") from e
+        raise UserError(f"mixture file '{path}' is not valid JSON ({first_line(e)})") from e
     if not isinstance(spec, dict):
         raise UserError(f"mixture file '{path}' must hold an object with keys means, stds, weights")
     arrays = {}

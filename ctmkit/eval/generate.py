@@ -144,8 +144,8 @@ def check_disk(out: Path, need: int) -> None:
 
 
 def _size(b: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if b < 1000 or unit == "PB":
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if b < 1000:
             return f"{b:.1f} {unit}"
         b /= 1000
     return f"{b:.1f} PB"

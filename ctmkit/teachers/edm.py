@@ -22,7 +22,7 @@ import torch
 
 from ..core.precond import EDMDenoiser, EDMNetPrecond, make_precond
 from ..core.schedules import SIGMA_MAX, SIGMA_MIN
-from ..data.normalize import Normalizer
+from ..data.normalize import uint8_image_normalizer
 from ..errors import UserError
 from ..io.card import DataCard, ModelCard
 from ..nets.registry import BackboneSpec
@@ -185,9 +185,8 @@ def load_edm(path: str | Path) -> EDMDenoiser:
     if bad:
         raise UserError(f"'{path}': weights missing or unexpected for the rebuilt network: {', '.join(bad[:5])}")
     c, res = int(net.state["img_channels"]), int(net.state["img_resolution"])
-    norm = Normalizer("image", "NHWC", "uint8", lo=0.0, hi=255.0) if c == 3 else Normalizer(
-        "image", "NHW", "uint8", lo=0.0, hi=255.0)
-    data = DataCard(f"edm:{path}", "image", (c, res, res), int(net.state.get("label_dim", 0)), norm.to_dict())
+    data = DataCard(f"edm:{path}", "image", (c, res, res), int(net.state.get("label_dim", 0)),
+                    uint8_image_normalizer(c).to_dict())
     # EDM's own sampler range: max(0.002, net.sigma_min) .. min(80, net.sigma_max)
     teacher.card = ModelCard("teacher", data, backbone, sigma_data, max(SIGMA_MIN, lo), min(SIGMA_MAX, hi),
                              precond=spec)

@@ -24,7 +24,7 @@ import torch
 
 from ..core.precond import EDMDenoiser, FlowPrecond, VPPrecond
 from ..core.schedules import SIGMA_MAX, SIGMA_MIN
-from ..data.normalize import Normalizer
+from ..data.normalize import Normalizer, uint8_image_normalizer
 from ..errors import UserError
 from ..io.card import DataCard, ModelCard
 from ..nets.diffusers_unet import DiffusersUNet, import_diffusers, load_unet_weights, unet_config_from
@@ -95,8 +95,7 @@ def load_diffusers(folder: str | Path) -> EDMDenoiser:
     size = config.get("sample_size") or 32
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     c = int(config.get("in_channels", 3))
-    norm = Normalizer("image", "NHW" if c == 1 else "NHWC", "uint8", lo=0.0, hi=255.0)
-    data = DataCard(f"diffusers:{folder}", "image", (c, h, w), net.num_classes, norm.to_dict())
+    data = DataCard(f"diffusers:{folder}", "image", (c, h, w), net.num_classes, uint8_image_normalizer(c).to_dict())
     teacher.card = ModelCard("teacher", data, BackboneSpec("diffusers_unet2d", {"config": config}), 0.5,
                              float(sigma_min), float(sigma_max), precond=precond.spec)
     teacher.requires_grad_(False)

@@ -47,10 +47,7 @@ class Run:
         self.cfg, self.tcfg, self.data, self.resume = cfg, cfg.train, data, resume
         self.out = Path(out)
         self.dist, self.device = dist.setup(cfg.train.device)
-        per_rank = self.dist.world * self.tcfg.micro_batches
-        if self.tcfg.batch_size % per_rank:
-            raise UserError(f"train.batch_size={self.tcfg.batch_size} must be divisible by the number of processes "
-                            f"({self.dist.world}) x train.micro_batches ({self.tcfg.micro_batches})")
+        self.check_split("train.batch_size", self.tcfg.batch_size)
         self.gen = torch.Generator().manual_seed(cfg.train.seed + 1)   # all data/noise draws (CPU, then moved)
         self.step, self.bad_in_a_row, self.bad_total = 0, 0, 0
         self.nets: dict[str, nn.Module] = {}
@@ -138,6 +135,12 @@ class Run:
         """torch.compile a backbone in place when train.compile is set (parameter names stay the same)."""
         if self.tcfg.compile:
             module.compile()
+
+    def check_split(self, key: str, batch: int) -> None:
+        """UserError unless a global batch splits evenly over the processes and micro-batches."""
+        if batch % (self.dist.world * self.tcfg.micro_batches):
+            raise UserError(f"{key}={batch} must be divisible by the number of processes ({self.dist.world}) x "
+                            f"train.micro_batches ({self.tcfg.micro_batches})")
 
     def parts(self, *tensors):
         """Split global-batch tensors (drawn identically on every rank) into this rank's micro-batches on the

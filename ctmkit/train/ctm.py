@@ -86,10 +86,7 @@ class CTMRun(Run):
 
     def __init__(self, cfg: DistillConfig, out, data: Dataset, resume: bool = False):
         super().__init__(cfg, out, data, resume)
-        per_rank = self.dist.world * self.tcfg.micro_batches
-        if cfg.ctm.gan_batch_size % per_rank:
-            raise UserError(f"ctm.gan_batch_size={cfg.ctm.gan_batch_size} must be divisible by the number of processes "
-                            f"({self.dist.world}) x train.micro_batches ({self.tcfg.micro_batches})")
+        self.check_split("ctm.gan_batch_size", cfg.ctm.gan_batch_size)
         self.teacher = None if cfg.ctm.teacher_free else load_teacher(cfg.teacher, data)
         if isinstance(self.teacher, torch.nn.Module):
             self.teacher = self.teacher.to(self.device)
