@@ -1,7 +1,8 @@
 """bench: distill the diffusers-built digits teacher (bench/diffusers_teacher.py) with the student in EDM's form
-(ctm.student_precond=edm), 300 steps, and score CTM NFE 1/2/4 in the classifier-feature Frechet distance.
+(ctm.student_precond=edm), STEPS steps (GAN from STEPS / 2, as the digits preset), and score CTM NFE 1/2/4 in the
+classifier-feature Frechet distance.
 
-    python bench/diffusers_edm_student.py [PIPELINE_DIR]    # default bench/out/diffusers_digits/pipeline
+    python bench/diffusers_edm_student.py [PIPELINE_DIR] [STEPS]    # defaults bench/out/diffusers_digits/pipeline, 300
 """
 import json
 import pathlib
@@ -23,10 +24,11 @@ from ctmkit.train.ctm import CTMRun
 def main() -> None:
     torch.set_num_threads(1)
     pipe = sys.argv[1] if len(sys.argv) > 1 else "bench/out/diffusers_digits/pipeline"
+    steps = int(sys.argv[2]) if len(sys.argv) > 2 else 300
     data = load_data("digits")
-    cfg = load_config(DistillConfig, "digits", None, ["ctm.student_precond=edm", "ctm.gan_start=150",
-                                                      "train.steps=300"], data="digits", teacher=f"diffusers:{pipe}")
-    out = pathlib.Path("bench/out/diffusers_digits/ctm_edm")
+    cfg = load_config(DistillConfig, "digits", None, ["ctm.student_precond=edm", f"ctm.gan_start={steps // 2}",
+                                                      f"train.steps={steps}"], data="digits", teacher=f"diffusers:{pipe}")
+    out = pathlib.Path(f"bench/out/diffusers_digits/ctm_edm_{steps}")
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
     CTMRun(cfg, out, data).fit(progress=False)
