@@ -14,8 +14,9 @@ from .errors import UserError, one_line
 
 DATA_HELP = ("data SPEC: a built-in 2-D set (ring, grid, moons, checkerboard, spiral), 'digits' (scikit-learn 8x8), "
              "gmm:PATH.json (a Gaussian mixture: means [K][D], stds [K], weights [K]), a .npy/.npz file "
-             "([N, D] vectors or [N, H, W(, C)] images), a folder of images (subfolders = classes), an MNIST idx "
-             "folder or a CIFAR-10 python-batches folder")
+             "([N, D] vectors or [N, H, W(, C)] images; a .npy is memory-mapped), a folder of images (subfolders = "
+             "classes) or an EDM dataset .zip (decoded per item; train.workers=N reads ahead in N processes), an "
+             "MNIST idx folder or a CIFAR-10 python-batches folder")
 
 
 def user_errors(fn):
@@ -134,7 +135,8 @@ def train_teacher(data, out, preset, config_file, steps, batch_size, seed, ckpt_
     \b
     Several processes / GPUs (DDP; --batch-size stays the global batch):
       torchrun --nproc_per_node=4 -m ctmkit train-teacher --data ... --out ...
-    Accumulate gradients with train.micro_batches=N; train.precision=bf16|fp16; train.compile=true.
+    Accumulate gradients with train.micro_batches=N; train.precision=bf16|fp16; train.compile=true;
+    train.workers=N decodes image folders / zips ahead in N processes.
     """
     from .config import TeacherConfig, load_config
     from .data import load_data
@@ -169,6 +171,7 @@ def distill(teacher, data, out, preset, config_file, steps, batch_size, seed, ck
     \b
     Several processes / GPUs (DDP; --batch-size stays the global batch):
       torchrun --nproc_per_node=8 -m ctmkit distill --teacher ... --data ... --out ...
+    Each process reads only its slice of every batch; train.workers=N decodes image folders / zips ahead.
     """
     from .config import DistillConfig, load_config
     from .data import load_data
@@ -406,7 +409,9 @@ def fid_ref(data, out, n, quiet):
     import torch
 
     from .data import load_data
-    from .metrics.fid import InceptionFeatures, fid_stats, write_ref_stats
+    from .metrics.fid import InceptionFeatures, write_ref_stats
+    from .metrics.frechet import streamed_stats
+    from .progress import progress_bar
     out = Path(out)
     if out.suffix != ".npz":
         raise UserError(f"--out must end in .npz, got '{out.name}'")
@@ -417,8 +422,10 @@ def fid_ref(data, out, n, quiet):
     if n is not None and n < 2:
         raise UserError("--num-samples must be >= 2")
     count = len(dataset) if n is None else min(n, len(dataset))
-    real = dataset.x if count == len(dataset) else dataset.fresh(count, torch.Generator().manual_seed(0))
-    mu, sigma = fid_stats(InceptionFeatures(progress=not quiet)(real))
+    idx = torch.arange(count) if count == len(dataset) else dataset.subset(count, torch.Generator().manual_seed(0))
+    features = InceptionFeatures()
+    batches = progress_bar(dataset.batches(idx, 500), total=-(-count // 500), desc="fid-ref", enabled=not quiet)
+    mu, sigma = streamed_stats(features(x) for x in batches)     # read, featurised and summed 500 images at a time
     write_ref_stats(out, mu, sigma)
     click.echo(f"wrote {out} ({count} images)")
 

@@ -72,6 +72,8 @@ class TrainConfig:
     max_bad_steps: int = 20         # stop after this many non-finite losses in a row
     device: str = "auto"            # "auto", "cpu", "cuda" (under torchrun: cuda:LOCAL_RANK)
     compile: bool = False           # torch.compile the backbone (state dicts unchanged)
+    workers: int = 0                # DataLoader processes reading and decoding the next batches ahead (0: in the
+                                    # training process); the items of a step never depend on it
 
     def validate(self) -> None:
         _check([
@@ -86,6 +88,7 @@ class TrainConfig:
             (self.precision in ("fp32", "bf16", "fp16"), "train.precision must be fp32, bf16 or fp16"),
             (self.warmup >= 0 and self.grad_clip >= 0, "train.warmup and train.grad_clip must be >= 0"),
             (self.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
+            (0 <= self.workers <= 256, "train.workers must be in 0..256"),
             (0 <= self.seed < 2 ** 62, "train.seed must be in [0, 2^62)"),
             (self.device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", self.device) is not None,
              f"train.device must be auto, cpu, cuda, cuda:N or mps, got '{self.device}'")])

@@ -66,11 +66,11 @@ class GaussianMixture:
         out = _mixture_denoise(x.double(), t, self.means.to(dev), self.stds.to(dev), self.log_w.to(dev))
         return out.to(x.dtype)
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n samples [n, D] float32 (component, then mean + std * z)."""
+    def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32) -> Tensor:
+        """n samples [n, D] (component, then mean + std * z; computed in float64, returned as `dtype`)."""
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
-        return (self.means[k] + self.stds[k, None] * z).float()
+        return (self.means[k] + self.stds[k, None] * z).to(dtype)
 
     def log_prob(self, x: Tensor, sigma: float = 0.0) -> Tensor:
         """log p_sigma(x) of the mixture convolved with N(0, sigma^2 I) (sigma=0: the data density): [B] float64."""

@@ -1,19 +1,21 @@
 """The Dataset container and its constructors: validated arrays, samplers and exact Gaussian mixtures.
 
-Everything a Dataset holds is in model space (see normalize.py); `normalizer` maps back to the data.
+A Dataset keeps its items in the data's own space and layout (`items`: a numpy array, a read-only memory-mapped
+.npy, or images decoded one at a time, see images.py: uint8 stays uint8) and converts to model space (see
+normalize.py) per batch, on whatever device the batch goes to: memory is bounded whatever the data size.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ctmkit.core.mixtures import GaussianMixture
-from ctmkit.data.normalize import Normalizer, fit_images, fit_vectors, vector_normalizer
+from ctmkit.data.normalize import _CHUNK, Normalizer, fit_images, fit_vectors, vector_normalizer
 from ctmkit.errors import UserError
 
 Sampler = Callable[[int, "torch.Generator | None"], Tensor]
@@ -23,9 +25,10 @@ MAX_CLASSES = 1_000_000
 
 @dataclass
 class Dataset:
-    """Model-space data: a finite pool `x` (+ labels), plus a fresh sampler / exact mixture when known."""
+    """Data items in data space (converted to model space per batch) + labels, plus a fresh sampler / exact
+    mixture when known. `data[idx]` (idx: indices) gives model-space items [len(idx), ...] on the CPU."""
 
-    x: Tensor  # model space float32, [N, D] or [N, C, H, W]
+    items: object  # data-space items [N, ...] in the data's layout: np.ndarray / read-only memmap / LazyImages
     labels: Tensor | None  # int64 [N] or None
     num_classes: int  # 0 when unlabelled
     normalizer: Normalizer
@@ -35,8 +38,14 @@ class Dataset:
 
     @property
     def shape(self) -> tuple:
-        """Per-sample shape, e.g. (2,) or (1, 8, 8)."""
-        return tuple(self.x.shape[1:])
+        """Per-sample model-space shape, e.g. (2,) or (1, 8, 8)."""
+        item = tuple(self.items.shape[1:])
+        layout = self.normalizer.layout
+        if layout == "NHW":
+            return (1,) + item
+        if layout == "NHWC":
+            return (item[2], item[0], item[1])
+        return item
 
     @property
     def kind(self) -> str:
@@ -44,23 +53,48 @@ class Dataset:
         return self.normalizer.kind
 
     def __len__(self) -> int:
-        return self.x.shape[0]
+        return int(self.items.shape[0])
+
+    def raw(self, idx) -> Tensor:
+        """Data-space items at indices `idx` as a CPU tensor in the data's dtype (uint8 stays uint8) and layout."""
+        idx = np.asarray(idx, dtype=np.int64)
+        a = np.asarray(self.items[idx])
+        return torch.from_numpy(a if a.flags.writeable else np.array(a))
+
+    def __getitem__(self, idx) -> Tensor:
+        """Model-space float32 items at indices `idx` (a tensor, array or list of ints) on the CPU."""
+        return self.normalizer.to_model_batch(self.raw(idx))
+
+    def batches(self, idx=None, size: int = _CHUNK) -> Iterator[Tensor]:
+        """Model-space batches of at most `size` items over `idx` (default: every item, in order)."""
+        idx = np.arange(len(self)) if idx is None else np.asarray(idx, dtype=np.int64)
+        for i in range(0, len(idx), size):
+            yield self[idx[i:i + size]]
+
+    @property
+    def x(self) -> Tensor:
+        """The whole set in model space [N, ...] float32 (materialised: for small sets; use batches() otherwise)."""
+        return torch.cat(list(self.batches())) if len(self) else self[[]]
 
     def sample_batch(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
-        """Training batch (x [n, ...], labels [n] | None): fresh from `sampler`, else pool draws."""
+        """A batch (x [n, ...], labels [n] | None): fresh from `sampler`, else uniform draws from the items."""
         if self.sampler is not None:
             return self.sampler(n, generator), None
-        idx = torch.randint(self.x.shape[0], (n,), generator=generator)
-        return self.x[idx], (None if self.labels is None else self.labels[idx])
+        idx = torch.randint(len(self), (n,), generator=generator)
+        return self[idx], (None if self.labels is None else self.labels[idx])
 
     def fresh(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n true samples [n, ...] for evaluation: fresh from `sampler`, else a random subset of the pool."""
+        """n true samples [n, ...] for evaluation: fresh from `sampler`, else a random subset of the items."""
         if self.sampler is not None:
             return self.sampler(n, generator)
-        size = self.x.shape[0]
+        return self[self.subset(n, generator)]
+
+    def subset(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n random item indices: distinct when n <= len(self), else drawn with replacement."""
+        size = len(self)
         if n <= size:
-            return self.x[torch.randperm(size, generator=generator)[:n]]
-        return self.x[torch.randint(size, (n,), generator=generator)]
+            return torch.randperm(size, generator=generator)[:n]
+        return torch.randint(size, (n,), generator=generator)
 
 
 # ---- validation ---------------------------------------------------------------------------------
@@ -83,25 +117,25 @@ def infer_layout(shape: tuple) -> str:
     raise UserError(f"expected [N, D] vectors or [N, H, W(, C)] images, got shape {tuple(shape)}")
 
 
-def check_array(a: np.ndarray, what: str = "data") -> str:
-    """Validate a raw data array (dtype, emptiness, NaN/Inf, float32 range); returns its dtype name."""
-    if not isinstance(a, np.ndarray):
+def check_array(a, what: str = "data") -> str:
+    """Validate raw data items (dtype, emptiness, and for floats NaN/Inf and the float32 range, checked chunk by
+    chunk: a memory-mapped array is never read whole); returns the normalizer dtype name."""
+    if not hasattr(a, "dtype") or not hasattr(a, "shape") or isinstance(a, Tensor):
         raise UserError(f"{what} must be a numeric array, got {type(a).__name__}")
     if a.dtype.kind not in "uif":
         raise UserError(f"{what} has dtype {a.dtype}; expected uint8 or floating-point numbers")
-    if a.ndim == 0 or a.size == 0:
+    if len(a.shape) == 0 or 0 in a.shape:
         raise UserError(f"{what} is empty (shape {tuple(a.shape)}); it needs at least one sample")
-    if a.dtype.kind == "f":
-        bad = ~np.isfinite(a)
+    for i in range(0, a.shape[0], _CHUNK) if a.dtype.kind == "f" else ():
+        c = np.asarray(a[i:i + _CHUNK])
+        bad = ~np.isfinite(c)
         if bad.any():
-            first = int(np.argwhere(bad.reshape(a.shape[0], -1).any(1))[0, 0])
+            first = i + int(np.argwhere(bad.reshape(c.shape[0], -1).any(1))[0, 0])
             raise UserError(f"{what} contains NaN or Inf values (first at index {first}); remove or fix them")
-        if a.dtype.itemsize > 4:
-            big = np.abs(a) > _F32_MAX
-            if big.any():
-                first = int(np.argwhere(big.reshape(a.shape[0], -1).any(1))[0, 0])
-                raise UserError(f"{what} has values beyond the float32 range (first at index {first}); "
-                                "rescale it")
+        big = np.abs(c) > _F32_MAX if c.dtype.itemsize > 4 else np.zeros(1, bool)
+        if big.any():
+            first = i + int(np.argwhere(big.reshape(c.shape[0], -1).any(1))[0, 0])
+            raise UserError(f"{what} has values beyond the float32 range (first at index {first}); rescale it")
     return "uint8" if a.dtype == np.uint8 else "float32"
 
 
@@ -133,10 +167,11 @@ def check_labels(labels: np.ndarray | None, n: int,
 
 
 # ---- constructors -------------------------------------------------------------------------------
-def from_array(a: np.ndarray, spec: str, labels: np.ndarray | None = None, num_classes: int | None = None,
+def from_array(a, spec: str, labels: np.ndarray | None = None, num_classes: int | None = None,
                n: int | None = None, layout: str | None = None,
                normalizer: Normalizer | None = None) -> Dataset:
-    """A finite Dataset from a data-space array (first n items), validated and normalised."""
+    """A finite Dataset over data-space items (an array, a memory-mapped .npy or LazyImages; first n items),
+    validated; the items stay as they are and are normalised per batch."""
     check_n(n)
     dtype = check_array(a)
     if n is not None:
@@ -146,10 +181,11 @@ def from_array(a: np.ndarray, spec: str, labels: np.ndarray | None = None, num_c
     lab, k = check_labels(labels, a.shape[0], num_classes)
     if normalizer is None:
         normalizer = fit_vectors(a, dtype) if layout == "ND" else fit_images(a, layout, dtype)
-    x = normalizer.to_model(a)
-    if not torch.isfinite(x).all():
-        raise UserError("data values are too large to normalise; rescale the data")
-    return Dataset(x=x, labels=lab, num_classes=k, normalizer=normalizer, spec=spec)
+    data = Dataset(items=a, labels=lab, num_classes=k, normalizer=normalizer, spec=spec)
+    for i in range(0, len(data), _CHUNK) if dtype != "uint8" else ():   # uint8 maps into [-1, 1]
+        if not torch.isfinite(data[np.arange(i, min(i + _CHUNK, len(data)))]).all():
+            raise UserError("data values are too large to normalise; rescale the data")
+    return data
 
 
 def from_sampler(data_sampler: Sampler, normalizer: Normalizer, spec: str, n: int | None, seed: int,
@@ -160,8 +196,8 @@ def from_sampler(data_sampler: Sampler, normalizer: Normalizer, spec: str, n: in
     def sampler(k: int, generator: torch.Generator | None = None) -> Tensor:
         return normalizer.to_model(data_sampler(k, generator))
 
-    x = sampler(n or default_n, torch.Generator().manual_seed(seed))
-    return Dataset(x=x, labels=None, num_classes=0, normalizer=normalizer, spec=spec, sampler=sampler)
+    pool = data_sampler(n or default_n, torch.Generator().manual_seed(seed)).numpy()
+    return Dataset(items=pool, labels=None, num_classes=0, normalizer=normalizer, spec=spec, sampler=sampler)
 
 
 def mixture_moments(means: Tensor, stds: Tensor, weights: Tensor) -> tuple[np.ndarray, float]:
@@ -188,8 +224,9 @@ def from_mixture(means, stds, weights, spec: str, n: int | None, seed: int,
     def sampler(k: int, generator: torch.Generator | None = None) -> Tensor:
         return model.sample(k, generator=generator)
 
-    x = sampler(n or default_n, torch.Generator().manual_seed(seed))
-    if not torch.isfinite(x).all():
+    pool = GaussianMixture(means, stds, weights / weights.sum()).sample(  # the pool in data space (float64)
+        n or default_n, torch.Generator().manual_seed(seed), torch.float64).numpy()
+    data = Dataset(items=pool, labels=None, num_classes=0, normalizer=norm, spec=spec, mixture=model, sampler=sampler)
+    if not torch.isfinite(data.x).all():
         raise UserError(f"mixture '{spec}' has values too large to normalise; rescale its means/stds")
-    return Dataset(x=x, labels=None, num_classes=0, normalizer=norm, spec=spec, mixture=model,
-                   sampler=sampler)
+    return data

@@ -10,7 +10,7 @@ import numpy as np
 
 from ctmkit.data import readers
 from ctmkit.data.dataset import Dataset, check_n, from_array, from_mixture
-from ctmkit.data.images import is_edm_dataset, labels_path, read_edm_dataset
+from ctmkit.data.images import is_edm_dataset, labels_path, read_images
 from ctmkit.data.toy import DEFAULT_POOL, builtin_names, load_builtin
 from ctmkit.errors import UserError
 
@@ -39,18 +39,19 @@ def load_data(spec: str, n: int | None = None, seed: int = 0) -> Dataset:
             raise UserError(f"data path '{spec}' does not exist")
         raise UserError(f"unknown data set '{spec}': not a built-in ({', '.join(builtin_names())}) "
                         "and no such file or folder")
-    raw = read_raw(path, n)
+    raw = read_raw(path, n)   # arrays stay as read (a .npy memory-mapped), image files decode per item
     return from_array(raw.data, spec=spec, labels=raw.labels, num_classes=raw.num_classes, n=n,
                       layout=raw.layout)
 
 
 def read_raw(path: Path, n: int | None = None) -> readers.Raw:
-    """The raw arrays of a data file or folder: .npy (+ FILE.labels.npy beside it), .npz, an EDM dataset zip or
-    folder (dataset.json), an MNIST idx folder, a CIFAR-10 batches folder or a folder of images."""
+    """The raw items of a data file or folder: .npy (memory-mapped, + FILE.labels.npy beside it), .npz, an EDM
+    dataset zip or folder (dataset.json), an MNIST idx folder, a CIFAR-10 batches folder or a folder of images (zips
+    and image folders as LazyImages, decoded per item). Only the first `n` items are read when given."""
     spec = str(path)
     if is_edm_dataset(path):
         try:
-            return read_edm_dataset(path, n)
+            return read_images(path, n=n)
         except (OSError, zipfile.BadZipFile) as e:
             raise UserError(f"cannot read '{spec}' as an EDM dataset ({e})") from None
     if path.is_dir():
@@ -59,7 +60,7 @@ def read_raw(path: Path, n: int | None = None) -> readers.Raw:
         except OSError as e:  # e.g. a folder or file without read permission
             raise UserError(f"cannot read data folder '{spec}' ({e.strerror or e}); check permissions") from e
     if path.suffix.lower() == ".npy":
-        raw = readers.read_npy(path)
+        raw = readers.read_npy(path, mmap=True)
         if labels_path(path).is_file():
             raw.labels = readers.read_npy(labels_path(path)).data
         return raw
@@ -77,4 +78,4 @@ def _read_folder(path: Path, n: int | None) -> readers.Raw:
     cifar = readers.cifar_dir(path)
     if cifar is not None:
         return readers.read_cifar(cifar, n)
-    return readers.read_image_folder(path, n)
+    return read_images(path, plain=True, n=n)

@@ -66,16 +66,20 @@ class Normalizer:
                             f"data of layout {self.layout}")
 
     # ---- maps ---------------------------------------------------------------------------------
-    def _forward(self, a: np.ndarray) -> np.ndarray:
-        """Data [n, ...] float64 -> model [n, ...] float64 (model layout)."""
+    def to_model_batch(self, t: Tensor) -> Tensor:
+        """Data-layout tensor [n, ...] (uint8 stays uint8 until here) -> float32 model tensor on the same device
+        (images [n, C, H, W]). The arithmetic is float64 (float32 on MPS, which has no float64), so a batch converted
+        on a GPU equals the one converted on the CPU bit for bit."""
+        self._check_data_shape(tuple(t.shape))
+        a = t.to(torch.float32 if t.device.type == "mps" else torch.float64)
         if self.kind == "vector":
-            return (a - np.asarray(self.shift, dtype=np.float64)) * self.scale
+            return ((a - torch.tensor(self.shift, dtype=a.dtype, device=a.device)) * self.scale).float()
         a = (a - self.lo) / (self.hi - self.lo) * 2 - 1
         if self.layout == "NHW":
-            return a[:, None]
-        if self.layout == "NHWC":
-            return a.transpose(0, 3, 1, 2)
-        return a
+            a = a[:, None]
+        elif self.layout == "NHWC":
+            a = a.permute(0, 3, 1, 2)
+        return a.float().contiguous()
 
     def _backward(self, a: np.ndarray) -> np.ndarray:
         """Model [n, ...] float64 -> data [n, ...] in the data's dtype and layout."""
@@ -93,15 +97,12 @@ class Normalizer:
             return a.astype(np.float32)
 
     def to_model(self, x: np.ndarray | Tensor) -> Tensor:
-        """Data-layout array [N, ...] -> float32 model tensor: vectors [N, D], images [N, C, H, W]."""
-        a = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
-        self._check_data_shape(a.shape)
-        n = a.shape[0]
-        first = self._forward(a[:0].astype(np.float64))
-        out = np.empty((n,) + first.shape[1:], dtype=np.float32)
-        for i in range(0, n, _CHUNK):
-            out[i:i + _CHUNK] = self._forward(a[i:i + _CHUNK].astype(np.float64))
-        return torch.from_numpy(out)
+        """Data-layout array [N, ...] (a memory-mapped one too) -> float32 CPU model tensor: vectors [N, D], images
+        [N, C, H, W]; converted in chunks by `to_model_batch`."""
+        a = x.detach().cpu() if isinstance(x, Tensor) else x
+        self._check_data_shape(tuple(a.shape))
+        parts = [self.to_model_batch(_tensor(a[i:i + _CHUNK])) for i in range(0, a.shape[0], _CHUNK)]
+        return torch.cat(parts) if parts else self.to_model_batch(_tensor(a[:0]))
 
     def to_data(self, x: Tensor | np.ndarray) -> np.ndarray:
         """Model tensor -> array in the data's own layout and value range (uint8 rounded and clipped)."""
@@ -134,6 +135,14 @@ class Normalizer:
                             "re-create it from the data") from e
 
 
+def _tensor(a) -> Tensor:
+    """A tensor of an array chunk (copied when read-only, e.g. a slice of a memory-mapped file)."""
+    if isinstance(a, Tensor):
+        return a
+    a = np.asarray(a)
+    return torch.from_numpy(a if a.flags.writeable else np.array(a))
+
+
 def vector_normalizer(mean: np.ndarray, var: float, dtype: str = "float32") -> Normalizer:
     """Normalizer for vectors with per-dim mean [D] and mean per-dim variance `var` (model std 0.5)."""
     scale = SIGMA_DATA / math.sqrt(var) if var > 0 else 1.0
@@ -143,10 +152,18 @@ def vector_normalizer(mean: np.ndarray, var: float, dtype: str = "float32") -> N
 
 
 def fit_vectors(x: np.ndarray, dtype: str) -> Normalizer:
-    """Normalizer fitted to vector data [N, D] (mean and variance in float64)."""
+    """Normalizer fitted to vector data [N, D] (a memory-mapped array too): per-dim mean and variance in float64,
+    streamed over chunks (Chan et al.'s pairwise update of count, mean and sum of squared deviations)."""
+    count, mean, m2 = 0, np.zeros(x.shape[1]), np.zeros(x.shape[1])
     with np.errstate(over="ignore", invalid="ignore"):
-        mean = x.mean(0, dtype=np.float64)
-        var = float(x.var(0, dtype=np.float64).mean())
+        for i in range(0, x.shape[0], _CHUNK):
+            c = np.asarray(x[i:i + _CHUNK], dtype=np.float64)
+            k, mc = c.shape[0], c.mean(0)
+            delta = mc - mean
+            m2 = m2 + ((c - mc) ** 2).sum(0) + delta ** 2 * count * k / (count + k)
+            mean = mean + delta * k / (count + k)
+            count += k
+        var = float((m2 / count).mean())
     if not math.isfinite(var):
         raise UserError("data values are too large to normalise; rescale the data")
     return vector_normalizer(mean, var, dtype)
@@ -162,8 +179,9 @@ def fit_images(x: np.ndarray, layout: str, dtype: str) -> Normalizer:
     """Image normalizer: uint8 -> [0, 255]; float -> [0, 1] or [-1, 1] if inside it, else observed min/max."""
     if dtype == "uint8":
         lo, hi = 0.0, 255.0
-    else:
-        lo, hi = float(x.min()), float(x.max())
+    else:   # min and max streamed over chunks (a memory-mapped array is never read whole)
+        lo = min(float(x[i:i + _CHUNK].min()) for i in range(0, x.shape[0], _CHUNK))
+        hi = max(float(x[i:i + _CHUNK].max()) for i in range(0, x.shape[0], _CHUNK))
         if lo >= 0.0 and hi <= 1.0:
             lo, hi = 0.0, 1.0
         elif lo >= -1.0 and hi <= 1.0:

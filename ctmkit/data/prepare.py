@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import UserError
 from ..progress import progress_bar
 from . import readers
-from .images import IMAGE_EXTS, ImageSource, is_edm_dataset, iter_arrays, labels_path
+from .images import IMAGE_EXTS, ImageSource, is_edm_dataset, iter_arrays, labels_path, scan_headers
 from .load import read_raw
 
 
@@ -28,9 +28,7 @@ def prepare(src_path: Path, out: Path, resolution: int | None = None, progress: 
         raise UserError(f"OUT must end in .npy, got '{out.name}'")
     src_path = Path(src_path)
     if src_path.is_dir() and not _array_folder(src_path) and _plain_image_folder(src_path):
-        images = ImageSource(src_path)
-        images.labels, images.num_classes = _folder_labels(src_path, images.names)
-        return _prepare_images(images, out, resolution, progress)
+        return _prepare_images(ImageSource(src_path, plain=True), out, resolution, progress)
     if is_edm_dataset(src_path):
         return _prepare_images(ImageSource(src_path), out, resolution, progress)
     if resolution:
@@ -54,18 +52,8 @@ def _plain_image_folder(folder: Path) -> bool:
         p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
 
 
-def _folder_labels(folder: Path, names: list[str]) -> tuple[np.ndarray | None, int | None]:
-    """Class subfolders (sorted -> 0..K-1) as labels; images directly in the folder: unlabelled."""
-    tops = [n.split("/")[0] if "/" in n else None for n in names]
-    if any(t is None for t in tops):
-        return None, None
-    classes = sorted(set(tops))
-    index = {c: k for k, c in enumerate(classes)}
-    return np.array([index[t] for t in tops], np.int64), len(classes)
-
-
 def _prepare_images(src: ImageSource, out: Path, resolution: int | None, progress) -> dict:
-    gray = src.open(0).mode in ("L", "1")
+    gray = scan_headers(src, progress, same_size=not resolution)[1]
     first = next(iter_arrays(src, resolution, gray))
     shape = (len(src), *first.shape)
     it = progress_bar(iter_arrays(src, resolution, gray), desc="prepare", total=len(src), enabled=progress)

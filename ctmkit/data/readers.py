@@ -38,10 +38,10 @@ def first_line(e: BaseException) -> str:
 
 
 # ---- numpy --------------------------------------------------------------------------------------
-def read_npy(path: Path) -> Raw:
-    """A .npy array (no pickles)."""
+def read_npy(path: Path, mmap: bool = False) -> Raw:
+    """A .npy array (no pickles); `mmap`: memory-mapped read-only (nothing read until used)."""
     try:
-        a = np.load(path, allow_pickle=False)
+        a = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except Exception as e:  # numpy raises ValueError/OSError/EOFError/... on malformed files
         raise UserError(f"cannot read '{path}' as a .npy array ({first_line(e)}); save it with numpy.save") from e
     if not isinstance(a, np.ndarray):
@@ -72,63 +72,6 @@ def read_npz(path: Path) -> Raw:
         raise UserError(f"cannot read '{path}' as a .npz archive ({first_line(e)}); "
                         "save it with numpy.savez") from e
     return Raw(data, labels)
-
-
-# ---- image folder -------------------------------------------------------------------------------
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS
-                  and not p.name.startswith("."))
-
-
-def read_image_folder(folder: Path, n: int | None = None) -> Raw:
-    """Image files directly in `folder` (unlabelled), else one subfolder per class (sorted -> 0..K-1)."""
-    from PIL import Image
-
-    files = _image_files(folder)
-    labels: list[int] | None = None
-    num_classes = None
-    if not files:
-        classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-        labels = []
-        for k, sub in enumerate(classes):
-            sub_files = _image_files(sub)
-            if not sub_files:
-                raise UserError(f"class folder '{sub}' has no image files ({', '.join(IMAGE_EXTS)}); "
-                                "add images or remove it")
-            files += sub_files
-            labels += [k] * len(sub_files)
-        if not files:
-            raise UserError(f"folder '{folder}' has no image files ({', '.join(IMAGE_EXTS)}) and no class "
-                            "subfolders with images")
-        num_classes = len(classes)
-    if n is not None:  # first n items only
-        files = files[:n]
-        labels = None if labels is None else labels[:n]
-    # pass 1: headers only (size and mode)
-    sizes, modes = [], []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                sizes.append(im.size)
-                modes.append(im.mode)
-        except Exception as e:  # PIL raises UnidentifiedImageError/OSError/DecompressionBombError/...
-            raise UserError(f"cannot read image file '{f}' ({first_line(e)}); fix or remove it") from e
-        if sizes[-1] != sizes[0]:
-            (w0, h0), (w1, h1) = sizes[0], sizes[-1]
-            raise UserError(f"images differ in size: '{files[0]}' is {w0}x{h0} but '{f}' is {w1}x{h1}; "
-                            "resize them to one size")
-    gray = all(m in ("L", "1") for m in modes)
-    w, h = sizes[0]
-    out = np.empty((len(files), h, w) if gray else (len(files), h, w, 3), dtype=np.uint8)
-    # pass 2: decode
-    for i, f in enumerate(files):
-        try:
-            with Image.open(f) as im:
-                out[i] = np.asarray(im.convert("L" if gray else "RGB"), dtype=np.uint8)
-        except Exception as e:
-            raise UserError(f"cannot read image file '{f}' ({first_line(e)}); fix or remove it") from e
-    return Raw(out, None if labels is None else np.asarray(labels, dtype=np.int64), num_classes=num_classes,
-               layout="NHW" if gray else "NHWC")
 
 
 # ---- MNIST idx ----------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ def data_nll(model, data, n: int = 256, batch_size: int = 256, rtol: float = 1e-
     "conditional": true), which is below the unconditional log p(x) by at most log(num_classes) per sample."""
     card, norm = model.card, data.normalizer
     denoiser = model.denoise if card.is_ctm else model
-    x = data.x[:n]
+    x = data[torch.arange(min(n, len(data)))]     # only these items are read
     d = x[0].numel()
     conditional = card.conditional
     if conditional and data.labels is None:

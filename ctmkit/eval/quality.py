@@ -24,14 +24,15 @@ from ..metrics.fid import (
     read_ref_stats,
     reference_stats,
 )
-from ..metrics.frechet import classifier_accuracy, feature_stats, frechet_distance, train_classifier
+from ..metrics.frechet import classifier_accuracy, frechet_distance, streamed_stats, train_classifier
 from ..metrics.swd import mmd_rbf, swd_ratio
-from .generate import generate
+from .generate import generate, generate_batches
 
 METRICS = ("auto", "swd", "classifier", "fid")
 CLASSIFIER_DOC = ("Frechet distance between Gaussian fits of the 64-d penultimate features of a small CNN classifier "
                   "trained on the same data (domain-specific; not FID, not comparable across data sets)")
 SWD_DOC = "sliced W1 to true data / true-vs-true floor"
+KEEP = 256   # samples an image metric's point returns (for grids); the rest are featurised and dropped
 
 
 def resolve_metric(metric: str, data) -> str:
@@ -62,6 +63,13 @@ def balanced_labels(model, n: int) -> Tensor | None:
     """Labels 0, 1, ..., K-1, 0, ... for a class-conditional model's n samples; None when unconditional."""
     k = model.card.num_classes
     return torch.arange(n) % k if k > 0 else None
+
+
+def balanced_label_batches(model):
+    """`balanced_labels` one batch at a time: labels(start, b) of samples start .. start + b - 1 (None:
+    unconditional)."""
+    k = model.card.num_classes
+    return (lambda start, b: torch.arange(start, start + b) % k) if k > 0 else None
 
 
 class Quality:
@@ -123,20 +131,26 @@ class FeatureFD(Quality):
 
     @torch.no_grad()
     def point(self, model, sampler: str, nfe: int, gamma: float, ts=None, seed: int = 1) -> tuple[float, dict, Tensor]:
-        """Class-conditional models get balanced labels."""
-        x = generate(model, self.n, nfe, gamma, seed, balanced_labels(model, self.n), 500, sampler, progress=False,
-                     ts=ts)
-        mu, s = feature_stats(self.features(x))
-        return frechet_distance(mu, s, self.mu_r, self.s_r), {}, x
+        """Class-conditional models get balanced labels. Samples are featurised batch by batch (bounded memory);
+        the first KEEP of them are returned."""
+        kept: list[Tensor] = []
+
+        def features():
+            for x in generate_batches(model, self.n, nfe, gamma, seed, balanced_label_batches(model), 500, sampler,
+                                      progress=False, ts=ts):
+                kept.append(x[:KEEP - sum(len(k) for k in kept)])
+                yield self.features(x)
+
+        mu, s = streamed_stats(features())
+        return frechet_distance(mu, s, self.mu_r, self.s_r), {}, torch.cat(kept)
 
     @torch.no_grad()
     def floor(self) -> tuple[str, float]:
         """Frechet distance between two disjoint halves of min(n, len(data)) real items (the floor at n/2)."""
         perm = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(1))
         half = min(self.n, len(self.data)) // 2
-        a, b = self.data.x[perm[:half]], self.data.x[perm[half:2 * half]]
-        ma, sa = feature_stats(self.features(a))
-        mb, sb = feature_stats(self.features(b))
+        ma, sa = streamed_stats(self.features(x) for x in self.data.batches(perm[:half], 500))
+        mb, sb = streamed_stats(self.features(x) for x in self.data.batches(perm[half:2 * half], 500))
         return "data vs data", frechet_distance(ma, sa, mb, sb)
 
 
@@ -151,10 +165,10 @@ class ClassifierFD(FeatureFD):
             raise UserError(f"'{data.spec}' has no labels: the classifier-feature Frechet distance needs a labelled "
                             "image set (for unlabelled images use --metric fid)")
         self.data, self.n = data, min(n, len(data))
-        self.net = train_classifier(data.x, data.labels, data.num_classes, progress=progress)
-        self.info["classifier_accuracy"] = classifier_accuracy(self.net, data.x, data.labels)
-        real = data.fresh(self.n, torch.Generator().manual_seed(0))
-        self.mu_r, self.s_r = feature_stats(self.net.features(real))
+        self.net = train_classifier(data, data.labels, data.num_classes, progress=progress)
+        self.info["classifier_accuracy"] = classifier_accuracy(self.net, data, data.labels)
+        idx = data.subset(self.n, torch.Generator().manual_seed(0))   # the items data.fresh(n, seed 0) would give
+        self.mu_r, self.s_r = streamed_stats(self.net.features(x) for x in data.batches(idx, 500))
 
     def features(self, x: Tensor) -> Tensor:
         return self.net.features(x)

@@ -73,7 +73,8 @@ def sweep(model, data, points: list[tuple], quality: Quality, teacher=None,
           on_samples: Callable[[Row, Tensor], None] | None = None) -> EvalResult:
     """Evaluate each point (sampler, nfe, gamma) by `quality`; nfe may be a tuple of custom times t_0 > ... > t_K
     instead (the row then has nfe K and the times in `ts`). 'heun' points run on `teacher` when given, else on
-    the model (a CTM as a denoiser); `on_samples(row, samples)` sees every point's samples (e.g. for grids)."""
+    the model (a CTM as a denoiser); `on_samples(row, samples)` sees every point's samples (e.g. for grids; the
+    image metrics pass their first 256)."""
     rows = []
     for sampler, nfe, gamma in points:
         net = teacher if teacher is not None and sampler == "heun" else model

@@ -32,7 +32,7 @@ from torch import Tensor
 from ..errors import UserError
 from ..io.atomic import atomic_write_bytes
 from ..progress import progress_bar
-from .frechet import feature_stats, frechet_distance
+from .frechet import feature_stats, frechet_distance, streamed_stats
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +180,15 @@ def default_cache_dir() -> Path:
 
 
 def data_sha256(data) -> str:
-    """SHA-256 of a data set's model-space pool (float32 bytes) and shape."""
-    x = data.x.detach().cpu().contiguous()
-    h = hashlib.sha256(repr(tuple(x.shape)).encode())
-    flat = x.reshape(-1).view(torch.uint8).numpy() if x.numel() else np.zeros(0, np.uint8)
-    step = 1 << 24
-    for i in range(0, flat.size, step):
-        h.update(flat[i:i + step].tobytes())
+    """SHA-256 of a data set's items (data space, read in chunks), shape and normalizer; images decoded per item are
+    identified by their files (names and CRC-32s in a zip, names, sizes and times in a folder) instead."""
+    items = data.items
+    h = hashlib.sha256(repr((tuple(items.shape), str(items.dtype), data.normalizer.to_dict())).encode())
+    if hasattr(items, "digest"):
+        h.update(items.digest().encode())
+        return h.hexdigest()
+    for i in range(0, items.shape[0], 4096):
+        h.update(np.ascontiguousarray(items[i:i + 4096]).tobytes())
     return h.hexdigest()
 
 
@@ -210,8 +212,8 @@ def reference_stats(data, n: int, cache_dir: Path | str | None = None, features=
                     return z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
         except (OSError, ValueError, KeyError) as e:
             log.warning("ignoring unreadable FID cache file %s (%s)", path, e)
-    real = data.fresh(n, torch.Generator().manual_seed(0))
-    mu, sigma = fid_stats(features(real))
+    idx = data.subset(n, torch.Generator().manual_seed(0))   # the items data.fresh(n, seed 0) would give
+    mu, sigma = streamed_stats(features(x) for x in data.batches(idx, 500))
     buf = io.BytesIO()
     np.savez(buf, mu=mu, sigma=sigma, key=np.array(key_json))
     try:

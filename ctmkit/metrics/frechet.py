@@ -47,6 +47,21 @@ def feature_stats(feats: Tensor) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.cov(f, rowvar=False)
 
 
+def streamed_stats(batches) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [F] and covariance [F, F] (float64, divisor N - 1) of features given batch by batch ([n_i, F] each), from
+    their running sum and sum of outer products (as EDM's fid.py): memory is F^2, whatever N."""
+    n, total, outer = 0, None, None
+    for f in batches:
+        f = f.double().cpu().numpy()
+        total = f.sum(0) if total is None else total + f.sum(0)
+        outer = f.T @ f if outer is None else outer + f.T @ f
+        n += f.shape[0]
+    if n < 2:
+        raise ValueError(f"feature statistics need at least 2 items, got {n}")
+    mu = total / n
+    return mu, (outer - n * np.outer(mu, mu)) / (n - 1)
+
+
 class ClassifierFeatures(nn.Module):
     """Small CNN for [N, C, H, W] images in [-1, 1]: features() -> [N, 64] (penultimate), forward() -> logits."""
 
@@ -66,15 +81,16 @@ class ClassifierFeatures(nn.Module):
         return self.head(self.body(x))
 
 
-def train_classifier(x: Tensor, labels: Tensor, num_classes: int, steps: int = 1500, batch: int = 128,
+def train_classifier(x, labels: Tensor, num_classes: int, steps: int = 1500, batch: int = 128,
                      seed: int = 0, progress: bool = False) -> ClassifierFeatures:
-    """Fit ClassifierFeatures on model-space images with labels (Adam 1e-3, small random shifts)."""
+    """Fit ClassifierFeatures on model-space images with labels (Adam 1e-3, small random shifts). `x`: a tensor
+    [N, C, H, W] or anything whose x[indices] gives one (a ctmkit Dataset: only the batches are read)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    net = ClassifierFeatures(x.shape[1], num_classes)
+    net = ClassifierFeatures(x[torch.zeros(1, dtype=torch.long)].shape[1], num_classes)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     for _ in progress_bar(range(steps), desc="feature classifier", enabled=progress, transient=True):
-        idx = torch.randint(0, x.shape[0], (batch,), generator=g)
+        idx = torch.randint(0, len(x), (batch,), generator=g)
         xb = x[idx]
         dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=g))
         xb = torch.roll(xb, (dx, dy), (2, 3))
@@ -86,5 +102,10 @@ def train_classifier(x: Tensor, labels: Tensor, num_classes: int, steps: int = 1
 
 
 @torch.no_grad()
-def classifier_accuracy(net: ClassifierFeatures, x: Tensor, labels: Tensor) -> float:
-    return float((net(x).argmax(1) == labels).float().mean())
+def classifier_accuracy(net: ClassifierFeatures, x, labels: Tensor, batch: int = 1024) -> float:
+    """Accuracy on every item of `x` (a tensor or a Dataset), `batch` items at a time."""
+    right = 0
+    for i in range(0, len(x), batch):
+        idx = torch.arange(i, min(i + batch, len(x)))
+        right += int((net(x[idx]).argmax(1) == labels[idx]).sum())
+    return right / len(x)

@@ -18,6 +18,7 @@ import yaml
 from torch import nn
 
 from ..config import TrainConfig, to_dict
+from ..data.loader import BatchPlan, StepBatches, StepLoader
 from ..errors import UserError
 from ..io.atomic import atomic_write_text
 from ..io.card import DataCard, ModelCard
@@ -54,6 +55,7 @@ class Run:
         self.opts: dict[str, torch.optim.Optimizer] = {}
         self.scalers: dict[str, torch.amp.GradScaler] = {}
         self._stop = False
+        self._loader: StepLoader | None = None
 
     # -- state ---------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -142,22 +144,51 @@ class Run:
             raise UserError(f"{key}={batch} must be divisible by the number of processes ({self.dist.world}) x "
                             f"train.micro_batches ({self.tcfg.micro_batches})")
 
-    def parts(self, *tensors):
-        """Split global-batch tensors (drawn identically on every rank) into this rank's micro-batches on the
-        device: a list of tuples, one per micro-batch. None passes through."""
+    def parts(self, *tensors, local: int = 0):
+        """Split batch tensors into this rank's micro-batches on the device: a list of tuples, one per micro-batch.
+        The first `local` tensors are this rank's slice already; the others are global batches (drawn identically
+        on every rank) and are sliced here. None passes through."""
         mb = self.tcfg.micro_batches
-        local = [dist.shard(t, self.dist) for t in tensors]
-        chunks = [t.chunk(mb) if t is not None else [None] * mb for t in local]
+        mine = [t if i < local else dist.shard(t, self.dist) for i, t in enumerate(tensors)]
+        chunks = [t.chunk(mb) if t is not None else [None] * mb for t in mine]
         return [tuple(c[i].to(self.device) if c[i] is not None else None for c in chunks) for i in range(mb)]
 
+    def batch_plan(self) -> BatchPlan:
+        """Which items each step trains on (a function of train.seed and the step)."""
+        return BatchPlan(self.tcfg.batch_size, self.tcfg.seed, bool(getattr(self.cfg, "xflip", False)))
+
     def global_batch(self, size: int | None = None):
-        """The iteration's whole batch (x [B, ...], labels [B] | None) from the shared generator; B = size, or
-        train.batch_size."""
-        x, labels = self.data.sample_batch(size or self.tcfg.batch_size, self.gen)
-        if getattr(self.cfg, "xflip", False) and self.data.kind == "image":   # one extra draw only when on
-            flip = torch.rand(x.shape[0], generator=self.gen) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x, (labels if labels is not None and self.use_labels else None)
+        """This rank's share of the iteration's batch (x [B / world, ...] model space on the device, labels | None)
+        and the global size B (= size, or train.batch_size). A finite set's items come from the (seed, step) plan
+        (data/loader.py), read ahead by train.workers processes and converted on the device; a generated set draws
+        fresh samples from the shared generator."""
+        size = size or self.tcfg.batch_size
+        if self.data.sampler is not None:
+            x, labels = self.data.sample_batch(size, self.gen)
+            x, labels = dist.shard(x, self.dist).to(self.device), dist.shard(labels, self.dist)
+        else:
+            item = self.step_loader().get(self.step)
+            x = self.data.normalizer.to_model_batch(item["raw"].to(self.device, non_blocking=True))
+            if size != x.shape[0] * self.dist.world:
+                raise ValueError(f"batch of {size} requested at step {self.step}; the plan has {x.shape[0]} per rank")
+            if item["flip"] is not None and self.data.kind == "image":
+                x = torch.where(item["flip"].to(self.device)[:, None, None, None], x.flip(-1), x)
+            labels = item["labels"]
+        labels = labels.to(self.device) if labels is not None and self.use_labels else None
+        return x, labels, size
+
+    def step_loader(self) -> StepLoader:
+        """The reader of this rank's slices, (re)started at the current step when needed."""
+        if self._loader is None or self._loader.next_step != self.step:
+            self.close_loader()
+            batches = StepBatches(self.data, self.batch_plan(), self.dist.rank, self.dist.world)
+            self._loader = StepLoader(batches, self.step, self.tcfg.workers, pin=self.device.type == "cuda")
+        return self._loader
+
+    def close_loader(self) -> None:
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
 
     def reduce_stats(self, stats: dict) -> dict:
         """Mean of each statistic over ranks (one all-reduce); float values."""
@@ -218,6 +249,7 @@ class Run:
         self._prepare_dir()
         with contextlib.ExitStack() as stack:
             stack.enter_context(_stop_on_signals(self))
+            stack.callback(self.close_loader)
             stats_log = stack.enter_context(contextlib.closing(StatsLog(self.out, self.step, main)))
             bar = stack.enter_context(contextlib.closing(
                 progress_bar(total=steps, initial=self.step, desc=self.kind, enabled=progress and main)))

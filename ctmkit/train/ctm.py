@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -44,6 +44,7 @@ from ..core.schedules import (
     sample_uniform_pairs,
 )
 from ..core.solvers import solve_grid_segments
+from ..data.loader import BatchPlan
 from ..errors import UserError
 from ..io.card import ModelCard
 from ..metrics.perceptual import InceptionFeatureMap
@@ -64,9 +65,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CTMDraw:
-    """Every random draw of one iteration, for the global batch or one micro-batch of it: data x0 [B, ...] and
-    labels [B] | None, grid indices n, u = n + k, m [B], the noise z of x_t [B, ...], and the DSM sigmas [B] and
-    noise [B, ...] (None without DSM)."""
+    """Every random draw of one iteration, or one micro-batch of it: data x0 [B', ...] and labels [B'] | None (this
+    rank's items: B' = B / processes), and for the global batch B: grid indices n, u = n + k, m [B], the noise z of
+    x_t [B, ...], and the DSM sigmas [B] and noise [B, ...] (None without DSM)."""
 
     x0: Tensor
     labels: Tensor | None
@@ -160,6 +161,11 @@ class CTMRun(Run):
             raise UserError("ctm.distance=feature needs image data (Inception-v3 features); use huber or l2")
         return InceptionFeatureMap(self.cfg.ctm.feature_size, self.device)
 
+    def batch_plan(self) -> BatchPlan:
+        """The global batch per step: ctm.gan_batch_size from ctm.gan_start on when the GAN stage sets one."""
+        c = self.cfg.ctm
+        return replace(super().batch_plan(), later_size=c.gan_batch_size if c.gan else 0, from_step=c.gan_start)
+
     def stage(self, gan_value, base):
         """A GAN-stage setting (ctm.gan_lr / gan_batch_size / gan_max_k; 0 = unchanged) once the GAN term is on."""
         return gan_value if gan_value > 0 and self.gan_active() else base
@@ -191,29 +197,28 @@ class CTMRun(Run):
 
     def draw(self) -> CTMDraw:
         """Every random draw of one iteration, for the global batch, in a fixed order (identical on all ranks):
-        k (reference pairs: one per iteration), x0, labels, grid indices (n, u, m) by ctm.pairs, the noise of x_t,
-        and the DSM sigmas (shuffled) and noise."""
+        k (reference pairs: one per iteration), x0, labels (this rank's items of the step's (seed, step) plan),
+        grid indices (n, u, m) by ctm.pairs, the noise of x_t, and the DSM sigmas (shuffled) and noise."""
         cfg, c = self.cfg, self.cfg.ctm
         max_k = self.stage(c.gan_max_k, c.max_k)
         k = sample_k(max_k, self.gen) if c.pairs == "reference" else None
-        x0, labels = self.global_batch(self.stage(c.gan_batch_size, self.tcfg.batch_size))
-        b = x0.shape[0]
+        x0, labels, b = self.global_batch(self.stage(c.gan_batch_size, self.tcfg.batch_size))   # this rank's items
         if k is not None:
             n, u, m = sample_ctm_indices(b, c.num_scales, k, self.gen)
         else:
             n, u, m = sample_uniform_pairs(b, c.num_scales, max_k, c.pairs == "all_the_way", self.gen)
-        z = self.randn(x0.shape)
+        z = self.randn((b, *x0.shape[1:]))
         sig = z_dsm = None
         if cfg.ctm.dsm:
             sig = sample_dsm_sigmas(b, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
                                     karras_frac=cfg.ctm.dsm_karras_frac, generator=self.gen)
             sig = sig[torch.randperm(b, generator=self.gen)].float()
-            z_dsm = self.randn(x0.shape)
+            z_dsm = self.randn((b, *x0.shape[1:]))
         return CTMDraw(x0, labels, n, u, m, z, sig, z_dsm)
 
     def micro_batches(self, d: CTMDraw) -> list[CTMDraw]:
         """This rank's micro-batches of a global draw, on the device."""
-        return [CTMDraw(*part) for part in self.parts(*d.tensors())]
+        return [CTMDraw(*part) for part in self.parts(*d.tensors(), local=2)]   # x0, labels: this rank's already
 
     def levels(self, d: CTMDraw) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """x_t = x_0 + t z and the levels t, u, s, sigma_min [B] of one micro-batch."""

@@ -43,10 +43,11 @@ class TeacherRun(Run):
         cfg, mb = self.cfg, self.tcfg.micro_batches
         self.set_lr(self.opts["opt"], self.tcfg.lr)
         self.net.train()
-        xb, lb = self.global_batch()        # the global batch and its noise, identical on every rank
-        sb = lognormal_sigmas(torch.randn(xb.shape[0], generator=self.gen), cfg.p_mean, cfg.p_std)
+        xb, lb, b = self.global_batch()     # this rank's items; the noise is drawn for all b, identically on every rank
+        sb = lognormal_sigmas(torch.randn(b, generator=self.gen), cfg.p_mean, cfg.p_std)
+        zb = self.randn((b, *xb.shape[1:]))
         total = 0.0
-        for i, (x0, labels, sigma, noise) in enumerate(self.parts(xb, lb, sb, self.randn(xb.shape))):
+        for i, (x0, labels, sigma, noise) in enumerate(self.parts(xb, lb, sb, zb, local=2)):
             with dist.no_sync(self.ddp, sync=i == mb - 1):
                 with self.autocast():
                     loss = dsm_loss(lambda *a: self.ddp("forward", *a), x0, sigma, noise, cfg.model.sigma_data,
