@@ -25,7 +25,7 @@ import numpy as np
 OUT = Path("bench/out/data_scale")
 PY = sys.executable
 # a tiny network and batch: the figures are about the data path, not the model
-SMALL = ["model.channels=8", "model.channel_mult=[1]", "model.num_res_blocks=1", "model.attn_resolutions=[]",
+SMALL = ["model.channels=8", "model.channel_mult=[1,1,1,1]", "model.num_res_blocks=1", "model.attn_resolutions=[]",
          "train.batch_size=16", "train.ckpt_every=1000", "train.log_every=1"]
 
 

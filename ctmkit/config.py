@@ -154,15 +154,17 @@ class CTMConfig:
                                     # steps otherwise (reference: 2, alternating); 1 = both every step
     teacher_free: bool = False      # self-learn variant: x_u from the target network, no teacher
     init_from_teacher: bool = True  # copy the teacher's weights into the student
-    student_precond: str = "teacher"  # the student's preconditioning: "teacher" (its form: the student starts as the
-                                    # teacher) or "edm" (EDM's, weights still copied: the reference's CIFAR-10
-                                    # student of a VP teacher; for epsilon-prediction teachers)
+    student_precond: str = "auto"   # the student's preconditioning: "teacher" (its form: the student starts as the
+                                    # teacher), "edm" (EDM's, weights still copied: the reference's CIFAR-10 student
+                                    # of EDM's VP teacher) or "auto": edm for teachers that predict the noise
+                                    # (diffusers epsilon, EDM VP / VE / iDDPM pickles), else the teacher's form
 
     def validate(self) -> None:
         _check([
             (self.num_scales >= 2, "ctm.num_scales must be >= 2"),
             (1 <= self.max_k <= self.num_scales - 1, "ctm.max_k must be in [1, ctm.num_scales - 1]"),
-            (self.student_precond in ("teacher", "edm"), "ctm.student_precond must be 'teacher' or 'edm'"),
+            (self.student_precond in ("auto", "teacher", "edm"),
+             "ctm.student_precond must be 'auto', 'teacher' or 'edm'"),
             (self.pairs in PAIR_DRAWS, f"ctm.pairs must be one of {', '.join(PAIR_DRAWS)}, got '{self.pairs}'"),
             (0 < self.target_ema < 1, "ctm.target_ema must be in (0, 1)"),
             (self.distance in ("huber", "l2", "feature"), "ctm.distance must be 'huber', 'l2' or 'feature'"),

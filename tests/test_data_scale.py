@@ -1,4 +1,4 @@
-"""Data at scale: items stay in data space (a .npy memory-mapped, uint8 as uint8, image files decoded per item) and
+"""Data at scale: items stay in data space (a .npy read row by row, uint8 as uint8, image files decoded per item) and
 are converted per batch; training batches are a function of (seed, step), read ahead by DataLoader workers, so
 workers, ranks and resumes change no number; statistics are streamed."""
 
@@ -44,7 +44,9 @@ def test_npy_is_memory_mapped_and_uint8_converts_per_batch(tmp_path):
     a = np.random.default_rng(0).integers(0, 256, (50, 5, 4, 3), dtype=np.uint8)
     np.save(tmp_path / "d.npy", a)
     d = load_data(str(tmp_path / "d.npy"))
-    assert isinstance(d.items, np.memmap) and d.items.dtype == np.uint8 and d.shape == (3, 5, 4)
+    assert type(d.items).__name__ == "NpyRows" and d.items.dtype == np.uint8 and d.shape == (3, 5, 4)
+    assert np.array_equal(np.asarray(d.items[10:20]), a[10:20]) and np.array_equal(d.items[-1], a[-1])
+    assert load_data(str(tmp_path / "d.npy"), n=7).items.shape == (7, 5, 4, 3)
     raw = d.raw([4, 0, 4])
     assert raw.dtype == torch.uint8 and torch.equal(raw, torch.from_numpy(a[[4, 0, 4]]))
     want = torch.from_numpy((a[[4, 0, 4]].astype(np.float64) / 255 * 2 - 1).transpose(0, 3, 1, 2)).float()

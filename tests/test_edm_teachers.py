@@ -185,16 +185,20 @@ def test_broken_edm_files_are_one_clear_error(tmp_path):
         load_teacher(f"edm:{tmp_path / 'missing.pkl'}")
 
 
-def test_cli_distills_an_edm_teacher_without_a_preset(tmp_path):
+@pytest.mark.parametrize("form", ["auto", "teacher"])
+def test_cli_distills_an_edm_teacher_without_a_preset(tmp_path, form):
+    """auto (the default): a VP teacher's student takes EDM's form, as the reference's CIFAR-10 student does."""
     from .test_cli import ctmkit, ok
     write_edm_pickle("vp_songunet_ddpmpp", tmp_path / "net.pkl", tmp_path / "EXECUTED")
     rng = np.random.default_rng(0)
     np.save(tmp_path / "imgs.npy", rng.integers(0, 256, (64, 8, 8, 3), dtype=np.uint8))
     spec = f"edm:{tmp_path / 'net.pkl'}"
     ok(ctmkit("distill", "--teacher", spec, "--data", tmp_path / "imgs.npy", "--out", tmp_path / "ctm", "--steps", "2",
-              "--batch-size", "4", "--quiet", "ctm.num_scales=6", "ctm.max_k=5", cwd=tmp_path))
+              "--batch-size", "4", "--quiet", "ctm.num_scales=6", "ctm.max_k=5", f"ctm.student_precond={form}",
+              cwd=tmp_path))
     card = json.loads((tmp_path / "ctm" / "model.json").read_text())
-    assert card["backbone"]["arch"] == "edm_songunet" and card["precond"]["kind"] == "edm_vp"
+    assert card["backbone"]["arch"] == "edm_songunet"
+    assert card.get("precond") is None if form == "auto" else card["precond"]["kind"] == "edm_vp"
     for model, nfe in [(tmp_path / "ctm", "2"), (spec, "5")]:
         ok(ctmkit("sample", "--model", model, "--n", "4", "--nfe", nfe, "--out", tmp_path / "s.npz", "--quiet",
                   cwd=tmp_path))

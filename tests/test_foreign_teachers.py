@@ -184,7 +184,8 @@ def test_cli_distills_and_samples_a_diffusers_teacher(tmp_path, kind):
     card = load_teacher(spec).card
     assert (cfg["sigma_min"], cfg["sigma_max"]) == (card.sigma_min, card.sigma_max)
     want = "flow" if kind == "flow" else "vp"
-    assert json.loads((tmp_path / "ctm" / "model.json").read_text())["precond"]["kind"] == want
+    student = json.loads((tmp_path / "ctm" / "model.json").read_text()).get("precond")   # epsilon: EDM's form (auto)
+    assert (student is None) if kind == "epsilon" else student["kind"] == want
     assert card.precond["kind"] == want and (kind == "flow" or 0.0099 < card.sigma_min < 0.0101)
     for model, extra in [(tmp_path / "ctm", ["--nfe", "2"]), (spec, ["--nfe", "9"])]:
         ok(ctmkit("sample", "--model", model, "--n", "10", *extra, "--labels", "3", "--out", tmp_path / "s.npz",
@@ -229,3 +230,22 @@ def test_student_in_edm_form_keeps_the_teachers_weights(tmp_path):
     run.fit(progress=False)
     with pytest.raises(UserError, match="student_precond"):
         load_config(DistillConfig, None, None, ["ctm.student_precond=vp"])
+
+
+@pytest.mark.parametrize("prediction,form", [("epsilon", "edm"), ("v_prediction", "teacher"), ("sample", "teacher")])
+def test_auto_student_form_is_edm_for_noise_predicting_teachers(tmp_path, prediction, form):
+    """ctm.student_precond=auto (the default): EDM's form for a teacher that predicts the noise (its x0 error grows
+    with sigma; bench/RESULTS.md), the teacher's own form otherwise."""
+    from ctmkit.config import DistillConfig, load_config
+    from ctmkit.core.precond import predicts_noise
+    from ctmkit.data import load_data
+    from ctmkit.train.ctm import CTMRun
+    folder = save_pipeline(tmp_path / "pipe", tiny_unet(classes=10), ddim(prediction))
+    cfg = load_config(DistillConfig, None, None, ["ctm.gan=false"], data="digits", teacher=f"diffusers:{folder}",
+                      **{"train.steps": 1, "train.batch_size": 4})
+    assert cfg.ctm.student_precond == "auto"
+    card = CTMRun(cfg, tmp_path / "ctm", load_data("digits", n=64)).model_card()
+    assert (card.precond is None) == (form == "edm")
+    assert card.precond is None or card.precond["prediction"] == prediction
+    assert all(predicts_noise({"kind": k}) for k in ("edm_vp", "edm_ve", "edm_iddpm"))
+    assert not predicts_noise(None) and not predicts_noise({"kind": "flow"})

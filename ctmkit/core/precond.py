@@ -191,6 +191,15 @@ def iddpm_levels(M: int, C_1: float, C_2: float) -> Tensor:
     return u
 
 
+def predicts_noise(spec: dict | None) -> bool:
+    """True for a preconditioning whose network predicts the noise (c_out proportional to sigma: diffusers epsilon,
+    EDM's VP / VE / iDDPM): its x0 error is the network's error times sigma."""
+    if spec is None:
+        return False
+    return (spec.get("kind") == "vp" and spec.get("prediction", "epsilon") == "epsilon") or \
+        spec.get("kind") in ("edm_vp", "edm_ve", "edm_iddpm")
+
+
 def make_precond(spec: dict | None, sigma_data: float = 0.5):
     """The preconditioning a model card names: None = EDM (ctmkit's networks), {'kind': 'vp', ...}, {'kind': 'flow',
     ...}; ValueError otherwise."""

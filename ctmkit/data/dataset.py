@@ -1,8 +1,9 @@
 """The Dataset container and its constructors: validated arrays, samplers and exact Gaussian mixtures.
 
-A Dataset keeps its items in the data's own space and layout (`items`: a numpy array, a read-only memory-mapped
-.npy, or images decoded one at a time, see images.py: uint8 stays uint8) and converts to model space (see
-normalize.py) per batch, on whatever device the batch goes to: memory is bounded whatever the data size.
+A Dataset keeps its items in the data's own space and layout (`items`: a numpy array, a .npy read row by row on
+access (readers.NpyRows), or images decoded one at a time (images.LazyImages): uint8 stays uint8) and converts to
+model space (see normalize.py) per batch, on whatever device the batch goes to: memory is bounded whatever the data
+size.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class Dataset:
     """Data items in data space (converted to model space per batch) + labels, plus a fresh sampler / exact
     mixture when known. `data[idx]` (idx: indices) gives model-space items [len(idx), ...] on the CPU."""
 
-    items: object  # data-space items [N, ...] in the data's layout: np.ndarray / read-only memmap / LazyImages
+    items: object  # data-space items [N, ...] in the data's layout: np.ndarray / NpyRows / LazyImages
     labels: Tensor | None  # int64 [N] or None
     num_classes: int  # 0 when unlabelled
     normalizer: Normalizer
@@ -119,7 +120,7 @@ def infer_layout(shape: tuple) -> str:
 
 def check_array(a, what: str = "data") -> str:
     """Validate raw data items (dtype, emptiness, and for floats NaN/Inf and the float32 range, checked chunk by
-    chunk: a memory-mapped array is never read whole); returns the normalizer dtype name."""
+    chunk: a file read on access is never read whole); returns the normalizer dtype name."""
     if not hasattr(a, "dtype") or not hasattr(a, "shape") or isinstance(a, Tensor):
         raise UserError(f"{what} must be a numeric array, got {type(a).__name__}")
     if a.dtype.kind not in "uif":
@@ -170,7 +171,7 @@ def check_labels(labels: np.ndarray | None, n: int,
 def from_array(a, spec: str, labels: np.ndarray | None = None, num_classes: int | None = None,
                n: int | None = None, layout: str | None = None,
                normalizer: Normalizer | None = None) -> Dataset:
-    """A finite Dataset over data-space items (an array, a memory-mapped .npy or LazyImages; first n items),
+    """A finite Dataset over data-space items (an array, NpyRows or LazyImages; first n items),
     validated; the items stay as they are and are normalised per batch."""
     check_n(n)
     dtype = check_array(a)

@@ -39,13 +39,13 @@ def load_data(spec: str, n: int | None = None, seed: int = 0) -> Dataset:
             raise UserError(f"data path '{spec}' does not exist")
         raise UserError(f"unknown data set '{spec}': not a built-in ({', '.join(builtin_names())}) "
                         "and no such file or folder")
-    raw = read_raw(path, n)   # arrays stay as read (a .npy memory-mapped), image files decode per item
+    raw = read_raw(path, n)   # a .npy's rows and image files are read per item, when used
     return from_array(raw.data, spec=spec, labels=raw.labels, num_classes=raw.num_classes, n=n,
                       layout=raw.layout)
 
 
 def read_raw(path: Path, n: int | None = None) -> readers.Raw:
-    """The raw items of a data file or folder: .npy (memory-mapped, + FILE.labels.npy beside it), .npz, an EDM
+    """The raw items of a data file or folder: .npy (rows read on access, + FILE.labels.npy beside it), .npz, an EDM
     dataset zip or folder (dataset.json), an MNIST idx folder, a CIFAR-10 batches folder or a folder of images (zips
     and image folders as LazyImages, decoded per item). Only the first `n` items are read when given."""
     spec = str(path)
@@ -60,7 +60,7 @@ def read_raw(path: Path, n: int | None = None) -> readers.Raw:
         except OSError as e:  # e.g. a folder or file without read permission
             raise UserError(f"cannot read data folder '{spec}' ({e.strerror or e}); check permissions") from e
     if path.suffix.lower() == ".npy":
-        raw = readers.read_npy(path, mmap=True)
+        raw = readers.read_npy(path, lazy=True)
         if labels_path(path).is_file():
             raw.labels = readers.read_npy(labels_path(path)).data
         return raw

@@ -97,7 +97,7 @@ class Normalizer:
             return a.astype(np.float32)
 
     def to_model(self, x: np.ndarray | Tensor) -> Tensor:
-        """Data-layout array [N, ...] (a memory-mapped one too) -> float32 CPU model tensor: vectors [N, D], images
+        """Data-layout array [N, ...] (one read on access too) -> float32 CPU model tensor: vectors [N, D], images
         [N, C, H, W]; converted in chunks by `to_model_batch`."""
         a = x.detach().cpu() if isinstance(x, Tensor) else x
         self._check_data_shape(tuple(a.shape))
@@ -136,7 +136,7 @@ class Normalizer:
 
 
 def _tensor(a) -> Tensor:
-    """A tensor of an array chunk (copied when read-only, e.g. a slice of a memory-mapped file)."""
+    """A tensor of an array chunk (copied when read-only)."""
     if isinstance(a, Tensor):
         return a
     a = np.asarray(a)
@@ -152,7 +152,7 @@ def vector_normalizer(mean: np.ndarray, var: float, dtype: str = "float32") -> N
 
 
 def fit_vectors(x: np.ndarray, dtype: str) -> Normalizer:
-    """Normalizer fitted to vector data [N, D] (a memory-mapped array too): per-dim mean and variance in float64,
+    """Normalizer fitted to vector data [N, D] (an array read on access too): per-dim mean and variance in float64,
     streamed over chunks (Chan et al.'s pairwise update of count, mean and sum of squared deviations)."""
     count, mean, m2 = 0, np.zeros(x.shape[1]), np.zeros(x.shape[1])
     with np.errstate(over="ignore", invalid="ignore"):
@@ -179,9 +179,9 @@ def fit_images(x: np.ndarray, layout: str, dtype: str) -> Normalizer:
     """Image normalizer: uint8 -> [0, 255]; float -> [0, 1] or [-1, 1] if inside it, else observed min/max."""
     if dtype == "uint8":
         lo, hi = 0.0, 255.0
-    else:   # min and max streamed over chunks (a memory-mapped array is never read whole)
-        lo = min(float(x[i:i + _CHUNK].min()) for i in range(0, x.shape[0], _CHUNK))
-        hi = max(float(x[i:i + _CHUNK].max()) for i in range(0, x.shape[0], _CHUNK))
+    else:   # min and max streamed over chunks (a file read on access is never read whole)
+        lo = min(float(np.asarray(x[i:i + _CHUNK]).min()) for i in range(0, x.shape[0], _CHUNK))
+        hi = max(float(np.asarray(x[i:i + _CHUNK]).max()) for i in range(0, x.shape[0], _CHUNK))
         if lo >= 0.0 and hi <= 1.0:
             lo, hi = 0.0, 1.0
         elif lo >= -1.0 and hi <= 1.0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +39,75 @@ def first_line(e: BaseException) -> str:
 
 
 # ---- numpy --------------------------------------------------------------------------------------
-def read_npy(path: Path, mmap: bool = False) -> Raw:
-    """A .npy array (no pickles); `mmap`: memory-mapped read-only (nothing read until used)."""
+class NpyRows:
+    """The items of a C-ordered .npy file as a read-only array [N, ...] read on access (`a[i]`, `a[index array]`,
+    np.asarray(a); `a[start:stop]` is a view, read when used) with positioned reads (os.pread): nothing is read up
+    front, and the rows read are copies, so the process keeps no file pages (a memory map's pages count in its RSS,
+    ~1 MB per random item with an 8 MB read-ahead). Reopened in each process (DataLoader workers)."""
+
+    def __init__(self, path: Path, shape: tuple, dtype: np.dtype, offset: int) -> None:
+        self.path, self.shape, self.dtype, self.offset = Path(path), tuple(shape), np.dtype(dtype), int(offset)
+        self.row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._fd, self._pid = None, None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None, "_pid": None}
+
+    def __del__(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+
+    def _read(self, start: int, count: int) -> np.ndarray:
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        want = count * self.row
+        buf = os.pread(self._fd, want, self.offset + start * self.row)
+        if len(buf) != want:
+            raise UserError(f"'{self.path}' is shorter than its header says (rows {start}..{start + count - 1}); "
+                            "re-create it")
+        return np.frombuffer(bytearray(buf), self.dtype).reshape((count, *self.shape[1:]))
+
+    def __getitem__(self, key) -> np.ndarray:
+        n = len(self)
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step == 1:
+                return NpyRows(self.path, (max(stop - start, 0), *self.shape[1:]), self.dtype,
+                               self.offset + start * self.row)
+            key = np.arange(start, stop, step)
+        if np.ndim(key) == 0:
+            i = int(key)
+            if not -n <= i < n:
+                raise IndexError(f"index {i} is out of range for {n} items")
+            return self._read(i % n, 1)[0]
+        idx = np.asarray(key, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"an index is out of range for {n} items")
+        out = np.empty((idx.size, *self.shape[1:]), self.dtype)
+        for j, i in enumerate(idx % n if n else idx):
+            out[j] = self._read(int(i), 1)[0]
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = self._read(0, len(self))
+        return a if dtype is None else a.astype(dtype)
+
+
+def read_npy(path: Path, lazy: bool = False) -> Raw:
+    """A .npy array (no pickles); `lazy`: a C-ordered numeric array's rows read on access (NpyRows), others read."""
+    if lazy:
+        try:
+            a = np.load(path, allow_pickle=False, mmap_mode="r")
+        except Exception:  # an empty or malformed file: read plainly, which reports it
+            return read_npy(path)
+        if isinstance(a, np.memmap) and a.ndim >= 1 and a.flags.c_contiguous and a.dtype.kind in "uif":
+            return Raw(NpyRows(path, a.shape, a.dtype, a.offset))
+        return read_npy(path)
     try:
-        a = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+        a = np.load(path, allow_pickle=False)
     except Exception as e:  # numpy raises ValueError/OSError/EOFError/... on malformed files
         raise UserError(f"cannot read '{path}' as a .npy array ({first_line(e)}); save it with numpy.save") from e
     if not isinstance(a, np.ndarray):

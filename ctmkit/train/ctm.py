@@ -33,7 +33,7 @@ from ..core.losses import (
     last_layer_grad,
     make_distance,
 )
-from ..core.precond import CTM, bcast, make_precond
+from ..core.precond import CTM, bcast, make_precond, predicts_noise
 from ..core.schedules import (
     SIGMA_MAX,
     SIGMA_MIN,
@@ -97,7 +97,7 @@ class CTMRun(Run):
         init = tcard is not None and cfg.ctm.init_from_teacher and not isinstance(self.teacher, PyTeacher)
         self.spec = self.student_spec(tcard.backbone if init else backbone_spec(
             cfg.model, data.kind, data.shape, data.num_classes, data.spec))
-        keep = init and cfg.ctm.student_precond == "teacher"
+        keep = init and self.student_form(tcard.precond) == "teacher"
         self.precond = tcard.precond if keep else None        # a foreign teacher's form, kept by its student
         self.net = CTM(self.spec.build(), cfg.model.sigma_data, make_precond(self.precond, cfg.model.sigma_data))
         if init:  # weight for weight: every shared layer copied; the s-embedding (unused by teachers) starts at 0
@@ -152,6 +152,17 @@ class CTMRun(Run):
         if p >= 0 and "dropout" in spec.kwargs.get("config", {}):       # a diffusers UNet2DModel
             return BackboneSpec(spec.arch, {**spec.kwargs, "config": {**spec.kwargs["config"], "dropout": p}})
         return spec
+
+    def student_form(self, teacher_precond: dict | None) -> str:
+        """ctm.student_precond resolved: 'auto' is 'edm' for a teacher that predicts the noise (its x0 error grows
+        with sigma, which a one-step student of that form cannot unlearn: bench/RESULTS.md), else 'teacher'."""
+        form = self.cfg.ctm.student_precond
+        if form == "auto":
+            form = "edm" if predicts_noise(teacher_precond) else "teacher"
+            if form == "edm" and self.dist.main:
+                log.warning("the teacher predicts the noise: the student takes EDM's preconditioning with the "
+                            "teacher's weights (ctm.student_precond=auto; =teacher keeps the teacher's form)")
+        return form
 
     def feature_map(self):
         """The Inception feature map of ctm.distance=feature (images only), else None."""
