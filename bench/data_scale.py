@@ -3,6 +3,7 @@
     python bench/data_scale.py rss          # peak RSS of `ctmkit train-teacher` on a 737 MB uint8 .npy vs a tiny one
     python bench/data_scale.py first-step   # a 100k-image folder, its zip and the prepared .npy: time + peak RSS
     python bench/data_scale.py sample       # samples/s of `ctmkit sample` under torchrun with 1 and 2 processes
+                                            # (wall time of the whole command, start-up included)
 
 Every measured command is a fresh process (`python -m ctmkit ...`); peak RSS is its ru_maxrss (os.wait4), time is
 its wall time. The files are written under bench/out/data_scale (several GB; removed with --clean).
@@ -106,7 +107,7 @@ def first_step(n: int = 100_000) -> dict:
     return res
 
 
-def sample(n: int = 2000) -> dict:
+def sample(n: int = 20000) -> dict:
     """A tiny CTM-less teacher run on digits, sampled with Heun 8 steps: samples/s with 1 and 2 processes."""
     run_dir = OUT / "digits_teacher"
     if not (run_dir / "model.json").exists():
@@ -130,9 +131,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["rss", "first-step", "sample"])
     ap.add_argument("--n", type=int, default=100_000, help="images of the first-step bench")
+    ap.add_argument("--num-samples", type=int, default=20000, help="samples of the sampling bench")
     ap.add_argument("--clean", action="store_true", help="remove bench/out/data_scale afterwards")
     args = ap.parse_args()
-    res = {"rss": rss, "first-step": lambda: first_step(args.n), "sample": sample}[args.what]()
+    jobs = {"rss": rss, "first-step": lambda: first_step(args.n), "sample": lambda: sample(args.num_samples)}
+    res = jobs[args.what]()
     print(json.dumps(res, indent=1))
     if args.clean:
         shutil.rmtree(OUT, ignore_errors=True)

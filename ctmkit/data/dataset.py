@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ctmkit.core.mixtures import GaussianMixture
-from ctmkit.data.normalize import _CHUNK, Normalizer, fit_images, fit_vectors, vector_normalizer
+from ctmkit.data.normalize import CHUNK, Normalizer, fit_images, fit_vectors, vector_normalizer
 from ctmkit.errors import UserError
 
 Sampler = Callable[[int, "torch.Generator | None"], Tensor]
@@ -66,7 +66,7 @@ class Dataset:
         """Model-space float32 items at indices `idx` (a tensor, array or list of ints) on the CPU."""
         return self.normalizer.to_model_batch(self.raw(idx))
 
-    def batches(self, idx=None, size: int = _CHUNK) -> Iterator[Tensor]:
+    def batches(self, idx=None, size: int = CHUNK) -> Iterator[Tensor]:
         """Model-space batches of at most `size` items over `idx` (default: every item, in order)."""
         idx = np.arange(len(self)) if idx is None else np.asarray(idx, dtype=np.int64)
         for i in range(0, len(idx), size):
@@ -127,8 +127,8 @@ def check_array(a, what: str = "data") -> str:
         raise UserError(f"{what} has dtype {a.dtype}; expected uint8 or floating-point numbers")
     if len(a.shape) == 0 or 0 in a.shape:
         raise UserError(f"{what} is empty (shape {tuple(a.shape)}); it needs at least one sample")
-    for i in range(0, a.shape[0], _CHUNK) if a.dtype.kind == "f" else ():
-        c = np.asarray(a[i:i + _CHUNK])
+    for i in range(0, a.shape[0], CHUNK) if a.dtype.kind == "f" else ():
+        c = np.asarray(a[i:i + CHUNK])
         bad = ~np.isfinite(c)
         if bad.any():
             first = i + int(np.argwhere(bad.reshape(c.shape[0], -1).any(1))[0, 0])
@@ -183,8 +183,8 @@ def from_array(a, spec: str, labels: np.ndarray | None = None, num_classes: int 
     if normalizer is None:
         normalizer = fit_vectors(a, dtype) if layout == "ND" else fit_images(a, layout, dtype)
     data = Dataset(items=a, labels=lab, num_classes=k, normalizer=normalizer, spec=spec)
-    for i in range(0, len(data), _CHUNK) if dtype != "uint8" else ():   # uint8 maps into [-1, 1]
-        if not torch.isfinite(data[np.arange(i, min(i + _CHUNK, len(data)))]).all():
+    for i in range(0, len(data), CHUNK) if dtype != "uint8" else ():   # uint8 maps into [-1, 1]
+        if not torch.isfinite(data[np.arange(i, min(i + CHUNK, len(data)))]).all():
             raise UserError("data values are too large to normalise; rescale the data")
     return data
 

@@ -19,7 +19,7 @@ from ctmkit.errors import UserError
 SIGMA_DATA = 0.5
 LAYOUTS = ("ND", "NHW", "NHWC", "NCHW")
 DTYPES = ("uint8", "float32")
-_CHUNK = 4096  # samples converted at a time (float64 work buffers stay small)
+CHUNK = 4096  # items converted or checked at a time (float64 work buffers stay small)
 
 
 @dataclass
@@ -101,7 +101,7 @@ class Normalizer:
         [N, C, H, W]; converted in chunks by `to_model_batch`."""
         a = x.detach().cpu() if isinstance(x, Tensor) else x
         self._check_data_shape(tuple(a.shape))
-        parts = [self.to_model_batch(_tensor(a[i:i + _CHUNK])) for i in range(0, a.shape[0], _CHUNK)]
+        parts = [self.to_model_batch(_tensor(a[i:i + CHUNK])) for i in range(0, a.shape[0], CHUNK)]
         return torch.cat(parts) if parts else self.to_model_batch(_tensor(a[:0]))
 
     def to_data(self, x: Tensor | np.ndarray) -> np.ndarray:
@@ -109,7 +109,7 @@ class Normalizer:
         a = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
         self._check_model_shape(a.shape)
         n = a.shape[0]
-        parts = [self._backward(a[i:i + _CHUNK].astype(np.float64)) for i in range(0, n, _CHUNK)]
+        parts = [self._backward(a[i:i + CHUNK].astype(np.float64)) for i in range(0, n, CHUNK)]
         return np.concatenate(parts) if parts else self._backward(a.astype(np.float64))
 
     # ---- serialisation ------------------------------------------------------------------------
@@ -156,8 +156,8 @@ def fit_vectors(x: np.ndarray, dtype: str) -> Normalizer:
     streamed over chunks (Chan et al.'s pairwise update of count, mean and sum of squared deviations)."""
     count, mean, m2 = 0, np.zeros(x.shape[1]), np.zeros(x.shape[1])
     with np.errstate(over="ignore", invalid="ignore"):
-        for i in range(0, x.shape[0], _CHUNK):
-            c = np.asarray(x[i:i + _CHUNK], dtype=np.float64)
+        for i in range(0, x.shape[0], CHUNK):
+            c = np.asarray(x[i:i + CHUNK], dtype=np.float64)
             k, mc = c.shape[0], c.mean(0)
             delta = mc - mean
             m2 = m2 + ((c - mc) ** 2).sum(0) + delta ** 2 * count * k / (count + k)
@@ -180,8 +180,8 @@ def fit_images(x: np.ndarray, layout: str, dtype: str) -> Normalizer:
     if dtype == "uint8":
         lo, hi = 0.0, 255.0
     else:   # min and max streamed over chunks (a file read on access is never read whole)
-        lo = min(float(np.asarray(x[i:i + _CHUNK]).min()) for i in range(0, x.shape[0], _CHUNK))
-        hi = max(float(np.asarray(x[i:i + _CHUNK]).max()) for i in range(0, x.shape[0], _CHUNK))
+        lo = min(float(np.asarray(x[i:i + CHUNK]).min()) for i in range(0, x.shape[0], CHUNK))
+        hi = max(float(np.asarray(x[i:i + CHUNK]).max()) for i in range(0, x.shape[0], CHUNK))
         if lo >= 0.0 and hi <= 1.0:
             lo, hi = 0.0, 1.0
         elif lo >= -1.0 and hi <= 1.0:
