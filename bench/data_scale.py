@@ -2,6 +2,7 @@
 
     python bench/data_scale.py rss          # peak RSS of `ctmkit train-teacher` on a 737 MB uint8 .npy vs a tiny one
     python bench/data_scale.py first-step   # a 100k-image folder, its zip and the prepared .npy: time + peak RSS
+    python bench/data_scale.py loader       # images/s of the training loader, 0 / 1 / 2 workers, folder / zip / .npy
     python bench/data_scale.py sample       # samples/s of `ctmkit sample` under torchrun with 1 and 2 processes
                                             # (wall time of the whole command, start-up included)
 
@@ -107,6 +108,29 @@ def first_step(n: int = 100_000) -> dict:
     return res
 
 
+def loader(n: int = 100_000, batch: int = 128, steps: int = 40) -> dict:
+    """Images/s the training loader delivers (read, decode, slice; no model) for the CIFAR-sized folder, zip and .npy of
+    the first-step bench, with 0 (in process), 1 and 2 worker processes: what a training step's appetite is set
+    against (one process, batch 128, after 2 warm-up steps)."""
+    from ctmkit.data import load_data
+    from ctmkit.data.loader import BatchPlan, StepBatches, StepLoader
+    folder, zpath = _png_set(n)
+    res = {"batch": batch, "steps": steps}
+    for tag, spec in (("folder", folder), ("zip", zpath), ("npy", OUT / f"prepared{n}.npy")):
+        data = load_data(str(spec))
+        for workers in (0, 1, 2):
+            ld = StepLoader(StepBatches(data, BatchPlan(batch, seed=0, xflip=True)), 0, workers)
+            for step in range(2):
+                ld.get(step)
+            t0 = time.time()
+            for step in range(2, 2 + steps):
+                x = ld.get(step)["raw"]
+                data.normalizer.to_model_batch(x)
+            res[f"{tag}_workers{workers}_images_per_s"] = round(batch * steps / (time.time() - t0))
+            ld.close()
+    return res
+
+
 def sample(n: int = 20000) -> dict:
     """A tiny CTM-less teacher run on digits, sampled with Heun 8 steps: samples/s with 1 and 2 processes."""
     run_dir = OUT / "digits_teacher"
@@ -129,12 +153,13 @@ def sample(n: int = 20000) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["rss", "first-step", "sample"])
+    ap.add_argument("what", choices=["rss", "first-step", "loader", "sample"])
     ap.add_argument("--n", type=int, default=100_000, help="images of the first-step bench")
     ap.add_argument("--num-samples", type=int, default=20000, help="samples of the sampling bench")
     ap.add_argument("--clean", action="store_true", help="remove bench/out/data_scale afterwards")
     args = ap.parse_args()
-    jobs = {"rss": rss, "first-step": lambda: first_step(args.n), "sample": lambda: sample(args.num_samples)}
+    jobs = {"rss": rss, "first-step": lambda: first_step(args.n), "loader": lambda: loader(args.n),
+            "sample": lambda: sample(args.num_samples)}
     res = jobs[args.what]()
     print(json.dumps(res, indent=1))
     if args.clean:

@@ -153,3 +153,15 @@ def test_a_corrupt_image_met_in_training_stops_with_its_name(tmp_path):
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "3.png" in lines[0] and "training step" in lines[0], r.stderr
+
+
+def test_big_endian_and_big_rows_read_in_pieces(tmp_path, monkeypatch):
+    import ctmkit.data.readers as readers
+    a = np.random.default_rng(2).normal(size=(30, 6)).astype(">f4")
+    np.save(tmp_path / "be.npy", a)
+    d = load_data(str(tmp_path / "be.npy"))
+    assert torch.equal(d.raw([0, 29]), torch.from_numpy(a[[0, 29]].astype("<f4")))
+    monkeypatch.setattr(readers, "PIECE", 7)    # a read of many pieces (one pread returns at most ~2 GiB)
+    assert np.array_equal(np.asarray(d.items), a) and np.array_equal(d.items[[3, 1]], a[[3, 1]])
+    (tmp_path / "be.npy").unlink()              # the open descriptor still reads the file
+    assert np.array_equal(d.items[5], a[5])

@@ -249,3 +249,20 @@ def test_auto_student_form_is_edm_for_noise_predicting_teachers(tmp_path, predic
     assert card.precond is None or card.precond["prediction"] == prediction
     assert all(predicts_noise({"kind": k}) for k in ("edm_vp", "edm_ve", "edm_iddpm"))
     assert not predicts_noise(None) and not predicts_noise({"kind": "flow"})
+
+
+def test_a_resumed_run_keeps_its_students_form(tmp_path):
+    """A run started with the student in the teacher's form is not resumed in EDM's form (the auto default)."""
+    from ctmkit.config import DistillConfig, load_config
+    from ctmkit.data import load_data
+    from ctmkit.train.ctm import CTMRun
+    folder = save_pipeline(tmp_path / "pipe", tiny_unet(classes=10), ddim("epsilon"))
+    data = load_data("digits", n=64)
+
+    def cfg(steps, form):
+        return load_config(DistillConfig, None, None, ["ctm.gan=false", f"ctm.student_precond={form}"], data="digits",
+                           teacher=f"diffusers:{folder}", **{"train.steps": steps, "train.batch_size": 4})
+    CTMRun(cfg(1, "teacher"), tmp_path / "ctm", data).fit(progress=False)
+    with pytest.raises(UserError, match="resume with ctm.student_precond=teacher"):
+        CTMRun(cfg(2, "auto"), tmp_path / "ctm", data, resume=True)
+    CTMRun(cfg(2, "teacher"), tmp_path / "ctm", data, resume=True).fit(progress=False)

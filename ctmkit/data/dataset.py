@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ctmkit.core.mixtures import GaussianMixture
-from ctmkit.data.normalize import CHUNK, Normalizer, fit_images, fit_vectors, vector_normalizer
+from ctmkit.data.normalize import Normalizer, array_tensor, chunk_rows, fit_images, fit_vectors, vector_normalizer
 from ctmkit.errors import UserError
 
 Sampler = Callable[[int, "torch.Generator | None"], Tensor]
@@ -58,17 +58,17 @@ class Dataset:
 
     def raw(self, idx) -> Tensor:
         """Data-space items at indices `idx` as a CPU tensor in the data's dtype (uint8 stays uint8) and layout."""
-        idx = np.asarray(idx, dtype=np.int64)
-        a = np.asarray(self.items[idx])
-        return torch.from_numpy(a if a.flags.writeable else np.array(a))
+        return array_tensor(self.items[np.asarray(idx, dtype=np.int64)])
 
     def __getitem__(self, idx) -> Tensor:
         """Model-space float32 items at indices `idx` (a tensor, array or list of ints) on the CPU."""
         return self.normalizer.to_model_batch(self.raw(idx))
 
-    def batches(self, idx=None, size: int = CHUNK) -> Iterator[Tensor]:
-        """Model-space batches of at most `size` items over `idx` (default: every item, in order)."""
+    def batches(self, idx=None, size: int | None = None) -> Iterator[Tensor]:
+        """Model-space batches of at most `size` items (default: data/normalize.py: chunk_rows) over `idx` (default:
+        every item, in order)."""
         idx = np.arange(len(self)) if idx is None else np.asarray(idx, dtype=np.int64)
+        size = size or chunk_rows(self.items.shape)
         for i in range(0, len(idx), size):
             yield self[idx[i:i + size]]
 
@@ -127,8 +127,9 @@ def check_array(a, what: str = "data") -> str:
         raise UserError(f"{what} has dtype {a.dtype}; expected uint8 or floating-point numbers")
     if len(a.shape) == 0 or 0 in a.shape:
         raise UserError(f"{what} is empty (shape {tuple(a.shape)}); it needs at least one sample")
-    for i in range(0, a.shape[0], CHUNK) if a.dtype.kind == "f" else ():
-        c = np.asarray(a[i:i + CHUNK])
+    k = chunk_rows(a.shape)
+    for i in range(0, a.shape[0], k) if a.dtype.kind == "f" else ():
+        c = np.asarray(a[i:i + k])
         bad = ~np.isfinite(c)
         if bad.any():
             first = i + int(np.argwhere(bad.reshape(c.shape[0], -1).any(1))[0, 0])
@@ -174,17 +175,18 @@ def from_array(a, spec: str, labels: np.ndarray | None = None, num_classes: int 
     """A finite Dataset over data-space items (an array, NpyRows or LazyImages; first n items),
     validated; the items stay as they are and are normalised per batch."""
     check_n(n)
-    dtype = check_array(a)
-    if n is not None:
+    if n is not None and hasattr(a, "shape") and len(a.shape) > 0:   # only the first n items are read at all
         a = a[:n]
         labels = None if labels is None else np.asarray(labels)[:n]
+    dtype = check_array(a)
     layout = layout or infer_layout(a.shape)
     lab, k = check_labels(labels, a.shape[0], num_classes)
     if normalizer is None:
         normalizer = fit_vectors(a, dtype) if layout == "ND" else fit_images(a, layout, dtype)
     data = Dataset(items=a, labels=lab, num_classes=k, normalizer=normalizer, spec=spec)
-    for i in range(0, len(data), CHUNK) if dtype != "uint8" else ():   # uint8 maps into [-1, 1]
-        if not torch.isfinite(data[np.arange(i, min(i + CHUNK, len(data)))]).all():
+    k = chunk_rows(a.shape)
+    for i in range(0, len(data), k) if dtype != "uint8" else ():   # uint8 maps into [-1, 1]
+        if not torch.isfinite(normalizer.to_model_batch(array_tensor(a[i:i + k]))).all():
             raise UserError("data values are too large to normalise; rescale the data")
     return data
 

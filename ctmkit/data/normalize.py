@@ -19,7 +19,13 @@ from ctmkit.errors import UserError
 SIGMA_DATA = 0.5
 LAYOUTS = ("ND", "NHW", "NHWC", "NCHW")
 DTYPES = ("uint8", "float32")
-CHUNK = 4096  # items converted or checked at a time (float64 work buffers stay small)
+CHUNK = 4096  # at most this many items converted or checked at a time (float64 work buffers stay small)
+
+
+def chunk_rows(shape: tuple) -> int:
+    """Items per chunk of an array of `shape` [N, ...]: CHUNK, fewer for big items (a float64 chunk stays <= 64 MB)."""
+    per_item = int(np.prod(shape[1:], dtype=np.int64)) * 8
+    return max(1, min(CHUNK, (1 << 26) // max(per_item, 1)))
 
 
 @dataclass
@@ -101,15 +107,17 @@ class Normalizer:
         [N, C, H, W]; converted in chunks by `to_model_batch`."""
         a = x.detach().cpu() if isinstance(x, Tensor) else x
         self._check_data_shape(tuple(a.shape))
-        parts = [self.to_model_batch(_tensor(a[i:i + CHUNK])) for i in range(0, a.shape[0], CHUNK)]
-        return torch.cat(parts) if parts else self.to_model_batch(_tensor(a[:0]))
+        k = chunk_rows(a.shape)
+        parts = [self.to_model_batch(array_tensor(a[i:i + k])) for i in range(0, a.shape[0], k)]
+        return torch.cat(parts) if parts else self.to_model_batch(array_tensor(a[:0]))
 
     def to_data(self, x: Tensor | np.ndarray) -> np.ndarray:
         """Model tensor -> array in the data's own layout and value range (uint8 rounded and clipped)."""
         a = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
         self._check_model_shape(a.shape)
         n = a.shape[0]
-        parts = [self._backward(a[i:i + CHUNK].astype(np.float64)) for i in range(0, n, CHUNK)]
+        k = chunk_rows(a.shape)
+        parts = [self._backward(a[i:i + k].astype(np.float64)) for i in range(0, n, k)]
         return np.concatenate(parts) if parts else self._backward(a.astype(np.float64))
 
     # ---- serialisation ------------------------------------------------------------------------
@@ -135,11 +143,13 @@ class Normalizer:
                             "re-create it from the data") from e
 
 
-def _tensor(a) -> Tensor:
-    """A tensor of an array chunk (copied when read-only)."""
+def array_tensor(a) -> Tensor:
+    """A CPU tensor of an array (chunk): copied when read-only or not in native byte order."""
     if isinstance(a, Tensor):
         return a
     a = np.asarray(a)
+    if not a.dtype.isnative:   # big-endian data: torch takes native byte order only
+        return torch.from_numpy(a.astype(a.dtype.newbyteorder("=")))
     return torch.from_numpy(a if a.flags.writeable else np.array(a))
 
 
@@ -156,8 +166,9 @@ def fit_vectors(x: np.ndarray, dtype: str) -> Normalizer:
     streamed over chunks (Chan et al.'s pairwise update of count, mean and sum of squared deviations)."""
     count, mean, m2 = 0, np.zeros(x.shape[1]), np.zeros(x.shape[1])
     with np.errstate(over="ignore", invalid="ignore"):
-        for i in range(0, x.shape[0], CHUNK):
-            c = np.asarray(x[i:i + CHUNK], dtype=np.float64)
+        k = chunk_rows(x.shape)
+        for i in range(0, x.shape[0], k):
+            c = np.asarray(x[i:i + k], dtype=np.float64)
             k, mc = c.shape[0], c.mean(0)
             delta = mc - mean
             m2 = m2 + ((c - mc) ** 2).sum(0) + delta ** 2 * count * k / (count + k)
@@ -180,8 +191,9 @@ def fit_images(x: np.ndarray, layout: str, dtype: str) -> Normalizer:
     if dtype == "uint8":
         lo, hi = 0.0, 255.0
     else:   # min and max streamed over chunks (a file read on access is never read whole)
-        lo = min(float(np.asarray(x[i:i + CHUNK]).min()) for i in range(0, x.shape[0], CHUNK))
-        hi = max(float(np.asarray(x[i:i + CHUNK]).max()) for i in range(0, x.shape[0], CHUNK))
+        k = chunk_rows(x.shape)
+        lo = min(float(np.asarray(x[i:i + k]).min()) for i in range(0, x.shape[0], k))
+        hi = max(float(np.asarray(x[i:i + k]).max()) for i in range(0, x.shape[0], k))
         if lo >= 0.0 and hi <= 1.0:
             lo, hi = 0.0, 1.0
         elif lo >= -1.0 and hi <= 1.0:

@@ -39,36 +39,61 @@ def first_line(e: BaseException) -> str:
 
 
 # ---- numpy --------------------------------------------------------------------------------------
+class SharedFile:
+    """A read-only descriptor of a path, shared by the views of one file and reopened (by path) in another process
+    (DataLoader workers): opened at once, so a file replaced or removed later is still the one read here."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.fd, self.pid = Path(path), None, None
+        self.here()
+
+    def here(self) -> int:
+        """The descriptor of this process."""
+        if self.fd is None or self.pid != os.getpid():
+            try:
+                self.fd, self.pid = os.open(self.path, os.O_RDONLY), os.getpid()
+            except OSError as e:
+                raise UserError(f"cannot open '{self.path}' ({e.strerror or e})") from None
+        return self.fd
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "fd": None, "pid": None}
+
+    def __del__(self) -> None:
+        if self.fd is not None and self.pid == os.getpid():
+            os.close(self.fd)
+
+
+PIECE = 1 << 26   # bytes per positioned read (one pread returns at most ~2 GiB)
+
+
 class NpyRows:
     """The items of a C-ordered .npy file as a read-only array [N, ...] read on access (`a[i]`, `a[index array]`,
-    np.asarray(a); `a[start:stop]` is a view, read when used) with positioned reads (os.pread): nothing is read up
-    front, and the rows read are copies, so the process keeps no file pages (a memory map's pages count in its RSS,
-    ~1 MB per random item with an 8 MB read-ahead). Reopened in each process (DataLoader workers)."""
+    np.asarray(a); `a[start:stop]` is a view, read when used) with positioned reads into the result (os.preadv):
+    nothing is read up front, and the process keeps no file pages (a memory map's pages count in its RSS, ~1 MB per
+    random item with an 8 MB read-ahead)."""
 
-    def __init__(self, path: Path, shape: tuple, dtype: np.dtype, offset: int) -> None:
+    def __init__(self, path: Path, shape: tuple, dtype: np.dtype, offset: int, file: SharedFile | None = None) -> None:
         self.path, self.shape, self.dtype, self.offset = Path(path), tuple(shape), np.dtype(dtype), int(offset)
         self.row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        self._fd, self._pid = None, None
+        self.file = file or SharedFile(path)
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fd": None, "_pid": None}
-
-    def __del__(self) -> None:
-        if self._fd is not None and self._pid == os.getpid():
-            os.close(self._fd)
-
     def _read(self, start: int, count: int) -> np.ndarray:
-        if self._fd is None or self._pid != os.getpid():
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        want = count * self.row
-        buf = os.pread(self._fd, want, self.offset + start * self.row)
-        if len(buf) != want:
-            raise UserError(f"'{self.path}' is shorter than its header says (rows {start}..{start + count - 1}); "
-                            "re-create it")
-        return np.frombuffer(bytearray(buf), self.dtype).reshape((count, *self.shape[1:]))
+        out = np.empty((count, *self.shape[1:]), self.dtype)
+        buf, pos, want = memoryview(out.reshape(-1).view(np.uint8)), 0, count * self.row
+        while pos < want:
+            try:
+                got = os.preadv(self.file.here(), [buf[pos:pos + PIECE]], self.offset + start * self.row + pos)
+            except OSError as e:
+                raise UserError(f"cannot read '{self.path}' ({e.strerror or e})") from None
+            if got == 0:
+                raise UserError(f"'{self.path}' is shorter than its header says (rows {start}..{start + count - 1}); "
+                                "re-create it")
+            pos += got
+        return out
 
     def __getitem__(self, key) -> np.ndarray:
         n = len(self)
@@ -76,7 +101,7 @@ class NpyRows:
             start, stop, step = key.indices(n)
             if step == 1:
                 return NpyRows(self.path, (max(stop - start, 0), *self.shape[1:]), self.dtype,
-                               self.offset + start * self.row)
+                               self.offset + start * self.row, self.file)
             key = np.arange(start, stop, step)
         if np.ndim(key) == 0:
             i = int(key)

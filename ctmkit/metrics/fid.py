@@ -187,8 +187,9 @@ def data_sha256(data) -> str:
     if hasattr(items, "digest"):
         h.update(items.digest().encode())
         return h.hexdigest()
-    for i in range(0, items.shape[0], 4096):
-        h.update(np.ascontiguousarray(items[i:i + 4096]).tobytes())
+    k = max(1, (1 << 26) // max(1, int(np.prod(items.shape[1:])) * items.dtype.itemsize))   # 64 MB at a time
+    for i in range(0, items.shape[0], k):
+        h.update(np.ascontiguousarray(items[i:i + k]).tobytes())
     return h.hexdigest()
 
 

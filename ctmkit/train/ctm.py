@@ -16,6 +16,7 @@ With micro-batches, lambda is computed per micro-batch (as in the reference impl
 
 from __future__ import annotations
 
+import json
 import logging
 import typing
 from dataclasses import dataclass, fields, replace
@@ -99,6 +100,7 @@ class CTMRun(Run):
             cfg.model, data.kind, data.shape, data.num_classes, data.spec))
         keep = init and self.student_form(tcard.precond) == "teacher"
         self.precond = tcard.precond if keep else None        # a foreign teacher's form, kept by its student
+        self.check_resumed_form()
         self.net = CTM(self.spec.build(), cfg.model.sigma_data, make_precond(self.precond, cfg.model.sigma_data))
         if init:  # weight for weight: every shared layer copied; the s-embedding (unused by teachers) starts at 0
             missing = self.net.load_state_dict(self.teacher.state_dict(), strict=False)
@@ -152,6 +154,20 @@ class CTMRun(Run):
         if p >= 0 and "dropout" in spec.kwargs.get("config", {}):       # a diffusers UNet2DModel
             return BackboneSpec(spec.arch, {**spec.kwargs, "config": {**spec.kwargs["config"], "dropout": p}})
         return spec
+
+    def check_resumed_form(self) -> None:
+        """A resumed run keeps its student's preconditioning (its model.json), whatever ctm.student_precond now says."""
+        card = self.out / "model.json"
+        if not (self.resume and card.is_file()):
+            return
+        try:
+            before = json.loads(card.read_text()).get("precond")
+        except (OSError, ValueError, AttributeError):
+            return   # no readable card: nothing to compare with (load_latest reports a broken run)
+        if before != json.loads(json.dumps(self.precond)):     # compared as model.json holds it
+            was = "EDM's" if before is None else f"the teacher's ({before.get('kind')})"
+            raise UserError(f"'{self.out}' was trained with the student in {was} form but these settings give another "
+                            f"one; resume with ctm.student_precond={'edm' if before is None else 'teacher'}")
 
     def student_form(self, teacher_precond: dict | None) -> str:
         """ctm.student_precond resolved: 'auto' is 'edm' for a teacher that predicts the noise (its x0 error grows
