@@ -26,8 +26,8 @@ def main() -> None:
     pipe = sys.argv[1] if len(sys.argv) > 1 else "bench/out/diffusers_digits/pipeline"
     steps = int(sys.argv[2]) if len(sys.argv) > 2 else 300
     data = load_data("digits")
-    cfg = load_config(DistillConfig, "digits", None, ["ctm.student_precond=edm", f"ctm.gan_start={steps // 2}",
-                                                      f"train.steps={steps}"], data="digits", teacher=f"diffusers:{pipe}")
+    overrides = ["ctm.student_precond=edm", f"ctm.gan_start={steps // 2}", f"train.steps={steps}"]
+    cfg = load_config(DistillConfig, "digits", None, overrides, data="digits", teacher=f"diffusers:{pipe}")
     out = pathlib.Path(f"bench/out/diffusers_digits/ctm_edm_{steps}")
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
