@@ -210,3 +210,40 @@ def test_sampling_under_torchrun_equals_one_process(tmp_path):
     ok(ctmkit(*ev, "--out", tmp_path / "one.json", cwd=tmp_path))
     rows = [json.loads((tmp_path / f"{k}.json").read_text())["rows"] for k in ("one", "two")]
     assert [r["value"] for r in rows[0]] == [r["value"] for r in rows[1]]
+
+
+def _gather_transformed(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as tdist
+
+    from ctmkit import load_model
+    from ctmkit.eval.generate import generate_batches
+
+    from .test_layout import LEGACY_RUN
+    tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        made_here = []
+        model = load_model(LEGACY_RUN)
+        got = list(generate_batches(model, 19, 2, 0.5, 3, None, 4, progress=False,
+                                    transform=lambda x: (made_here.append(len(x)) or x.sum(1), x)))
+        if rank == 0:
+            torch.save({"got": got, "made_here": made_here}, out)
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_batches_are_transformed_by_the_rank_that_made_them(tmp_path):
+    """generate_batches(transform=f): each rank applies f to its own batches before the gather (the image metrics'
+    feature work is split), and the gathered results equal one process's, in order."""
+    from ctmkit import load_model
+    from ctmkit.eval.generate import generate_batches
+
+    from .test_layout import LEGACY_RUN
+    torch.multiprocessing.spawn(_gather_transformed, args=(2, f"file://{tmp_path / 'store'}", str(tmp_path / "r.pt")),
+                                nprocs=2, join=True)
+    two = torch.load(tmp_path / "r.pt")
+    one = list(generate_batches(load_model(LEGACY_RUN), 19, 2, 0.5, 3, None, 4, progress=False,
+                                transform=lambda x: (x.sum(1), x)))
+    assert two["made_here"] == [4, 4, 3]      # rank 0 made batches 0, 2, 4 of 5 (19 samples by 4)
+    assert len(two["got"]) == len(one) == 5
+    for (fa, xa), (fb, xb) in zip(one, two["got"]):
+        assert torch.equal(fa, fb) and torch.equal(xa, xb)

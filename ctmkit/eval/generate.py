@@ -59,9 +59,10 @@ def generate(model, n: int, nfe: int | None, gamma: float, seed: int, labels: Te
 
 
 def generate_batches(model, n: int, nfe: int | None, gamma: float, seed: int, labels=None, batch_size: int = 500,
-                     sampler: str = "auto", progress: bool | None = True, ts=None, two_jump=None):
+                     sampler: str = "auto", progress: bool | None = True, ts=None, two_jump=None, transform=None):
     """`generate` one batch at a time (bounded memory): yields model-space batches on the CPU, in order.
-    `labels(start, b)` gives the labels of samples start .. start + b - 1 (None: unconditional)."""
+    `labels(start, b)` gives the labels of samples start .. start + b - 1 (None: unconditional). `transform(x)`:
+    applied to each batch by the process that made it (under torchrun, before the gather), yielded instead."""
     card = model.card
     sigmas = None if ts is None else check_times(ts, card.sigma_min, card.sigma_max)
     if sigmas is not None:
@@ -86,6 +87,7 @@ def generate_batches(model, n: int, nfe: int | None, gamma: float, seed: int, la
                 z = per_sample_normal(b, (nfe,) + shape, seed, start).to(device)  # [b, nfe, ...]: start + re-noise
                 lab = labels(start, b).to(device) if labels is not None else None
                 mine = _sample_batch(model, z, lab, sampler, nfe, gamma, sigmas, grid, two_jump).cpu()
+                mine = mine if transform is None else transform(mine)
             if world == 1:
                 yield mine
                 continue

@@ -131,15 +131,15 @@ class FeatureFD(Quality):
 
     @torch.no_grad()
     def point(self, model, sampler: str, nfe: int, gamma: float, ts=None, seed: int = 1) -> tuple[float, dict, Tensor]:
-        """Class-conditional models get balanced labels. Samples are featurised batch by batch (bounded memory);
-        the first KEEP of them are returned."""
+        """Class-conditional models get balanced labels. Samples are featurised batch by batch, each by the process
+        that made it (bounded memory; under torchrun the ranks share the feature work); the first KEEP are returned."""
         kept: list[Tensor] = []
 
         def features():
-            for x in generate_batches(model, self.n, nfe, gamma, seed, balanced_label_batches(model), 500, sampler,
-                                      progress=False, ts=ts):
+            for f, x in generate_batches(model, self.n, nfe, gamma, seed, balanced_label_batches(model), 500, sampler,
+                                         progress=False, ts=ts, transform=lambda x: (self.features(x), x[:KEEP])):
                 kept.append(x[:KEEP - sum(len(k) for k in kept)])
-                yield self.features(x)
+                yield f
 
         mu, s = streamed_stats(features())
         return frechet_distance(mu, s, self.mu_r, self.s_r), {}, torch.cat(kept)
