@@ -191,9 +191,10 @@ def fit_images(x: np.ndarray, layout: str, dtype: str) -> Normalizer:
     if dtype == "uint8":
         lo, hi = 0.0, 255.0
     else:   # min and max streamed over chunks (a file read on access is never read whole)
-        k = chunk_rows(x.shape)
-        lo = min(float(np.asarray(x[i:i + k]).min()) for i in range(0, x.shape[0], k))
-        hi = max(float(np.asarray(x[i:i + k]).max()) for i in range(0, x.shape[0], k))
+        k, lo, hi = chunk_rows(x.shape), math.inf, -math.inf
+        for i in range(0, x.shape[0], k):   # one pass: each chunk read once for both
+            c = np.asarray(x[i:i + k])
+            lo, hi = min(lo, float(c.min())), max(hi, float(c.max()))
         if lo >= 0.0 and hi <= 1.0:
             lo, hi = 0.0, 1.0
         elif lo >= -1.0 and hi <= 1.0:

@@ -19,6 +19,7 @@ from ..progress import progress_bar
 from . import readers
 from .images import IMAGE_EXTS, ImageSource, is_edm_dataset, iter_arrays, labels_path, scan_headers
 from .load import read_raw
+from .normalize import chunk_rows
 
 
 def prepare(src_path: Path, out: Path, resolution: int | None = None, progress: bool | None = True) -> dict:
@@ -34,10 +35,11 @@ def prepare(src_path: Path, out: Path, resolution: int | None = None, progress: 
     if resolution:
         raise UserError("--resolution applies to image files (folders and zips); this source is an array")
     raw = read_raw(src_path)
-    a = np.asarray(raw.data)
-    if a.dtype != np.uint8 or a.ndim not in (3, 4):
-        raise UserError(f"'{src_path}' is not a set of uint8 images (dtype {a.dtype}, shape {a.shape})")
-    _write_npy(out, a.shape, (a[i:i + 4096] for i in range(0, len(a), 4096)))
+    a = raw.data   # in memory, or a .npy read row by row (readers.NpyRows): copied a chunk at a time either way
+    if a.dtype != np.uint8 or len(a.shape) not in (3, 4):
+        raise UserError(f"'{src_path}' is not a set of uint8 images (dtype {a.dtype}, shape {tuple(a.shape)})")
+    k = chunk_rows(a.shape)
+    _write_npy(out, tuple(a.shape), (np.asarray(a[i:i + k]) for i in range(0, len(a), k)))
     _write_labels(out, raw.labels)
     return {"n": len(a), "shape": list(a.shape[1:]), "labelled": raw.labels is not None}
 

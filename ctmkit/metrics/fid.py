@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.normalize import chunk_rows
 from ..errors import UserError
 from ..io.atomic import atomic_write_bytes
 from ..progress import progress_bar
@@ -187,7 +188,7 @@ def data_sha256(data) -> str:
     if hasattr(items, "digest"):
         h.update(items.digest().encode())
         return h.hexdigest()
-    k = max(1, (1 << 26) // max(1, int(np.prod(items.shape[1:])) * items.dtype.itemsize))   # 64 MB at a time
+    k = chunk_rows(items.shape)
     for i in range(0, items.shape[0], k):
         h.update(np.ascontiguousarray(items[i:i + k]).tobytes())
     return h.hexdigest()
