@@ -1,9 +1,25 @@
 import math
+import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 from ctmkit import GaussianMixture
+
+_CACHE = tempfile.mkdtemp(prefix="ctmkit-test-cache-")
+
+
+def pytest_configure(config):
+    # The suite never reads or writes the user's ~/.cache/ctmkit: statistics cached there by another run (another
+    # torch, another ATEN_CPU_CAPABILITY) differ in their last bits and would leak into tests that compare a cached
+    # value with a fresh one. Set here, before the test modules build their subprocess environments.
+    os.environ["CTMKIT_CACHE"] = _CACHE
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def ring_mixture(k: int = 8, radius: float = 1.0, std: float = 0.08) -> GaussianMixture:

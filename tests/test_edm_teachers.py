@@ -152,7 +152,16 @@ def test_iddpm_levels_are_edms(tmp_path):
     t = load_file(str(FIX / "iddpm_dhariwal_cond.safetensors"))
     write_edm_pickle("iddpm_dhariwal_cond", tmp_path / "net.pkl", tmp_path / "EXECUTED")
     teacher = load_teacher(f"edm:{tmp_path / 'net.pkl'}")
-    assert torch.equal(teacher.precond.u, t["u"])
+    u, want = teacher.precond.u.double(), t["u"].double()
+    assert u.shape == want.shape == (1001,) and u[-1] == want[-1] == 0
+    rel = ((u - want).abs() / want)[:-1]
+    # EDM tabulates the levels by a 1000-step float32 recursion; kernels (sin, reductions) round differently on
+    # other CPUs, so compare to a tolerance, not bitwise. Above sigma 1 the recursion is well conditioned: EDM's own
+    # float32 table is within 1.1e-6 of the exact float64 levels, so two float32 tables agree to twice that (1e-5
+    # leaves a margin of 4). Below it `(u^2 + 1) / ratio - 1` cancels and the float32 table drifts from the exact
+    # levels by up to 4.8e-4 (at sigma 0.006); two such tables may differ by the sum of their drifts: 1e-3.
+    # Measured here: 9.7e-7 at most under ATEN_CPU_CAPABILITY default / avx2 / avx512.
+    assert rel[want[:-1] >= 1].max() <= 1e-5 and rel.max() <= 1e-3, (rel[want[:-1] >= 1].max(), rel.max())
 
 
 class _Evil:
