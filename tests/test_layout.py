@@ -177,7 +177,7 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
     return out
 
 
-LAYERS = ["errors progress config", "core", "nets", "data", "io", "metrics", "teachers", "train eval",
+LAYERS = ["errors progress config job", "core", "nets", "data", "io", "metrics", "teachers", "train eval",
           "cli demo __main__ __init__"]
 
 

@@ -60,7 +60,7 @@ def test_an_output_larger_than_the_disk_is_refused_up_front(tmp_path):
 
 
 def test_labels_are_built_per_batch(tmp_path):
-    from ctmkit.cli import _parse_labels
+    from ctmkit.cli.sample import parse_labels as _parse_labels
     lab = _parse_labels("3,5", 10)
     assert lab(0, 5).tolist() == [3, 5, 3, 5, 3] and lab(10**12 + 1, 2).tolist() == [5, 3]
     assert torch.equal(_parse_labels(None, 4)(6, 4), torch.tensor([2, 3, 0, 1]))

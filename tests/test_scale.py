@@ -163,9 +163,10 @@ def test_compiled_backbone_matches_eager(tmp_path):
 
 TEARDOWN_SCRIPT = """
 import gc, weakref, torch, torch.distributed as dist
+from ctmkit import job
 from ctmkit.train import dist as d
 gc.disable()                                    # deterministic: only teardown() may collect the cycle
-info, dev = d.setup("cpu")
+info, dev = job.setup("cpu")
 class Holder:                                   # a finished run: DDP wrapper inside a reference cycle
     pass
 h = Holder()
@@ -175,7 +176,7 @@ h.ddp("forward", torch.ones(4, 2)).sum().backward()
 freed_while_group_alive = []
 weakref.finalize(h.ddp, lambda: freed_while_group_alive.append(dist.is_initialized()))
 del h
-d.teardown()
+job.teardown()
 assert freed_while_group_alive == [True], freed_while_group_alive
 print("ok")
 """

@@ -23,6 +23,7 @@ from ..errors import UserError
 from ..io.atomic import atomic_write_text
 from ..io.card import DataCard, ModelCard
 from ..io.checkpoint import load_latest, save_checkpoint
+from ..job import setup as join_job
 from ..progress import progress_bar
 from . import dist
 
@@ -47,7 +48,7 @@ class Run:
         cfg.validate()
         self.cfg, self.tcfg, self.data, self.resume = cfg, cfg.train, data, resume
         self.out = Path(out)
-        self.dist, self.device = dist.setup(cfg.train.device)
+        self.dist, self.device = join_job(cfg.train.device)
         self.check_split("train.batch_size", self.tcfg.batch_size)
         self.gen = torch.Generator().manual_seed(cfg.train.seed + 1)   # all data/noise draws (CPU, then moved)
         self.step, self.bad_in_a_row, self.bad_total = 0, 0, 0

@@ -1,0 +1,93 @@
+"""`ctmkit sample`: samples of a trained teacher or CTM (or a foreign teacher), in the data's own space."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import UserError
+from .base import check_out_dir, load_model_spec, main, parse_times, two_jump_request, user_errors
+
+
+def parse_labels(spec: str | None, num_classes: int):
+    """--labels -> labels(start, b) of samples start .. start + b - 1 (the given classes cycled, or all classes in
+    turn), computed per batch so that no n-sized array is ever built; None for an unconditional model."""
+    import torch
+    if num_classes == 0:
+        if spec:
+            raise UserError("--labels given, but the model is not class-conditional")
+        return None
+    vals = torch.arange(num_classes)
+    if spec:
+        try:
+            vals = torch.tensor([int(v) for v in spec.split(",")])
+        except ValueError:
+            raise UserError(f"--labels must be comma-separated integers, got '{spec}'") from None
+        bad = [int(v) for v in vals if not 0 <= v < num_classes]
+        if bad:
+            raise UserError(f"--labels {bad[0]} is out of range: this model has classes 0..{num_classes - 1}")
+    return lambda start, b: vals[torch.arange(start, start + b) % len(vals)]
+
+
+@main.command("sample")
+@click.option("--model", "model_dir", required=True, type=click.Path(),
+              help="A run folder (teacher or CTM), or a teacher SPEC: diffusers:DIR, edm:FILE.pkl, py:MODULE:ATTR.")
+@click.option("--num-samples", "--n", "n", type=int, default=1000, show_default=True,
+              help="Number of samples. --n is a short alias; under torchrun use --num-samples (torchrun's own parser "
+                   "takes --n as an abbreviation of its options).")
+@click.option("--nfe", type=int, default=None,
+              help="Network evaluations: CTM gamma-sampling default 1; Heun default 35 (18 steps).")
+@click.option("--ts", default=None,
+              help="Custom times instead of --nfe, descending from sigma_max to sigma_min, e.g. 80,2.5,0.002 (NFE 2): "
+                   "gamma-sampling jumps between them, Heun steps along them.")
+@click.option("--two-jump", "two_jump", default=None, metavar="I1,I2",
+              help="The reference's two-jump sampler (CTM, NFE 2): jump t_0 -> t_I1, re-noise up to t_I2 (I2 <= I1), "
+                   "jump t_I2 -> sigma_min; I1, I2 index the training grid t_0 = sigma_max > ... > t_{N-1} = sigma_min "
+                   "(N: the run's ctm.num_scales, or --grid). The reference samples ImageNet-64 with 36,20 on N = 40.")
+@click.option("--grid", "grid_n", type=int, default=None, help="N of the --two-jump grid (default: the run's).")
+@click.option("--gamma", type=float, default=0.0, show_default=True,
+              help="CTM gamma in [0, 1]: 0 deterministic ODE jumps, 1 consistency-model multistep.")
+@click.option("--sampler", type=click.Choice(["auto", "gamma", "heun"]), default="auto", show_default=True,
+              help="auto: gamma for a CTM, heun for a teacher; heun on a CTM uses it as a denoiser.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed; sample i depends only on (seed, i).")
+@click.option("--labels", default=None, help="Class labels for a conditional model: '3' or '0,1,2' (cycled).")
+@click.option("--batch-size", type=int, default=500, show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="FILE.npz (+ a PNG beside) or FILE.png.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def sample(model_dir, n, nfe, ts, two_jump, grid_n, gamma, sampler, seed, labels, batch_size, out, quiet):
+    """Sample a trained teacher or CTM; samples come back in the data's own space and layout."""
+    if n < 1 or batch_size < 1:
+        raise UserError("--n and --batch-size must be >= 1")
+    if nfe is not None and nfe < 1:  # checked here: generate() reads --nfe 0 as "use the default"
+        raise UserError(f"--nfe must be >= 1, got {nfe}")
+    if nfe is not None and ts is not None:
+        raise UserError("give --nfe or --ts, not both (--ts sets the NFE: its number of times minus one)")
+    if two_jump is not None and (nfe is not None or ts is not None or gamma != 0):
+        raise UserError("--two-jump sets the whole schedule: leave out --nfe, --ts and --gamma")
+    times = parse_times(ts) if ts is not None else None
+    if grid_n is not None and two_jump is None:
+        raise UserError("--grid applies only with --two-jump")
+    out_path = Path(out)  # checked before sampling, not after all the work is done
+    if out_path.suffix not in (".npz", ".png"):
+        raise UserError(f"--out must end in .npz or .png, got '{out_path.name}'")
+    check_out_dir(out_path)
+    from .. import job as dist
+    job, device = dist.setup("auto")     # under torchrun: the batches are split over the ranks, rank 0 writes
+    model = load_model_spec(model_dir).to(device)
+    lab = parse_labels(labels, model.card.num_classes)
+    jumps = two_jump_request(two_jump, grid_n, model_dir) if two_jump is not None else None
+    from ..eval.generate import check_disk, generate_batches, sample_bytes, stream_samples
+    if out_path.suffix == ".npz":          # refused up front, not after hours of sampling
+        check_disk(out_path, sample_bytes(model.card, n, lab is not None))
+    count = n if out_path.suffix == ".npz" else min(n, 256)          # a PNG alone shows the first 256
+    batches = generate_batches(model, count, nfe, gamma, seed, lab, batch_size, sampler, progress=not quiet, ts=times,
+                               two_jump=jumps)
+    if job.main:
+        for p in stream_samples(batches, count, lab, model.card, out_path):
+            click.echo(f"wrote {p}")
+    else:
+        for _ in batches:                # the other ranks take part in every gather
+            pass
+    dist.teardown()
