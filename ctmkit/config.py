@@ -65,6 +65,10 @@ class TrainConfig:
     warmup: int = 0                 # linear learning-rate warm-up steps
     grad_clip: float = 0.0          # max gradient norm (0 = off)
     ema: list[float] = field(default_factory=lambda: [0.999])  # evaluation EMA rates; the first is what gets sampled
+                                    # (unless `ctmkit ema RUN --sigma-rel X` chose a post-hoc EMA)
+    phema: list[float] = field(default_factory=lambda: [0.05, 0.10])  # post-hoc EMA: the widths sigma_rel of the
+                                    # power-function profiles whose snapshots are kept in RUN/phema ([] = none)
+    phema_every: int = 0            # post-hoc EMA snapshot period in steps (0 = train.steps / 16)
     seed: int = 0                   # seed of every random draw (data, noise, init)
     ckpt_every: int = 1000          # checkpoint period in steps (and at the end)
     log_every: int = 50             # stats.jsonl period in steps
@@ -85,6 +89,9 @@ class TrainConfig:
             (self.ckpt_every >= 1, "train.ckpt_every must be >= 1"),
             (self.log_every >= 1, "train.log_every must be >= 1"),
             (all(0 < r < 1 for r in self.ema) and len(self.ema) >= 1, "train.ema must be a list of rates in (0, 1)"),
+            (all(0 < s < 0.3 for s in self.phema) and len(set(self.phema)) == len(self.phema),
+             "train.phema must be a list of distinct widths sigma_rel in (0, 0.3), e.g. [0.05, 0.1]"),
+            (self.phema_every >= 0, "train.phema_every must be >= 0 (0 = train.steps / 16)"),
             (self.precision in ("fp32", "bf16", "fp16"), "train.precision must be fp32, bf16 or fp16"),
             (self.warmup >= 0 and self.grad_clip >= 0, "train.warmup and train.grad_clip must be >= 0"),
             (self.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),

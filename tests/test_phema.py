@@ -81,3 +81,103 @@ def test_a_snapshots_own_profile_is_that_snapshot():
     assert np.allclose(x, np.eye(6)[4], atol=1e-6)
     with pytest.raises(ValueError, match="last snapshot"):
         phema_coefficients(steps, gammas, 301, 6.94)
+
+
+# ---- a training run's snapshots and `ctmkit ema` ---------------------------------------------------------------
+def _distill(out, steps=32, extra=()):
+    from ctmkit.config import DistillConfig, load_config
+    from ctmkit.data import load_data
+    from ctmkit.train.ctm import CTMRun
+    cfg = load_config(DistillConfig, None, None, ["model.hidden=16", "model.depth=1", "ctm.gan=false",
+                                                  "train.phema_every=8", "ckpt_every=16", *extra],
+                      data="ring", teacher="exact", **{"train.steps": steps, "train.batch_size": 32})
+    return CTMRun(cfg, out, load_data("ring"))
+
+
+def test_a_run_snapshots_its_profiles_and_resumes_them_exactly(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from ctmkit.io.phema import list_snapshots
+    run = _distill(tmp_path / "a")
+    run.fit(progress=False)
+    snaps = list_snapshots(tmp_path / "a")
+    assert [(s.step, s.sigma_rel) for s in snaps] == [(t, w) for t in (8, 16, 24, 32) for w in (0.05, 0.1)]
+    assert snaps[0].gamma == pytest.approx(sigma_rel_to_gamma(0.05), rel=1e-12)
+    for i in range(2):                              # the last snapshots are the profiles the run holds
+        last = load_file(str(snaps[-2 + i].path))
+        assert all(torch.equal(last[k], v) for k, v in run.phemas[i].state_dict().items())
+    _distill(tmp_path / "b", steps=16).fit(progress=False)              # stopped at 16 (a checkpoint) ...
+    resumed = _distill(tmp_path / "b", steps=32)
+    resumed.resume = True
+    resumed.fit(progress=False)                                          # ... and resumed to 32
+    for a, b in zip(snaps, list_snapshots(tmp_path / "b")):             # same code, same machine: bitwise
+        assert (a.step, a.sigma_rel) == (b.step, b.sigma_rel)
+        wa, wb = load_file(str(a.path)), load_file(str(b.path))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ema_command_rebuilds_records_and_resets_the_sampled_weights(tmp_path):
+    import torch
+    from click.testing import CliRunner
+
+    from ctmkit import load_model
+    from ctmkit.cli import main
+    from ctmkit.io.phema import list_snapshots, rebuild
+    _distill(tmp_path / "r").fit(progress=False)
+    run = str(tmp_path / "r")
+    x, t = torch.randn(8, 2), torch.full((8,), 3.0)
+    before = load_model(run)(x, t, t / 2)
+    res = CliRunner().invoke(main, ["ema", run, "--sigma-rel", "0.1", "--step", "24"])
+    assert res.exit_code == 0 and "sigma_rel 0.1 at step 24" in res.output, res.output
+    snap = next(s for s in list_snapshots(run) if (s.step, s.sigma_rel) == (24, 0.1))
+    chosen = load_model(run)
+    # the width and step of a snapshot give back that snapshot (least squares, float64: rounding only)
+    want = {k: v for k, v in chosen.state_dict().items()}
+    for k, v in rebuild(run, 0.1, 24)[0].items():
+        assert torch.equal(want[k], v)
+    from safetensors.torch import load_file
+    for k, v in load_file(str(snap.path)).items():
+        assert torch.allclose(want[k], v, rtol=1e-5, atol=1e-6), k
+    assert chosen.card.sampled["phema"] == {"sigma_rel": 0.1, "step": 24}
+    assert torch.equal(load_model(run, ema=0)(x, t, t / 2), before)     # the training EMA stays loadable
+    assert not torch.allclose(chosen(x, t, t / 2), before)
+    assert CliRunner().invoke(main, ["ema", run, "--reset"]).exit_code == 0
+    assert torch.equal(load_model(run)(x, t, t / 2), before) and load_model(run).card.sampled is None
+
+
+@pytest.mark.parametrize("args, words", [(["--sigma-rel", "0.4"], "sigma_rel must be in"),
+                                         (["--sigma-rel", "0.1", "--step", "99"], "outside the snapshots"),
+                                         (["--sweep", "0.1"], "give --teacher"),
+                                         (["--sweep", "0.1,x", "--teacher", "exact"], "comma-separated widths"),
+                                         (["--reset", "--sigma-rel", "0.1"], "one of")])
+def test_ema_command_bad_requests_are_one_line(tmp_path, args, words):
+    from click.testing import CliRunner
+
+    from ctmkit.cli import main
+    _distill(tmp_path / "r", steps=8).fit(progress=False)
+    res = CliRunner().invoke(main, ["ema", str(tmp_path / "r"), *args])
+    assert res.exit_code == 2 and words in res.output and "Traceback" not in res.output, res.output
+
+
+def test_a_run_without_snapshots_says_how_to_get_them(tmp_path):
+    from click.testing import CliRunner
+
+    from ctmkit.cli import main
+    _distill(tmp_path / "r", steps=8, extra=["train.phema=[]"]).fit(progress=False)
+    assert not (tmp_path / "r" / "phema").exists()
+    res = CliRunner().invoke(main, ["ema", str(tmp_path / "r"), "--sigma-rel", "0.1"])
+    assert res.exit_code == 2 and "no post-hoc EMA snapshots" in res.output
+
+
+def test_the_sweep_measures_what_diagnose_measures(ring, tmp_path):
+    from ctmkit.eval.diagnostics import coupled_sweep, diagnose
+
+    from .test_diagnose import FlowMapCTM
+    models = [("exact", FlowMapCTM(ring, steps=32)), ("wrong", FlowMapCTM(ring, steps=2))]
+    sweep = coupled_sweep(models[0][1].card, iter(models), ring, n=32, nfes=(1, 2), steps=140, exact=True)
+    for name, model in models:
+        d = diagnose(model, ring, n=32, nfes=(1, 2), gammas=(0.0,), grid=8, steps=140, exact=True, jump_map=False)
+        for k in (1, 2):     # two accurate float64 Heun solves of the exact ODE on different grids: 1e-4 apart
+            assert sweep[name][k] == pytest.approx(d.coupled[(0.0, k)], abs=1e-4), (name, k)
+    assert sweep["wrong"][1] > 10 * sweep["exact"][1]

@@ -123,3 +123,17 @@ def plot_diagnosis(d: Diagnosis, out_dir: Path, title: str = "") -> list[Path]:
     save_heatmap(d.jump, [f"{v:.3g}" for v in d.levels], paths[1], "s (jump target)", "t (jump start)",
                  "jump error in final-sample space")
     return paths
+
+
+@torch.no_grad()
+def coupled_sweep(card, models, teacher, n: int = 256, nfes=(1, 2, 4), steps: int = 256, seed: int = 0,
+                  labels: Tensor | None = None, exact: bool = False) -> dict:
+    """{name: {nfe: coupled error at gamma 0}} for several weight choices of one CTM (e.g. post-hoc EMA widths):
+    `models` yields (name, model) pairs, built one at a time if it is a generator; all are held against one accurate
+    teacher solve from the same n noises (`diagnose`'s coupled error, its solve shared)."""
+    z = per_sample_normal(n, (max(nfes),) + card.shape, seed)
+    ref = _solve(teacher, z[:, 0].to(torch.float64 if exact else torch.float32) * card.sigma_max, card.sigma_max,
+                 card.sigma_min, steps, labels)
+    return {name: {k: _error(gamma_sample(model, z[:, 0], sample_schedule(k, card.sigma_min, card.sigma_max), 0.0,
+                                          labels=labels, step_noise=z[:, 1:k]), ref) for k in nfes}
+            for name, model in models}

@@ -73,6 +73,8 @@ class ModelCard:
     teacher: str | None = None
     format_version: int = FORMAT_VERSION
     precond: dict | None = None
+    sampled: dict | None = None     # the weights load_model samples when not the first EMA: a post-hoc EMA
+                                    # {"phema": {"sigma_rel", "step"}, "file": path in the run} (`ctmkit ema`)
 
     @property
     def is_ctm(self) -> bool:
@@ -104,6 +106,8 @@ class ModelCard:
             d["teacher"] = self.teacher
         if self.precond is not None:
             d["precond"] = self.precond
+        if self.sampled is not None:
+            d["sampled"] = self.sampled
         return {**d, "ema": list(self.ema), "format_version": FORMAT_VERSION}
 
     @classmethod
@@ -126,8 +130,12 @@ class ModelCard:
         precond = d.get("precond")
         if precond is not None and not isinstance(precond, dict):
             raise ValueError("its 'precond' entry must be an object")
+        sampled = d.get("sampled")
+        if sampled is not None and not (isinstance(sampled, dict) and isinstance(sampled.get("file"), str)):
+            raise ValueError("its 'sampled' entry must be an object with a 'file'")
         return cls(d["kind"], DataCard.from_dict(d["data"]), BackboneSpec(str(bb["arch"]), dict(bb["kwargs"])),
-                   *sig, tuple(float(r) for r in d.get("ema", (0.999,))), d.get("teacher"), version, precond)
+                   *sig, tuple(float(r) for r in d.get("ema", (0.999,))), d.get("teacher"), version, precond,
+                   sampled)
 
     def write(self, run_dir: Path) -> None:
         atomic_write_text(Path(run_dir) / "model.json", json.dumps(self.to_dict(), indent=1))

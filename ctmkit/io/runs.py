@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from ..core.precond import CTM, EDMDenoiser, make_precond
@@ -43,28 +45,24 @@ def build_model(card: ModelCard, where: str = "model.json") -> nn.Module:
         raise malformed(where, e) from None
 
 
-def load_model(path: str | Path, ema: int = 0) -> nn.Module:
-    """The model of a run folder or checkpoint file (EMA number `ema`, default the first): an EDMDenoiser
-    (teacher) or a CTM, on the CPU in eval mode, with its ModelCard as `.card` (and `.info`, the card as a
-    model.json dict of the current format, kept for scripts written against ctmkit 0.1)."""
+def load_model(path: str | Path, ema: int | None = None) -> nn.Module:
+    """The model of a run folder or checkpoint file: an EDMDenoiser (teacher) or a CTM, on the CPU in eval mode,
+    with its ModelCard as `.card` (and `.info`, the card as a model.json dict of the current format, kept for
+    scripts written against ctmkit 0.1). Weights: EMA number `ema` of the newest checkpoint; by default the run's
+    choice, the post-hoc EMA that `ctmkit ema` recorded in the card if any (run folders), else the first EMA."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"model path '{path}' does not exist")
-    if path.is_file():
-        run_dir, state = path.parent.parent, load_checkpoint(path)
+    run_dir = path.parent.parent if path.is_file() else path
+    state = load_checkpoint(path) if path.is_file() else None
+    card = ModelCard.read(run_dir)  # before the checkpoints: a folder that is not a run gets that message
+    if ema is None and state is None and card.sampled is not None:
+        weights = _sampled_weights(run_dir, card.sampled["file"])
     else:
-        run_dir = path
-        ModelCard.read(path)  # first: a folder that is not a run gets that message, not "no checkpoint"
-        state = newest_state(path)
-    card = ModelCard.read(run_dir)
+        weights = _ema_weights(state if state is not None else newest_state(path), 0 if ema is None else ema)
     model = build_model(card, str(Path(run_dir) / "model.json"))
-    nets = state.get("nets")
-    key = f"ema{ema}"
-    if not isinstance(nets, dict) or key not in nets:
-        have = sorted(str(k) for k in nets) if isinstance(nets, dict) else "none"
-        raise UserError(f"checkpoint has no EMA number {ema}; it has {have}")
     try:
-        model.load_state_dict(nets[key])
+        model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"the checkpoint's weights do not fit the network described in model.json ({first}); "
@@ -72,3 +70,22 @@ def load_model(path: str | Path, ema: int = 0) -> nn.Module:
     model.card, model.info = card, card.to_dict()
     model.requires_grad_(False)
     return model.eval()
+
+
+def _ema_weights(state: dict, ema: int) -> dict:
+    nets = state.get("nets")
+    if not isinstance(nets, dict) or f"ema{ema}" not in nets:
+        have = sorted(str(k) for k in nets) if isinstance(nets, dict) else "none"
+        raise UserError(f"checkpoint has no EMA number {ema}; it has {have}")
+    return nets[f"ema{ema}"]
+
+
+def _sampled_weights(run_dir: Path, file: str) -> dict:
+    """The weights file model.json names (a post-hoc EMA rebuilt by `ctmkit ema`)."""
+    path = Path(run_dir) / file
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"model.json samples '{path}', which cannot be read ({type(e).__name__}); rebuild it with "
+                        f"`ctmkit ema {run_dir} --sigma-rel X` or go back to the training EMA with "
+                        f"`ctmkit ema {run_dir} --reset`") from None

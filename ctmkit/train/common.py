@@ -18,14 +18,17 @@ import yaml
 from torch import nn
 
 from ..config import TrainConfig, to_dict
+from ..core.phema import power_beta, sigma_rel_to_gamma
 from ..data.loader import BatchPlan, StepBatches, StepLoader
 from ..errors import UserError
 from ..io.atomic import atomic_write_text
 from ..io.card import DataCard, ModelCard
 from ..io.checkpoint import load_latest, save_checkpoint
+from ..io.phema import write_snapshot
 from ..job import setup as join_job
 from ..progress import progress_bar
 from . import dist
+from .ema import ema_update, frozen_copy
 
 if typing.TYPE_CHECKING:
     from ..data import Dataset
@@ -106,6 +109,31 @@ class Run:
         scale = min(1.0, (self.step + 1) / self.tcfg.warmup) if self.tcfg.warmup > 0 else 1.0
         for group in opt.param_groups:
             group["lr"] = base_lr * scale
+
+    def add_emas(self) -> None:
+        """The evaluation EMAs (train.ema) and the post-hoc EMA profiles (train.phema) of self.net, checkpointed
+        with the other networks."""
+        self.emas = [frozen_copy(self.net) for _ in self.tcfg.ema]
+        self.phemas = [frozen_copy(self.net) for _ in self.tcfg.phema]
+        self.phema_gammas = [sigma_rel_to_gamma(s) for s in self.tcfg.phema]
+        self.nets.update({f"ema{i}": e for i, e in enumerate(self.emas)})
+        self.nets.update({f"phema{i}": e for i, e in enumerate(self.phemas)})
+
+    def update_emas(self) -> None:
+        """After an optimiser step: theta_ema <- rate theta_ema + (1 - rate) theta for each fixed rate, and each
+        power-function profile with its rate beta_t = (1 - 1/t)^(gamma + 1) at this step t = 1, 2, ..."""
+        for e, rate in zip(self.emas, self.tcfg.ema):
+            ema_update(e, self.net, rate)
+        for e, gamma in zip(self.phemas, self.phema_gammas):
+            ema_update(e, self.net, power_beta(self.step + 1, gamma))
+
+    def phema_snapshots(self) -> None:
+        """Every train.phema_every steps (default train.steps / 16) and at the end: each profile's weights to
+        RUN/phema, never pruned (rank 0)."""
+        every = self.tcfg.phema_every or max(1, self.tcfg.steps // 16)
+        if self.dist.main and self.phemas and (self.step % every == 0 or self.step == self.tcfg.steps):
+            for e, s, g in zip(self.phemas, self.tcfg.phema, self.phema_gammas):
+                write_snapshot(self.out / "phema", self.step, s, g, e.state_dict())
 
     def add_optimizer(self, name: str, opt: torch.optim.Optimizer) -> None:
         """Register an optimiser (checkpointed), with its fp16 gradient scaler when precision=fp16."""
@@ -241,6 +269,7 @@ class Run:
                 raise UserError(f"training diverged: {self.bad_in_a_row} non-finite steps in a row at step "
                                 f"{self.step}; the last good checkpoint is kept (try a lower train.lr)")
         self.step += 1
+        self.phema_snapshots()
         return stats
 
     def fit(self, progress: bool = True) -> Path:

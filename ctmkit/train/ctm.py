@@ -111,8 +111,8 @@ class CTMRun(Run):
         self.net.to(self.device)
         self.target = frozen_copy(self.net)                                # theta^-: EMA rate ctm.target_ema
         set_dropout(self.target, cfg.ctm.target_dropout)                   # explicit, not by train()/eval()
-        self.emas = [frozen_copy(self.net) for _ in cfg.train.ema]         # evaluation EMAs
-        self.nets = {"net": self.net, "target": self.target, **{f"ema{i}": e for i, e in enumerate(self.emas)}}
+        self.nets = {"net": self.net, "target": self.target}
+        self.add_emas()                                                    # evaluation and post-hoc EMAs
         self.add_optimizer("opt", make_optimizer(self.net.parameters(), cfg.train))
         self.maybe_compile(self.net.backbone)
         self.ddp = dist.wrap(self.net, self.dist, self.device)
@@ -335,8 +335,7 @@ class CTMRun(Run):
         ok = self.apply("opt", self.net.parameters(), torch.tensor(stats["loss"]))
         if ok:
             ema_update(self.target, self.net, cfg.ctm.target_ema)
-            for e, rate in zip(self.emas, self.tcfg.ema):
-                ema_update(e, self.net, rate)
+            self.update_emas()
         return stats, fakes, reals, ok
 
     @torch.no_grad()

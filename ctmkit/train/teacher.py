@@ -15,7 +15,6 @@ from ..io.card import ModelCard
 from ..nets.registry import backbone_spec
 from . import dist
 from .common import Run, make_optimizer
-from .ema import ema_update, frozen_copy
 
 if typing.TYPE_CHECKING:
     from ..data import Dataset
@@ -30,8 +29,8 @@ class TeacherRun(Run):
         torch.manual_seed(cfg.train.seed)
         self.net = EDMDenoiser(self.spec.build(), cfg.model.sigma_data).to(self.device)
         self.net.backbone.s_embed.requires_grad_(False)   # a teacher never sees s (and DDP needs every grad)
-        self.emas = [frozen_copy(self.net) for _ in cfg.train.ema]
-        self.nets = {"net": self.net, **{f"ema{i}": e for i, e in enumerate(self.emas)}}
+        self.nets = {"net": self.net}
+        self.add_emas()
         self.add_optimizer("opt", make_optimizer(self.net.parameters(), cfg.train))
         self.maybe_compile(self.net.backbone)
         self.ddp = dist.wrap(self.net, self.dist, self.device)
@@ -57,6 +56,5 @@ class TeacherRun(Run):
         stats = self.reduce_stats({"loss": total})
         ok = self.apply("opt", self.net.parameters(), torch.tensor(stats["loss"]))
         if ok:
-            for e, rate in zip(self.emas, self.tcfg.ema):
-                ema_update(e, self.net, rate)
+            self.update_emas()
         return {**stats, "_ok": ok}
