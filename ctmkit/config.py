@@ -63,6 +63,11 @@ class TrainConfig:
     lr: float = 1e-3                # learning rate
     optimizer: str = "radam"        # "adam" or "radam"
     warmup: int = 0                 # linear learning-rate warm-up steps
+    lr_schedule: str = "constant"   # after the warm-up: "constant", "cosine" (to lr_final x lr at the last step) or
+                                    # "inv_sqrt" (lr / sqrt(max(step / lr_ref_steps, 1)), EDM2's); it scales every
+                                    # learning rate of the run (ctm.gan_lr and ctm.disc_lr too)
+    lr_final: float = 0.0           # cosine: the last step's learning rate as a fraction of lr
+    lr_ref_steps: int = 1000        # inv_sqrt: the step where the decay starts
     grad_clip: float = 0.0          # max gradient norm (0 = off)
     ema: list[float] = field(default_factory=lambda: [0.999])  # evaluation EMA rates; the first is what gets sampled
                                     # (unless `ctmkit ema RUN --sigma-rel X` chose a post-hoc EMA)
@@ -94,6 +99,10 @@ class TrainConfig:
             (self.phema_every >= 0, "train.phema_every must be >= 0 (0 = train.steps / 16)"),
             (self.precision in ("fp32", "bf16", "fp16"), "train.precision must be fp32, bf16 or fp16"),
             (self.warmup >= 0 and self.grad_clip >= 0, "train.warmup and train.grad_clip must be >= 0"),
+            (self.lr_schedule in ("constant", "cosine", "inv_sqrt"),
+             f"train.lr_schedule must be constant, cosine or inv_sqrt, got '{self.lr_schedule}'"),
+            (0 <= self.lr_final <= 1 and self.lr_ref_steps >= 1,
+             "train.lr_final must be in [0, 1] and train.lr_ref_steps >= 1"),
             (self.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
             (0 <= self.workers <= 256, "train.workers must be in 0..256"),
             (0 <= self.seed < 2 ** 62, "train.seed must be in [0, 2^62)"),

@@ -99,6 +99,8 @@ def test_a_run_snapshots_its_profiles_and_resumes_them_exactly(tmp_path):
     from safetensors.torch import load_file
 
     from ctmkit.io.phema import list_snapshots
+
+    from .test_lr_schedule import stop_at
     run = _distill(tmp_path / "a")
     run.fit(progress=False)
     snaps = list_snapshots(tmp_path / "a")
@@ -107,7 +109,7 @@ def test_a_run_snapshots_its_profiles_and_resumes_them_exactly(tmp_path):
     for i in range(2):                              # the last snapshots are the profiles the run holds
         last = load_file(str(snaps[-2 + i].path))
         assert all(torch.equal(last[k], v) for k, v in run.phemas[i].state_dict().items())
-    _distill(tmp_path / "b", steps=16).fit(progress=False)              # stopped at 16 (a checkpoint) ...
+    stop_at(_distill(tmp_path / "b"), 12)                                 # interrupted at 12 ...
     resumed = _distill(tmp_path / "b", steps=32)
     resumed.resume = True
     resumed.fit(progress=False)                                          # ... and resumed to 32

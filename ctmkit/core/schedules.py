@@ -5,6 +5,8 @@ All functions are pure: randomness comes in through a ``torch.Generator``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -100,3 +102,25 @@ def heun_schedule(nfe: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIG
     Returns the Karras grid of n = (nfe+1)//2 points plus a final 0 (EDM Algorithm 1; 18 steps = 35 NFE)."""
     steps = max(1, (nfe + 1) // 2)
     return torch.cat([karras_sigmas(steps, sigma_min, sigma_max, rho), torch.zeros(1, dtype=torch.float64)])
+
+
+LR_SCHEDULES = ("constant", "cosine", "inv_sqrt")
+
+
+def lr_factor(step: int, steps: int, warmup: int = 0, schedule: str = "constant", final: float = 0.0,
+              ref_steps: int = 1000) -> float:
+    """The learning rate of step `step` (0-based) of `steps` as a fraction of the base rate: a linear warm-up
+    min(1, (step + 1) / warmup), times the schedule after it:
+      constant: 1;
+      cosine:   final + (1 - final) (1 + cos(pi p)) / 2, p = (step - warmup) / (steps - warmup) in [0, 1];
+      inv_sqrt: 1 / sqrt(max(step / ref_steps, 1))  (EDM2's decay, Karras et al. 2024, counted in steps).
+    A pure function of the step: a resumed run continues the same curve."""
+    warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    if schedule == "constant":
+        return warm
+    if schedule == "cosine":
+        p = min(1.0, max(0.0, (step - warmup) / max(1, steps - warmup)))
+        return warm * (final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * p)))
+    if schedule == "inv_sqrt":
+        return warm / math.sqrt(max(step / ref_steps, 1.0))
+    raise ValueError(f"unknown learning-rate schedule '{schedule}' (one of {', '.join(LR_SCHEDULES)})")

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import TrainConfig, to_dict
 from ..core.phema import power_beta, sigma_rel_to_gamma
+from ..core.schedules import lr_factor
 from ..data.loader import BatchPlan, StepBatches, StepLoader
 from ..errors import UserError
 from ..io.atomic import atomic_write_text
@@ -106,7 +107,9 @@ class Run:
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
 
     def set_lr(self, opt: torch.optim.Optimizer, base_lr: float) -> None:
-        scale = min(1.0, (self.step + 1) / self.tcfg.warmup) if self.tcfg.warmup > 0 else 1.0
+        """This step's learning rate: base_lr x the warm-up and train.lr_schedule factor of the step."""
+        t = self.tcfg
+        scale = lr_factor(self.step, t.steps, t.warmup, t.lr_schedule, t.lr_final, t.lr_ref_steps)
         for group in opt.param_groups:
             group["lr"] = base_lr * scale
 
