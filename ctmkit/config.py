@@ -131,7 +131,7 @@ class TeacherConfig:
                 (self.p_std > 0, "p_std must be > 0")])
 
 
-PAIR_DRAWS = ("reference", "uniform", "all_the_way")
+PAIR_DRAWS = ("reference", "uniform", "all_the_way", "mixed")
 
 
 @dataclass
@@ -140,7 +140,10 @@ class CTMConfig:
     max_k: int = 17                 # M: largest teacher step count k (P(k) proportional to k)
     pairs: str = "reference"        # (t, u, s) draw: "reference" (one k ~ P(k) for the batch, n uniform, m uniform
                                     # above n + k), "uniform" ((n, m) uniform over all pairs, k ~ U{1..min(m-n, M)}
-                                    # per sample), "all_the_way" (uniform pairs, u = s: the teacher solves to s)
+                                    # per sample), "all_the_way" (uniform pairs, u = s: the teacher solves to s),
+                                    # "mixed" (a share ctm.pairs_mixed_frac of each batch all_the_way, the rest
+                                    # reference)
+    pairs_mixed_frac: float = 0.5   # ctm.pairs=mixed: the share of all_the_way pairs in each batch
     target_ema: float = 0.999       # mu: rate of the target network theta^-
     student_dropout: float = -1.0   # dropout of the student's backbone; < 0 = unchanged (the teacher's when the
                                     # student starts as the teacher, else model.dropout)
@@ -182,6 +185,7 @@ class CTMConfig:
             (self.student_precond in ("auto", "teacher", "edm"),
              "ctm.student_precond must be 'auto', 'teacher' or 'edm'"),
             (self.pairs in PAIR_DRAWS, f"ctm.pairs must be one of {', '.join(PAIR_DRAWS)}, got '{self.pairs}'"),
+            (0 <= self.pairs_mixed_frac <= 1, "ctm.pairs_mixed_frac must be in [0, 1]"),
             (0 < self.target_ema < 1, "ctm.target_ema must be in (0, 1)"),
             (self.distance in ("huber", "l2", "feature"), "ctm.distance must be 'huber', 'l2' or 'feature'"),
             (self.student_dropout < 1, "ctm.student_dropout must be < 1 (< 0 = unchanged)"),

@@ -7,7 +7,7 @@ import torch
 
 from ctmkit import karras_sigmas, solve_pf_ode
 from ctmkit.core.losses import ctm_pair, l2
-from ctmkit.core.schedules import sample_ctm_indices, sample_k, sample_uniform_pairs
+from ctmkit.core.schedules import sample_ctm_indices, sample_k, sample_mixed_pairs, sample_uniform_pairs
 from ctmkit.core.solvers import solve_grid_segments
 from ctmkit.errors import UserError
 
@@ -83,11 +83,28 @@ def test_ctm_loss_vanishes_for_the_exact_flow_map_under_uniform_pairs(ring, all_
 def test_pairs_setting_is_validated():
     from ctmkit.config import DistillConfig, load_config
     assert load_config(DistillConfig, None, None, ["ctm.pairs=uniform"]).ctm.pairs == "uniform"
-    with pytest.raises(UserError, match="ctm.pairs must be one of reference, uniform, all_the_way"):
+    with pytest.raises(UserError, match="ctm.pairs must be one of reference, uniform, all_the_way, mixed"):
         load_config(DistillConfig, None, None, ["ctm.pairs=random"])
+    with pytest.raises(UserError, match="pairs_mixed_frac must be in"):
+        load_config(DistillConfig, None, None, ["ctm.pairs=mixed", "ctm.pairs_mixed_frac=1.5"])
 
 
-@pytest.mark.parametrize("pairs", ["uniform", "all_the_way"])
+@pytest.mark.parametrize("frac", [0.0, 0.3, 0.5, 1.0])
+def test_mixed_pairs_put_their_share_all_the_way_spread_over_the_batch(frac):
+    N, k, B = 18, 5, 120
+    n, u, m = sample_mixed_pairs(B, N, k, 17, frac, torch.Generator().manual_seed(0))
+    i = torch.arange(B)
+    far = (i + 1) * frac // 1 > i * frac // 1    # the documented spread: sample i is drawn all the way iff ...
+    assert int(far.sum()) == int(B * frac)
+    assert (n >= 0).all() and (n < u).all() and (u <= m).all() and (m <= N - 1).all()
+    assert bool((u == m)[far].all()) and bool((u - n == k)[~far].all())     # all the way / this iteration's k
+    for part in far.view(4, 30):                 # each quarter (a rank's or micro-batch's slice) gets its share
+        assert abs(int(part.sum()) - 30 * frac) <= 1
+    if 0 < frac < 1:                             # the all_the_way pairs are uniform over all pairs, not k-bound
+        assert (m - n)[far].max() > k
+
+
+@pytest.mark.parametrize("pairs", ["uniform", "all_the_way", "mixed"])
 def test_distillation_runs_with_each_pair_draw_and_logs_mean_k(tmp_path, pairs):
     import json
 

@@ -67,6 +67,21 @@ def sample_uniform_pairs(batch: int, n_grid: int, max_k: int, all_the_way: bool 
     return n, n + k, m
 
 
+
+def sample_mixed_pairs(batch: int, n_grid: int, k: int, max_k: int, frac: float,
+                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """ctm.pairs=mixed: floor(frac * batch) samples drawn all the way (uniform pairs, u = s), spread evenly over the
+    batch (sample i iff floor((i + 1) frac) > floor(i frac): every rank's and micro-batch's slice gets its share),
+    the others by the reference draw with this iteration's k. Three LongTensor[batch]."""
+    i = torch.arange(batch, dtype=torch.float64)
+    far = torch.floor((i + 1) * frac) > torch.floor(i * frac)
+    na, ua, ma = sample_uniform_pairs(int(far.sum()), n_grid, max_k, True, generator)
+    nr, ur, mr = sample_ctm_indices(batch - int(far.sum()), n_grid, k, generator)
+    out = [torch.empty(batch, dtype=torch.long) for _ in range(3)]
+    for o, a, r in zip(out, (na, ua, ma), (nr, ur, mr)):
+        o[far], o[~far] = a, r
+    return out[0], out[1], out[2]
+
 def sample_dsm_sigmas(batch: int, p_mean: float = -1.2, p_std: float = 1.2, sigma_min: float = SIGMA_MIN,
                       sigma_max: float = SIGMA_MAX, rho: float = RHO, karras_frac: float = 0.5,
                       upper: float = 0.7, generator: torch.Generator | None = None) -> Tensor:

@@ -2,8 +2,9 @@
 
 Per iteration (ctm.pairs=reference): one k ~ P(k) prop. to k; per sample t = t_n, u = t_{n+k}, s = t_m (m >= n+k) on
 the Karras grid; ctm.pairs=uniform / all_the_way draw (n, m) uniformly over all pairs and k per sample (u = s for
-all_the_way). x_u from k teacher Heun steps per sample (no grad); both sides of the CTM loss transported to
-sigma_min by the target net.
+all_the_way); ctm.pairs=mixed draws a share ctm.pairs_mixed_frac of each batch all the way, the rest as the
+reference. x_u from k teacher Heun steps per sample (no grad); both sides of the CTM loss transported to sigma_min by
+the target net.
 Once the GAN term is active (the paper's stage 2), the generator and discriminator steps alternate every ctm.g_every
 iterations (1: both every iteration), and ctm.gan_lr / gan_batch_size / gan_max_k replace the learning rate, batch
 and M where set. The target network runs with dropout when ctm.target_dropout (the reference's choice).
@@ -42,6 +43,7 @@ from ..core.schedules import (
     sample_ctm_indices,
     sample_dsm_sigmas,
     sample_k,
+    sample_mixed_pairs,
     sample_uniform_pairs,
 )
 from ..core.solvers import solve_grid_segments
@@ -228,9 +230,11 @@ class CTMRun(Run):
         grid indices (n, u, m) by ctm.pairs, the noise of x_t, and the DSM sigmas (shuffled) and noise."""
         cfg, c = self.cfg, self.cfg.ctm
         max_k = self.stage(c.gan_max_k, c.max_k)
-        k = sample_k(max_k, self.gen) if c.pairs == "reference" else None
+        k = sample_k(max_k, self.gen) if c.pairs in ("reference", "mixed") else None
         x0, labels, b = self.global_batch(self.stage(c.gan_batch_size, self.tcfg.batch_size))   # this rank's items
-        if k is not None:
+        if c.pairs == "mixed":
+            n, u, m = sample_mixed_pairs(b, c.num_scales, k, max_k, c.pairs_mixed_frac, self.gen)
+        elif k is not None:
             n, u, m = sample_ctm_indices(b, c.num_scales, k, self.gen)
         else:
             n, u, m = sample_uniform_pairs(b, c.num_scales, max_k, c.pairs == "all_the_way", self.gen)
