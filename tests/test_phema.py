@@ -145,12 +145,17 @@ def test_ema_command_rebuilds_records_and_resets_the_sampled_weights(tmp_path):
     assert torch.equal(load_model(run, ema=0)(x, t, t / 2), before)     # the training EMA stays loadable
     assert not torch.allclose(chosen(x, t, t / 2), before)
     assert CliRunner().invoke(main, ["ema", run, "--reset"]).exit_code == 0
+    for against in (["--teacher", "exact"], ["--data", "ring"]):        # measured, nothing chosen
+        res = CliRunner().invoke(main, ["ema", run, "--sweep", "0.05,0.2", *against, "--n", "64", "--nfe", "1"])
+        assert res.exit_code == 0 and "sigma_rel 0.2" in res.output and "lowest at NFE 1" in res.output, res.output
+    assert load_model(run).card.sampled is None
     assert torch.equal(load_model(run)(x, t, t / 2), before) and load_model(run).card.sampled is None
 
 
 @pytest.mark.parametrize("args, words", [(["--sigma-rel", "0.4"], "sigma_rel must be in"),
                                          (["--sigma-rel", "0.1", "--step", "99"], "outside the snapshots"),
                                          (["--sweep", "0.1"], "give --teacher"),
+                                         (["--sweep", "0.1", "--teacher", "exact", "--data", "ring"], "not both"),
                                          (["--sweep", "0.1,x", "--teacher", "exact"], "comma-separated widths"),
                                          (["--reset", "--sigma-rel", "0.1"], "one of")])
 def test_ema_command_bad_requests_are_one_line(tmp_path, args, words):

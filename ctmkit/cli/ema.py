@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 
@@ -35,28 +36,38 @@ def _choose(run: Path, card, sigma_rel: float | None, step: int | None, reset: b
             f"`ctmkit ema {run} --reset` goes back to the training EMA")
 
 
-def _sweep(run: Path, card, widths: list[float], teacher_spec: str, nfes: list[int], n: int, step: int | None):
-    """Coupled error (gamma 0, against the teacher's accurate ODE solution) of each width and the training EMA."""
+def _weights(run: Path, card, widths: list[float], step: int | None):
+    """(name, model): the training EMA, then each width rebuilt into the same module in turn."""
+    from ..io.phema import rebuild
+    from ..io.runs import load_model
+    model = load_model(run, ema=0)
+    yield f"train.ema {card.ema[0]:g}", model
+    for s in widths:
+        model.load_state_dict(rebuild(run, s, step)[0])
+        yield f"sigma_rel {s:g}", model
+
+
+def _sweep(run: Path, card, widths: list[float], against: tuple[str, str], nfes: list[int], n: int,
+           step: int | None) -> tuple[str, dict]:
+    """(what was measured, {weights: {nfe: value}}) at gamma 0: the coupled error against a teacher's accurate ODE
+    solution (against = ("teacher", SPEC)), or `ctmkit eval`'s metric against data (("data", SPEC))."""
     import torch
 
     from ..data import load_data
     from ..eval.diagnostics import coupled_sweep
-    from ..eval.quality import balanced_labels
-    from ..io.phema import rebuild
-    from ..io.runs import load_model
+    from ..eval.quality import balanced_labels, make_quality
     from ..teachers import load_teacher
-    model = load_model(run, ema=0)
-    dataset = load_data(card.data.spec) if teacher_spec == "exact" else None
-    teacher = load_teacher(teacher_spec, dataset)
-
-    def models():
-        yield f"train.ema {card.ema[0]:g}", model
-        for s in widths:                               # the same module, its weights replaced one width at a time
-            model.load_state_dict(rebuild(run, s, step)[0])
-            yield f"sigma_rel {s:g}", model
-
-    return coupled_sweep(card, models(), teacher, n, nfes, labels=balanced_labels(model, n),
-                         exact=not isinstance(teacher, torch.nn.Module))
+    kind, spec = against
+    if kind == "data":
+        dataset = load_data(spec)
+        card.check_data(dataset)
+        quality = make_quality("auto", dataset, n)
+        return quality.name, {name: {k: quality.point(m, "gamma", k, 0.0, None)[0] for k in nfes}
+                              for name, m in _weights(run, card, widths, step)}
+    teacher = load_teacher(spec, load_data(card.data.spec) if spec == "exact" else None)
+    labels = balanced_labels(SimpleNamespace(card=card), n)
+    return "coupled error", coupled_sweep(card, _weights(run, card, widths, step), teacher, n, nfes, labels=labels,
+                                          exact=not isinstance(teacher, torch.nn.Module))
 
 
 @main.command("ema")
@@ -67,15 +78,18 @@ def _sweep(run: Path, card, widths: list[float], teacher_spec: str, nfes: list[i
 @click.option("--step", type=int, default=None, help="The step to rebuild the EMA at (default: the last snapshot's).")
 @click.option("--reset", is_flag=True, help="Sample the training EMA (train.ema's first rate) again.")
 @click.option("--sweep", default=None, metavar="W1,W2,...",
-              help="Measure these widths (and the training EMA): coupled error at gamma 0 against --teacher's "
-                   "accurate ODE solution from the same noise; choose nothing.")
+              help="Measure these widths (and the training EMA) at gamma 0: the coupled error against --teacher's "
+                   "accurate ODE solution from the same noise (as `diagnose`), or `eval`'s metric against --data "
+                   "(sliced W1 ratio, classifier distance or FID); chooses nothing.")
 @click.option("--teacher", "teacher_spec", default=None,
               help="For --sweep: the teacher SPEC (a run folder, 'exact' for data with a known density, diffusers:DIR, "
                    "edm:FILE.pkl, py:MODULE:ATTR).")
+@click.option("--data", default=None, help="For --sweep: data SPEC to measure against with `eval`'s metric instead.")
 @click.option("--nfe", default="1,2,4", show_default=True, help="For --sweep: NFE values (comma-separated).")
-@click.option("--num-samples", "--n", "n", type=int, default=256, show_default=True, help="For --sweep: noise draws.")
+@click.option("--num-samples", "--n", "n", type=int, default=256, show_default=True,
+              help="For --sweep: samples per point (noise draws).")
 @user_errors
-def ema_cmd(run, sigma_rel, step, reset, sweep, teacher_spec, nfe, n):
+def ema_cmd(run, sigma_rel, step, reset, sweep, teacher_spec, data, nfe, n):
     """Post-hoc EMA (Karras et al. 2024): during training the EMAs of two power-function profiles are snapshotted
     into RUN/phema (train.phema, train.phema_every); from them the EMA of any width at any snapshot step is rebuilt
     by least squares, after training, without retraining.
@@ -93,19 +107,20 @@ def ema_cmd(run, sigma_rel, step, reset, sweep, teacher_spec, nfe, n):
     if (sigma_rel is not None) + reset + (sweep is not None) > 1:
         raise UserError("give one of --sigma-rel, --reset and --sweep")
     if sweep is not None:
-        if teacher_spec is None:
-            raise UserError("--sweep measures against a teacher: give --teacher SPEC ('exact' for known densities)")
+        if (teacher_spec is None) == (data is None):
+            raise UserError("--sweep measures against a teacher or data: give --teacher SPEC ('exact' for known "
+                            "densities) or --data SPEC, not both")
         if not card.is_ctm:
-            raise UserError(f"'{run}' is a {card.kind} run; --sweep measures a CTM against its teacher")
-        if n < 1:
-            raise UserError("--n must be >= 1")
+            raise UserError(f"'{run}' is a {card.kind} run; --sweep measures a CTM's samples")
+        if n < 2:
+            raise UserError("--n must be >= 2")
         nfes = int_list(nfe, "--nfe")
-        errs = _sweep(run, card, _widths(sweep), teacher_spec, nfes, n, step)
-        click.echo("weights".ljust(22) + "".join(f"NFE {k:<6}" for k in nfes))
-        for name, row in errs.items():
-            click.echo(name.ljust(22) + "".join(f"{row[k]:<10.4f}" for k in nfes))
-        best = min(errs, key=lambda name: errs[name][nfes[0]])
-        click.echo(f"lowest NFE {nfes[0]} coupled error: {best}")
+        what, vals = _sweep(run, card, _widths(sweep), ("teacher", teacher_spec) if data is None else ("data", data),
+                            nfes, n, step)
+        click.echo(f"{what} (lower is better)".ljust(34) + "".join(f"NFE {k:<6}" for k in nfes))
+        for name, row in vals.items():
+            click.echo(name.ljust(34) + "".join(f"{row[k]:<10.4f}" for k in nfes))
+        click.echo(f"lowest at NFE {nfes[0]}: {min(vals, key=lambda name: vals[name][nfes[0]])}")
         return
     if sigma_rel is not None or reset:
         click.echo(_choose(run, card, sigma_rel, step, reset))
