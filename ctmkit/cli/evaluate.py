@@ -108,6 +108,9 @@ def evaluate_cmd(model_dir, data, ref, nfe, gamma, ts_list, two_jumps, grid_n, h
         raise UserError("give --data (the data to compare with) or --ref (FID reference statistics), not both")
     if ref is not None and metric not in ("auto", "fid"):
         raise UserError(f"--ref holds FID statistics: it goes with --metric fid, not {metric}")
+    if ref is not None:
+        from ..metrics.fid import read_ref_stats
+        read_ref_stats(ref)   # a wrong file is refused before any model is loaded or anything sampled
     model = load_model_spec(model_dir)
     dataset = load_data(data) if data is not None else None
     if dataset is not None:
