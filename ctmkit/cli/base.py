@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from .. import __version__
 from ..errors import UserError, one_line
 
 DATA_HELP = ("data SPEC: a built-in 2-D set (ring, grid, moons, checkerboard, spiral), 'digits' (scikit-learn 8x8), "
@@ -81,6 +82,8 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Log more (INFO level).")
+@click.version_option(__version__, "--version", prog_name="ctmkit", message="%(prog)s %(version)s",
+                      help="Print the ctmkit version and exit.")
 def main(verbose: bool) -> None:
     """ctmkit: Consistency Trajectory Models (Kim et al., ICLR 2024).
 

@@ -1,0 +1,102 @@
+"""Rough edges a new user met (issue 26, points 5 and 6): `ctmkit config` with each key's description (YAML that
+--config reads back), `--version`, short unknown-key errors with the closest keys, YAML errors with their line
+and column, one policy for existing outputs (refused unless --force), the training bar's loss from the first step,
+a useful `help(ctmkit)`, and model-space samples converted to the data's space as `ctmkit sample` writes them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import ctmkit
+from ctmkit.cli import main
+from ctmkit.config import DistillConfig, TeacherConfig, descriptions, load_config, to_dict, valid_keys
+
+from .test_reliability import MLP, one_line_error
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_ok(*args) -> str:
+    """Run the CLI in-process; exit 0 required; returns stdout."""
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert res.exit_code == 0 and res.exception is None, f"{res.output}\n{res.exception!r}"
+    return res.stdout
+
+
+# ---- --version ------------------------------------------------------------------------------------
+def test_version_is_the_package_version():
+    assert cli_ok("--version") == f"ctmkit {ctmkit.__version__}\n"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1) == ctmkit.__version__
+
+
+# ---- ctmkit config: every key with its description, read back by --config -----------------------------------
+@pytest.mark.parametrize("command, cls, preset", [("teacher", TeacherConfig, None), ("distill", DistillConfig, None),
+                                                  ("distill", DistillConfig, "toy")])
+def test_config_prints_every_key_with_its_description_as_yaml_that_reads_back(command, cls, preset, tmp_path):
+    text = cli_ok("config", command, *(["--preset", preset] if preset else []))
+    docs = descriptions(cls)
+    assert set(valid_keys(cls)) <= set(docs) and all(docs.values()), "every key and section has a description"
+    for key in valid_keys(cls):   # the key, its value and its description (a comment) on one line
+        depth, leaf = key.count("."), key.split(".")[-1]
+        first_words = " ".join(docs[key].split()[:2])
+        assert re.search(rf"^{'  ' * depth}{leaf}: \S.*# {re.escape(first_words)}", text, re.M), key
+    assert "placeholders" in text.splitlines()[2] and "-1.0" in text
+    want = load_config(cls, preset)
+    assert yaml.safe_load(text) == to_dict(want)
+    (tmp_path / "c.yaml").write_text(text)
+    assert load_config(cls, None, str(tmp_path / "c.yaml")) == want
+
+
+def test_config_explains_the_placeholders():
+    text = cli_ok("config", "distill")
+    line = {ln.split(":")[0].strip(): ln for ln in text.splitlines() if not ln.lstrip().startswith("#")}
+    assert "-1 (any value < 0) = adaptive" in line["dsm_weight"] and "adaptive" in line["gan_weight"]
+    assert "unchanged: the teacher's" in line["student_dropout"]
+    assert "0 = automatic" in line["huber_c"] and "0 = unchanged, train.lr" in line["gan_lr"]
+
+
+def test_a_printed_config_trains_through_the_command_line(tmp_path):
+    (tmp_path / "c.yaml").write_text(cli_ok("config", "teacher", "--preset", "toy"))
+    cli_ok("train-teacher", "--data", "ring", "--config", tmp_path / "c.yaml", "--out", tmp_path / "run", "--steps",
+           1, "--batch-size", 8, "--quiet", *MLP)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    want = load_config(TeacherConfig, "toy", None, MLP, data="ring", **{"train.steps": 1, "train.batch_size": 8})
+    assert saved == to_dict(want)
+
+
+# ---- unknown keys and invalid YAML -----------------------------------------------------------------------
+@pytest.mark.parametrize("args, says", [
+    (["distill", "--teacher", "exact", "--data", "ring", "ctm.gan_strat=3"], "did you mean ctm.gan_start?"),
+    (["distill", "--teacher", "exact", "--data", "ring", "train.gan_start=3"], "did you mean ctm.gan_start?"),
+    (["train-teacher", "--data", "ring", "lrr=1"], "did you mean train.lr?"),
+    (["train-teacher", "--data", "ring", "model.hiden=3"], "did you mean model.hidden?"),
+    (["train-teacher", "--data", "ring", "zzzz=3"], "unknown config key 'zzzz' (`ctmkit config teacher`"),
+])
+def test_an_unknown_key_names_the_closest_ones_in_a_short_line(args, says, tmp_path):
+    line = one_line_error([*args, "--out", tmp_path / "r"], says)
+    assert "lists every key" in line and len(line) < 160, line
+
+
+def test_an_unknown_key_in_a_config_file_names_the_closest_one(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  lrr: 1\n")
+    line = one_line_error(["train-teacher", "--data", "ring", "--config", tmp_path / "c.yaml", "--out",
+                           tmp_path / "r"], "unknown config key 'train.lrr'; did you mean train.lr?")
+    assert len(line) < 160
+
+
+@pytest.mark.parametrize("text, says", [
+    ("train:\n  lr: [1, 2\n  steps: 3\n", "at line 3, column 8: expected ',' or ']', but got ':' (while parsing a "
+                                          "flow sequence started at line 2, column 7)"),
+    ("train:\n\tlr: 1\n", "at line 2, column 1: found character '\\t' that cannot start any token"),
+    ("data: \"ring\n", "at line 2, column 1: found unexpected end of stream"),
+])
+def test_invalid_yaml_says_where(text, says, tmp_path):
+    (tmp_path / "c.yaml").write_text(text)
+    one_line_error(["train-teacher", "--data", "ring", "--config", tmp_path / "c.yaml", "--out", tmp_path / "r"],
+                   f"config file '{tmp_path / 'c.yaml'}' is not valid YAML {says}")
