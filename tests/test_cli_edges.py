@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -15,8 +16,10 @@ from click.testing import CliRunner
 import ctmkit
 from ctmkit.cli import main
 from ctmkit.config import DistillConfig, TeacherConfig, descriptions, load_config, to_dict, valid_keys
+from ctmkit.metrics.fid import fid_available
 
-from .test_reliability import MLP, one_line_error
+from .test_layout import LEGACY_RUN
+from .test_reliability import MLP, files_under, one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,3 +103,56 @@ def test_invalid_yaml_says_where(text, says, tmp_path):
     (tmp_path / "c.yaml").write_text(text)
     one_line_error(["train-teacher", "--data", "ring", "--config", tmp_path / "c.yaml", "--out", tmp_path / "r"],
                    f"config file '{tmp_path / 'c.yaml'}' is not valid YAML {says}")
+
+
+# ---- one policy for existing outputs: refused unless --force ------------------------------------------------
+WRITERS = {   # command -> (argv without --force, its output files); d: the test's folder
+    "sample": lambda d: (["sample", "--model", LEGACY_RUN, "--n", 4, "--nfe", 1, "--quiet", "--out", d / "s.npz"],
+                         [d / "s.npz", d / "s.png"]),
+    "eval": lambda d: (["eval", "--model", LEGACY_RUN, "--data", "ring", "--n", 20, "--seeds", 1, "--nfe", 1, "--gamma",
+                        0, "--heun", "", "--out", d / "e.json"], [d / "e.json", d / "e.png"]),
+    "diagnose": lambda d: (["diagnose", "--model", LEGACY_RUN, "--teacher", "exact", "--n", 4, "--nfe", 1, "--gamma", 0,
+                            "--grid", 4, "--steps", 8, "--quiet", "--out", d / "diag"],
+                           [d / "diag" / "diagnose.json", d / "diag" / "coupled_error.png",
+                            d / "diag" / "jump_error.png"]),
+    "prepare": lambda d: (["prepare", _images_npz(d), d / "p.npy", "--quiet"], [d / "p.npy", d / "p.labels.npy"]),
+    "fid-ref": lambda d: (["fid-ref", "--data", "digits", "--n", 12, "--quiet", "--out", d / "ref.npz"],
+                          [d / "ref.npz"]),
+}
+
+
+def _images_npz(d: Path) -> Path:
+    np.savez(d / "imgs.npz", x=np.arange(48, dtype=np.uint8).reshape(3, 4, 4))   # unlabelled
+    return d / "imgs.npz"
+
+
+@pytest.mark.parametrize("command, which", [("sample", 0), ("sample", 1), ("eval", 0), ("eval", 1), ("diagnose", 0),
+                                            ("diagnose", 2), ("prepare", 0), ("prepare", 1), ("fid-ref", 0)])
+def test_an_existing_output_is_refused_unless_force(command, which, tmp_path):
+    argv, outputs = WRITERS[command](tmp_path)
+    old = outputs[which]
+    old.parent.mkdir(exist_ok=True)
+    old.write_bytes(b"an earlier result")
+    before = files_under(tmp_path)
+    one_line_error(argv, f"'{old}' already exists; pass --force to replace it")
+    assert files_under(tmp_path) == before and old.read_bytes() == b"an earlier result"
+    if command == "fid-ref" and not fid_available():
+        pytest.skip("the fid extra (Inception network) is not installed")
+    cli_ok(*argv, "--force")
+    if command == "prepare" and which == 1:   # an unlabelled source: the stale labels file is removed, not kept
+        assert not old.exists() and np.load(outputs[0]).shape == (3, 4, 4)
+    else:
+        assert old.read_bytes() != b"an earlier result"
+
+
+@pytest.mark.parametrize("command", list(WRITERS))
+def test_every_writer_documents_force(command):
+    text = " ".join(cli_ok(command, "--help").split())
+    assert "--force" in text and "refused" in text
+
+
+def test_sample_writes_a_new_file_without_force(tmp_path):
+    cli_ok("sample", "--model", LEGACY_RUN, "--num-samples", 5, "--quiet", "--out", tmp_path / "new.npz")
+    assert np.load(tmp_path / "new.npz")["samples"].shape == (5, 2) and (tmp_path / "new.png").is_file()
+    cli_ok("sample", "--model", LEGACY_RUN, "--num-samples", 5, "--quiet", "--out", tmp_path / "only.png")
+    assert (tmp_path / "only.png").is_file() and not (tmp_path / "only.npz").exists()

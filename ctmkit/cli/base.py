@@ -150,6 +150,25 @@ def check_out_dir(out: Path) -> None:
         raise UserError(f"output folder '{out.parent}' is not writable")
 
 
+FORCE_HELP = ("Replace outputs that already exist. Without --force an existing output is refused, before any work "
+              "is done: no command replaces a file silently.")
+
+
+def force_option(fn):
+    """--force: the one switch, on every command that writes files, that lets an output replace an existing one."""
+    return click.option("--force", is_flag=True, help=FORCE_HELP)(fn)
+
+
+def check_new_outputs(paths, force: bool) -> None:
+    """Existing outputs are refused (one line naming --force) unless `force`; a folder where a file is to go is
+    refused either way. Checked before any work is done."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise UserError(f"output '{path}' is a directory; give a file name")
+        if (path.exists() or path.is_symlink()) and not force:
+            raise UserError(f"'{path}' already exists; pass --force to replace it")
+
+
 def int_list(text: str, what: str) -> list[int]:
     try:
         vals = [int(v) for v in text.split(",") if v.strip()]

@@ -185,18 +185,29 @@ def stream_samples(batches, n: int, labels, card: ModelCard, out: Path, grid_max
     return written + _preview(torch.cat(first)[:grid_max] if first else None, card, out.with_suffix(".png"))
 
 
+def sample_files(card: ModelCard, out: Path) -> list[Path]:
+    """The files `stream_samples` writes for `out`: FILE.npz and the PNG beside it (images and 2-D vectors), or
+    FILE.png alone."""
+    out = Path(out)
+    preview = [out.with_suffix(".png")] if has_preview(card) else []
+    return ([out] if out.suffix == ".npz" else []) + preview
+
+
+def has_preview(card: ModelCard) -> bool:
+    """Samples of this model get a picture: a grid of images, or a scatter plot of 2-D vectors."""
+    return card.data.kind == "image" or tuple(card.shape) == (2,)
+
+
 def _npy_header(f, shape: tuple, dtype) -> None:
     np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
                                              "fortran_order": False, "shape": tuple(int(v) for v in shape)})
 
 
 def _preview(x: Tensor | None, card: ModelCard, png: Path) -> list[Path]:
-    if x is None:
+    if x is None or not has_preview(card):
         return []
     if card.data.kind == "image":
         save_image_grid(x, png)
-        return [png]
-    if x.shape[1] == 2:
+    else:
         save_scatter([("samples", x.cpu().numpy())], png)
-        return [png]
-    return []
+    return [png]
