@@ -5,6 +5,7 @@ a useful `help(ctmkit)`, and model-space samples converted to the data's space a
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -156,3 +157,17 @@ def test_sample_writes_a_new_file_without_force(tmp_path):
     assert np.load(tmp_path / "new.npz")["samples"].shape == (5, 2) and (tmp_path / "new.png").is_file()
     cli_ok("sample", "--model", LEGACY_RUN, "--num-samples", 5, "--quiet", "--out", tmp_path / "only.png")
     assert (tmp_path / "only.png").is_file() and not (tmp_path / "only.npz").exists()
+
+
+# ---- the training bar shows the loss from the first step ---------------------------------------------------
+def test_the_training_progress_shows_the_loss_from_the_first_step(tmp_path):
+    res = CliRunner().invoke(main, ["train-teacher", "--data", "ring", "--out", str(tmp_path / "run"), "--steps", "10",
+                                    "--batch-size", "8", *MLP])   # not --quiet; no terminal: a line per 10 %
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("teacher:")]
+    assert len(lines) == 10 and lines[0].startswith("teacher:  10% (1/10) loss=")
+    shown = [float(re.search(r"loss=(\S+)", ln).group(1)) for ln in lines]
+    assert len(set(shown)) > 1, "a value repeated instead of the loss of each step"
+    stats = [json.loads(ln) for ln in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in stats] == [10]               # stats.jsonl as before: one line per log period
+    assert lines[-1].split("loss=")[1].split()[0] == f"{stats[0]['loss']:.4g}"   # the bar ends on the logged mean
