@@ -17,8 +17,10 @@ from click.testing import CliRunner
 import ctmkit
 from ctmkit.cli import main
 from ctmkit.config import DistillConfig, TeacherConfig, descriptions, load_config, to_dict, valid_keys
+from ctmkit.core.sampling import per_sample_normal
 from ctmkit.metrics.fid import fid_available
 
+from .test_cli import UNET
 from .test_layout import LEGACY_RUN
 from .test_reliability import MLP, files_under, one_line_error
 
@@ -171,3 +173,31 @@ def test_the_training_progress_shows_the_loss_from_the_first_step(tmp_path):
     stats = [json.loads(ln) for ln in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
     assert [s["step"] for s in stats] == [10]               # stats.jsonl as before: one line per log period
     assert lines[-1].split("loss=")[1].split()[0] == f"{stats[0]['loss']:.4g}"   # the bar ends on the logged mean
+
+
+# ---- model space -> the data's space, as `ctmkit sample` writes it ------------------------------------------
+def test_card_to_data_equals_what_sample_writes_for_a_ctm(tmp_path):
+    model = ctmkit.load_model(LEGACY_RUN)
+    card = model.card
+    z = per_sample_normal(6, (2, *card.shape), seed=3)      # the noise `ctmkit sample --seed 3 --nfe 2` draws
+    x = ctmkit.gamma_sample(model, z[:, 0], ctmkit.sample_schedule(2, card.sigma_min, card.sigma_max), 0.5,
+                            step_noise=z[:, 1:])
+    cli_ok("sample", "--model", LEGACY_RUN, "--n", 6, "--nfe", 2, "--gamma", 0.5, "--seed", 3, "--quiet", "--out",
+           tmp_path / "s.npz")
+    written = np.load(tmp_path / "s.npz")["samples"]
+    data = card.to_data(x)
+    assert data.dtype == written.dtype == np.float32 and np.array_equal(data, written)
+    assert not np.allclose(data, x.numpy(), atol=1e-3)     # not model space (ring: shifted and scaled)
+
+
+def test_card_to_data_gives_images_in_their_own_layout(tmp_path):
+    np.save(tmp_path / "img.npy", np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8))
+    cli_ok("train-teacher", "--data", tmp_path / "img.npy", "--out", tmp_path / "t", "--steps", 1, "--batch-size", 4,
+           "--quiet", *UNET)
+    model = ctmkit.load_model(tmp_path / "t")
+    z = per_sample_normal(3, (3, *model.card.shape), seed=0)
+    x = ctmkit.heun_sample(model, z[:, 0], nfe=3, sigma_min=model.card.sigma_min, sigma_max=model.card.sigma_max)
+    cli_ok("sample", "--model", tmp_path / "t", "--n", 3, "--nfe", 3, "--quiet", "--out", tmp_path / "s.npz")
+    data, written = model.card.to_data(x), np.load(tmp_path / "s.npz")["samples"]
+    assert x.shape == (3, 3, 8, 8) and data.shape == (3, 8, 8, 3) and data.dtype == np.uint8
+    assert np.array_equal(data, written)

@@ -12,7 +12,6 @@ from torch import Tensor
 
 from ..core.sampling import gamma_sample, heun_sample, per_sample_normal, sample_schedule, two_jump_sample
 from ..core.schedules import karras_sigmas
-from ..data import Normalizer
 from ..errors import UserError
 from ..io.atomic import atomic_file
 from ..io.card import ModelCard
@@ -158,13 +157,12 @@ def stream_samples(batches, n: int, labels, card: ModelCard, out: Path, grid_max
     one batch at a time), with labels(start, b) when given; a PNG of the first `grid_max` beside it (images, 2-D).
     FILE.png alone: only the grid (the first `grid_max` samples are drawn)."""
     out = Path(out)
-    norm = Normalizer.from_dict(card.data.normalizer)
     first, written, start = [], [], 0
     if out.suffix == ".npz":
         with atomic_file(out) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("samples.npy", "w", force_zip64=True) as member:
                 for x in batches:
-                    data = norm.to_data(x)
+                    data = card.to_data(x)     # what ModelCard.to_data gives a user of gamma_sample
                     if start == 0:
                         _npy_header(member, (n, *data.shape[1:]), data.dtype)
                     member.write(np.ascontiguousarray(data).tobytes())
