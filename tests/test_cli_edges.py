@@ -6,6 +6,7 @@ a useful `help(ctmkit)`, and model-space samples converted to the data's space a
 from __future__ import annotations
 
 import json
+import pydoc
 import re
 from pathlib import Path
 
@@ -201,3 +202,13 @@ def test_card_to_data_gives_images_in_their_own_layout(tmp_path):
     data, written = model.card.to_data(x), np.load(tmp_path / "s.npz")["samples"]
     assert x.shape == (3, 3, 8, 8) and data.shape == (3, 8, 8, 3) and data.dtype == np.uint8
     assert np.array_equal(data, written)
+
+
+# ---- help(ctmkit) -----------------------------------------------------------------------------------------
+def test_help_of_the_package_opens_with_the_public_api():
+    assert all(hasattr(ctmkit, name) for name in ctmkit.__all__) and "__version__" not in ctmkit.__all__
+    text = pydoc.render_doc(ctmkit, renderer=pydoc.plaintext)
+    head = text[:text.index("PACKAGE CONTENTS")]            # before the classes and their inherited methods
+    for name in ctmkit.__all__:
+        assert re.search(rf"^ {{8}}{name}\b", head, re.M), f"{name} is not listed in the package docstring"
+    assert "card.to_data(x)" in head and len(head.splitlines()) < 60    # one screen or two, each name on one line
