@@ -1,7 +1,8 @@
-"""Rough edges a new user met (issue 26, points 5 and 6): `ctmkit config` with each key's description (YAML that
---config reads back), `--version`, short unknown-key errors with the closest keys, YAML errors with their line
-and column, one policy for existing outputs (refused unless --force), the training bar's loss from the first step,
-a useful `help(ctmkit)`, and model-space samples converted to the data's space as `ctmkit sample` writes them."""
+"""Rough edges a new user met (issue 26, point 6): `ctmkit config` with each key's description (YAML that --config
+reads back), `--version`, short unknown-key errors with the closest keys, YAML errors with their line and column,
+one policy for existing outputs (refused unless --force), the training bar's loss from the first step, a useful
+`help(ctmkit)`, and model-space samples converted to the data's space as `ctmkit sample` writes them. Point 5
+(`eval --ref` given the wrong kind of file) is in test_reliability.py's table of bad command lines."""
 
 from __future__ import annotations
 
