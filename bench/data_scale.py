@@ -144,7 +144,7 @@ def sample(n: int = 20000) -> dict:
         threads = str(max(1, (os.cpu_count() or 2) // procs))
         r = run([PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", "-m", "ctmkit",
                  "sample", "--model", str(run_dir), "--num-samples", str(n), "--nfe", "8", "--batch-size", "250",
-                 "--out", str(out), "--quiet"], env={"OMP_NUM_THREADS": threads})
+                 "--out", str(out), "--force", "--quiet"], env={"OMP_NUM_THREADS": threads})
         res[f"procs_{procs}"] = {**r, "samples_per_s": round(n / r["seconds"], 1), "threads_each": int(threads)}
     a, b = (np.load(OUT / f"samples_{k}.npz") for k in (1, 2))
     res["equal_1_vs_2"] = bool(all(np.array_equal(a[k], b[k]) for k in a.files))

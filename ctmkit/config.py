@@ -1,7 +1,8 @@
-"""Typed run configuration: dataclasses with commented defaults, YAML presets and ``key=value`` overrides.
+"""Typed run configuration: dataclasses whose fields carry their defaults and descriptions (`opt`), YAML presets
+and ``key=value`` overrides.
 
 Keys are dotted (``train.lr=2e-4``); a leaf name that is unique across sections works alone (``lr=2e-4``).
-Unknown keys and values of the wrong type are UserErrors that list what is valid. Each section dataclass checks
+Unknown keys (with the closest valid ones) and values of the wrong type are UserErrors. Each section dataclass checks
 its own ranges in `validate()` (the one place for them); `load_config` and the training runs call it.
 """
 
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import difflib
 import math
 import re
+import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,24 +25,36 @@ from .errors import UserError
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # presets ship inside the package
 
 
+def opt(default, doc: str):
+    """A config field: its default and its description (`ctmkit config` prints the description beside the key)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def section(factory, doc: str):
+    """A nested config section (model, train, ctm): its default factory and its description."""
+    return field(default_factory=factory, metadata={"doc": doc})
+
+
 ARCHS = ("auto", "mlp", "unet", "songunet", "dhariwalunet")
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "auto"              # "mlp" (vectors), "unet" (images), "songunet" / "dhariwalunet" (EDM's DDPM++ and
-                                    # ADM U-Nets, images) or "auto" (pick by data kind)
-    sigma_data: float = 0.5         # EDM sigma_data (data are normalised so that their std is about 0.5)
-    hidden: int = 256               # mlp: width
-    depth: int = 4                  # mlp: residual blocks
-    emb_dim: int = 128              # mlp: time-embedding width
-    channels: int = 64              # unet: base channels
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # unet: channel multiplier per level
-    num_res_blocks: int = 2         # unet: residual blocks per level
-    attn_resolutions: list[int] = field(default_factory=lambda: [16])  # unet: self-attention at these resolutions
-    dropout: float = 0.0            # dropout in residual blocks
-    conditional: bool = True        # use class labels when the data has them
-    fourier_scale: float = 1.0      # std of the Fourier frequencies of the c_noise(t), c_noise(s) embeddings
+    arch: str = opt("auto", "\"mlp\" (vectors), \"unet\" (images), \"songunet\" / \"dhariwalunet\" (EDM's DDPM++ and "
+                    "ADM U-Nets, images) or \"auto\": mlp for vectors, unet for images")
+    sigma_data: float = opt(0.5, "EDM sigma_data (data are normalised so that their std is about 0.5)")
+    hidden: int = opt(256, "mlp: width")
+    depth: int = opt(4, "mlp: residual blocks")
+    emb_dim: int = opt(128, "mlp: time-embedding width")
+    channels: int = opt(64, "unet: base channels")
+    channel_mult: list[int] = opt([1, 2, 2], "unet: channel multiplier per level")
+    num_res_blocks: int = opt(2, "unet: residual blocks per level")
+    attn_resolutions: list[int] = opt([16], "unet: self-attention at these resolutions")
+    dropout: float = opt(0.0, "dropout in residual blocks")
+    conditional: bool = opt(True, "use class labels when the data has them")
+    fourier_scale: float = opt(1.0, "std of the Fourier frequencies of the c_noise(t), c_noise(s) embeddings")
 
     def validate(self) -> None:
         _check([
@@ -57,32 +72,33 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 4000               # optimiser steps
-    batch_size: int = 256           # global batch size
-    micro_batches: int = 1          # gradient accumulation: the batch is split into this many micro-batches
-    lr: float = 1e-3                # learning rate
-    optimizer: str = "radam"        # "adam" or "radam"
-    warmup: int = 0                 # linear learning-rate warm-up steps
-    lr_schedule: str = "constant"   # after the warm-up: "constant", "cosine" (to lr_final x lr at the last step) or
-                                    # "inv_sqrt" (lr / sqrt(max(step / lr_ref_steps, 1)), EDM2's); it scales every
-                                    # learning rate of the run (ctm.gan_lr and ctm.disc_lr too)
-    lr_final: float = 0.0           # cosine: the last step's learning rate as a fraction of lr
-    lr_ref_steps: int = 1000        # inv_sqrt: the step where the decay starts
-    grad_clip: float = 0.0          # max gradient norm (0 = off)
-    ema: list[float] = field(default_factory=lambda: [0.999])  # evaluation EMA rates; the first is what gets sampled
-                                    # (unless `ctmkit ema RUN --sigma-rel X` chose a post-hoc EMA)
-    phema: list[float] = field(default_factory=lambda: [0.05, 0.10])  # post-hoc EMA: the widths sigma_rel of the
-                                    # power-function profiles whose snapshots are kept in RUN/phema ([] = none)
-    phema_every: int = 0            # post-hoc EMA snapshot period in steps (0 = train.steps / 16)
-    seed: int = 0                   # seed of every random draw (data, noise, init)
-    ckpt_every: int = 1000          # checkpoint period in steps (and at the end)
-    log_every: int = 50             # stats.jsonl period in steps
-    precision: str = "fp32"         # "fp32", "bf16" (autocast) or "fp16" (autocast + grad scaler; for GPUs)
-    max_bad_steps: int = 20         # stop after this many non-finite losses in a row
-    device: str = "auto"            # "auto", "cpu", "cuda" (under torchrun: cuda:LOCAL_RANK)
-    compile: bool = False           # torch.compile the backbone (state dicts unchanged)
-    workers: int = 0                # DataLoader processes reading and decoding the next batches ahead (0: in the
-                                    # training process); the items of a step never depend on it
+    steps: int = opt(4000, "optimiser steps")
+    batch_size: int = opt(256, "global batch size (over all processes)")
+    micro_batches: int = opt(1, "gradient accumulation: the batch is split into this many micro-batches")
+    lr: float = opt(1e-3, "learning rate")
+    optimizer: str = opt("radam", "\"adam\" or \"radam\"")
+    warmup: int = opt(0, "linear learning-rate warm-up steps")
+    lr_schedule: str = opt("constant", "after the warm-up: \"constant\", \"cosine\" (to lr_final x lr at the last "
+                           "step) or \"inv_sqrt\" (lr / sqrt(max(step / lr_ref_steps, 1)), EDM2's); it scales every "
+                           "learning rate of the run (ctm.gan_lr and ctm.disc_lr too)")
+    lr_final: float = opt(0.0, "lr_schedule=cosine: the last step's learning rate as a fraction of lr")
+    lr_ref_steps: int = opt(1000, "lr_schedule=inv_sqrt: the step where the decay starts")
+    grad_clip: float = opt(0.0, "max gradient norm (0 = off)")
+    ema: list[float] = opt([0.999], "evaluation EMA rates; the first is what gets sampled (unless `ctmkit ema RUN "
+                           "--sigma-rel X` chose a post-hoc EMA)")
+    phema: list[float] = opt([0.05, 0.10], "post-hoc EMA: the widths sigma_rel of the power-function profiles whose "
+                             "snapshots are kept in RUN/phema for `ctmkit ema` ([] = none)")
+    phema_every: int = opt(0, "post-hoc EMA snapshot period in steps; 0 = train.steps / 16")
+    seed: int = opt(0, "seed of every random draw (data, noise, init)")
+    ckpt_every: int = opt(1000, "checkpoint period in steps (and at the end)")
+    log_every: int = opt(50, "stats.jsonl period in steps")
+    precision: str = opt("fp32", "\"fp32\", \"bf16\" (autocast) or \"fp16\" (autocast + grad scaler; for GPUs)")
+    max_bad_steps: int = opt(20, "stop after this many non-finite losses in a row")
+    device: str = opt("auto", "\"auto\" (cuda when available, else cpu), \"cpu\", \"cuda\", \"cuda:N\" or \"mps\" "
+                      "(under torchrun: cuda:LOCAL_RANK)")
+    compile: bool = opt(False, "torch.compile the backbone (state dicts unchanged)")
+    workers: int = opt(0, "DataLoader processes reading and decoding the next batches ahead (0: in the training "
+                       "process); the items of a step never depend on it")
 
     def validate(self) -> None:
         _check([
@@ -112,16 +128,16 @@ class TrainConfig:
 
 @dataclass
 class TeacherConfig:
-    data: str = "ring"              # data SPEC (see `ctmkit train-teacher --help`)
-    n_data: int = 0                 # cap on items (finite data) / pool size (generated data); 0 = default
-    xflip: bool = False             # images: flip each training image left-right with probability 1/2 (the
-                                    # reference's CIFAR-10 and ImageNet-64 training; EDM's --xflip)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    p_mean: float = -1.2            # EDM log-normal sigma sampling mean
-    p_std: float = 1.2              # EDM log-normal sigma sampling std
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
+    data: str = opt("ring", "data SPEC (see `ctmkit train-teacher --help`); --data sets it")
+    n_data: int = opt(0, "cap on items (finite data) / pool size (generated data); 0 = the data's default size")
+    xflip: bool = opt(False, "images: flip each training image left-right with probability 1/2 (the reference's "
+                      "CIFAR-10 and ImageNet-64 training; EDM's --xflip)")
+    model: ModelConfig = section(ModelConfig, "the network")
+    train: TrainConfig = section(TrainConfig, "the optimisation")
+    p_mean: float = opt(-1.2, "EDM log-normal sigma sampling mean")
+    p_std: float = opt(1.2, "EDM log-normal sigma sampling std")
+    sigma_min: float = opt(0.002, "smallest noise level (EDM's)")
+    sigma_max: float = opt(80.0, "largest noise level (EDM's)")
 
     def validate(self) -> None:
         self.model.validate()
@@ -136,47 +152,49 @@ PAIR_DRAWS = ("reference", "uniform", "all_the_way", "mixed")
 
 @dataclass
 class CTMConfig:
-    num_scales: int = 18            # N: points of the Karras discretisation grid
-    max_k: int = 17                 # M: largest teacher step count k (P(k) proportional to k)
-    pairs: str = "reference"        # (t, u, s) draw: "reference" (one k ~ P(k) for the batch, n uniform, m uniform
-                                    # above n + k), "uniform" ((n, m) uniform over all pairs, k ~ U{1..min(m-n, M)}
-                                    # per sample), "all_the_way" (uniform pairs, u = s: the teacher solves to s),
-                                    # "mixed" (a share ctm.pairs_mixed_frac of each batch all_the_way, the rest
-                                    # reference)
-    pairs_mixed_frac: float = 0.5   # ctm.pairs=mixed: the share of all_the_way pairs in each batch
-    target_ema: float = 0.999       # mu: rate of the target network theta^-
-    student_dropout: float = -1.0   # dropout of the student's backbone; < 0 = unchanged (the teacher's when the
-                                    # student starts as the teacher, else model.dropout)
-    target_dropout: bool = False    # evaluate theta^- with dropout active (reference: true, its target runs in
-                                    # training mode); false = theta^- deterministic. No effect when model.dropout = 0
-    distance: str = "huber"         # "huber" (pseudo-Huber), "l2", or "feature" (images: Inception-v3 features, a
-                                    # stand-in for the paper's LPIPS; needs the fid extra)
-    huber_c: float = 0.0            # pseudo-Huber c; 0 = 0.00054 * sqrt(dim) (Song & Dhariwal 2023)
-    feature_size: int = 139         # distance=feature: images are resized to this side (>= 75) before Inception
-    dsm: bool = True                # add the DSM loss on g(x, t, t)
-    dsm_weight: float = -1.0        # lambda_DSM: < 0 = adaptive (last-layer gradient norms), else fixed
-    dsm_weight_max: float = 1e4     # adaptive lambda_DSM is clamped to [0, dsm_weight_max]
-    dsm_karras_frac: float = 0.5    # share of DSM sigmas drawn on the Karras curve (rest log-normal)
-    gan: bool = True                # add the GAN loss (stage 2)
-    gan_start: int = 0              # step at which the GAN term starts (the paper's stage 2); from then on:
-    gan_lr: float = 0.0             #   student learning rate (0 = train.lr; reference ImageNet-64: 8e-6)
-    gan_batch_size: int = 0         #   global batch size (0 = train.batch_size)
-    gan_max_k: int = 0              #   M, the largest teacher step count (0 = ctm.max_k; reference ImageNet-64: 20)
-    gan_weight: float = -1.0        # lambda_GAN: < 0 = adaptive, else fixed
-    gan_weight_min: float = 0.01    # adaptive lambda_GAN is clamped to [gan_weight_min, gan_weight_max]
-    gan_weight_max: float = 10.0
-    disc_lr: float = 2e-3           # discriminator RAdam learning rate (betas 0.5, 0.9)
-    disc_hidden: int = 256          # discriminator width (mlp) / channels (conv)
-    augment: bool = True            # DiffAugment on discriminator inputs (images only)
-    cutout_ratio: float = 0.5       # DiffAugment cutout square, as a fraction of the image size (reference: 0.2)
-    g_every: int = 1                # with the GAN on: generator steps when step % g_every == 0, discriminator
-                                    # steps otherwise (reference: 2, alternating); 1 = both every step
-    teacher_free: bool = False      # self-learn variant: x_u from the target network, no teacher
-    init_from_teacher: bool = True  # copy the teacher's weights into the student
-    student_precond: str = "auto"   # the student's preconditioning: "teacher" (its form: the student starts as the
-                                    # teacher), "edm" (EDM's, weights still copied: the reference's CIFAR-10 student
-                                    # of EDM's VP teacher) or "auto": edm for teachers that predict the noise
-                                    # (diffusers epsilon, EDM VP / VE / iDDPM pickles), else the teacher's form
+    num_scales: int = opt(18, "N: points of the Karras discretisation grid")
+    max_k: int = opt(17, "M: largest teacher step count k (P(k) proportional to k)")
+    pairs: str = opt("reference", "(t, u, s) draw: \"reference\" (one k ~ P(k) for the batch, n uniform, m uniform "
+                     "above n + k), \"uniform\" ((n, m) uniform over all pairs, k ~ U{1..min(m-n, M)} per sample), "
+                     "\"all_the_way\" (uniform pairs, u = s: the teacher solves to s), \"mixed\" (a share "
+                     "pairs_mixed_frac of each batch all_the_way, the rest reference)")
+    pairs_mixed_frac: float = opt(0.5, "pairs=mixed: the share of all_the_way pairs in each batch")
+    target_ema: float = opt(0.999, "mu: rate of the target network theta^-")
+    student_dropout: float = opt(-1.0, "dropout of the student's backbone; -1 (any value < 0) = unchanged: the "
+                                 "teacher's when the student starts as the teacher, else model.dropout")
+    target_dropout: bool = opt(False, "evaluate theta^- with dropout active (reference: true, its target runs in "
+                               "training mode); false = theta^- deterministic. No effect when model.dropout = 0")
+    distance: str = opt("huber", "\"huber\" (pseudo-Huber), \"l2\", or \"feature\" (images: Inception-v3 features, "
+                        "a stand-in for the paper's LPIPS; needs the fid extra)")
+    huber_c: float = opt(0.0, "pseudo-Huber c; 0 = automatic: 0.00054 * sqrt(dim) (Song & Dhariwal 2023)")
+    feature_size: int = opt(139, "distance=feature: images are resized to this side (>= 75) before Inception")
+    dsm: bool = opt(True, "add the DSM loss on g(x, t, t)")
+    dsm_weight: float = opt(-1.0, "lambda_DSM: -1 (any value < 0) = adaptive (from last-layer gradient norms), "
+                            "else this fixed weight")
+    dsm_weight_max: float = opt(1e4, "adaptive lambda_DSM is clamped to [0, dsm_weight_max]")
+    dsm_karras_frac: float = opt(0.5, "share of DSM sigmas drawn on the Karras curve (rest log-normal)")
+    gan: bool = opt(True, "add the GAN loss (stage 2)")
+    gan_start: int = opt(0, "step at which the GAN term starts (the paper's stage 2)")
+    gan_lr: float = opt(0.0, "from gan_start on: the student's learning rate; 0 = unchanged, train.lr "
+                        "(reference ImageNet-64: 8e-6)")
+    gan_batch_size: int = opt(0, "from gan_start on: the global batch size; 0 = unchanged, train.batch_size")
+    gan_max_k: int = opt(0, "from gan_start on: M, the largest teacher step count; 0 = unchanged, ctm.max_k "
+                         "(reference ImageNet-64: 20)")
+    gan_weight: float = opt(-1.0, "lambda_GAN: -1 (any value < 0) = adaptive, else this fixed weight")
+    gan_weight_min: float = opt(0.01, "adaptive lambda_GAN is clamped to [gan_weight_min, gan_weight_max]")
+    gan_weight_max: float = opt(10.0, "upper clamp of the adaptive lambda_GAN")
+    disc_lr: float = opt(2e-3, "discriminator RAdam learning rate (betas 0.5, 0.9)")
+    disc_hidden: int = opt(256, "discriminator width (mlp) / channels (conv)")
+    augment: bool = opt(True, "DiffAugment on discriminator inputs (images only)")
+    cutout_ratio: float = opt(0.5, "DiffAugment cutout square, as a fraction of the image size (reference: 0.2)")
+    g_every: int = opt(1, "with the GAN on: generator steps when step % g_every == 0, discriminator steps "
+                       "otherwise (reference: 2, alternating); 1 = both every step")
+    teacher_free: bool = opt(False, "self-learn variant: x_u from the target network, no teacher")
+    init_from_teacher: bool = opt(True, "copy the teacher's architecture and weights into the student")
+    student_precond: str = opt("auto", "the student's preconditioning: \"teacher\" (its form: the student starts as "
+                               "the teacher), \"edm\" (EDM's, weights still copied: the reference's CIFAR-10 student "
+                               "of EDM's VP teacher) or \"auto\": edm for teachers that predict the noise (diffusers "
+                               "epsilon, EDM VP / VE / iDDPM pickles), else the teacher's form")
 
     def validate(self) -> None:
         _check([
@@ -207,16 +225,19 @@ class CTMConfig:
 
 @dataclass
 class DistillConfig:
-    data: str = "ring"
-    n_data: int = 0
-    xflip: bool = False             # images: random left-right flips of training images (as the teacher's)
-    teacher: str = "exact"          # teacher SPEC: a run folder, "exact" (data with a known density),
-                                    # "diffusers:DIR" or "py:MODULE:ATTR" (see `ctmkit distill --help`)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=4e-4))
-    ctm: CTMConfig = field(default_factory=CTMConfig)
-    sigma_min: float = 0.002        # EDM's range; replaced by the teacher's when it reports another
-    sigma_max: float = 80.0         # (a diffusers DDPM: about 0.01 to 157)
+    data: str = opt("ring", "data SPEC (see `ctmkit distill --help`); --data sets it")
+    n_data: int = opt(0, "cap on items (finite data) / pool size (generated data); 0 = the data's default size")
+    xflip: bool = opt(False, "images: random left-right flips of training images (as the teacher's)")
+    teacher: str = opt("exact", "teacher SPEC: a run folder, \"exact\" (data with a known density), "
+                       "\"diffusers:DIR\", \"edm:FILE.pkl\" or \"py:MODULE:ATTR\" (see `ctmkit distill --help`); "
+                       "--teacher sets it")
+    model: ModelConfig = section(ModelConfig, "the student's network when it does not start as the teacher "
+                                 "(ctm.init_from_teacher=false, an exact or py: teacher); else the teacher's")
+    train: TrainConfig = section(lambda: TrainConfig(lr=4e-4), "the optimisation")
+    ctm: CTMConfig = section(CTMConfig, "the CTM losses, pair draws and GAN stage")
+    sigma_min: float = opt(0.002, "smallest noise level; EDM's 0.002 = take the teacher's when it reports another")
+    sigma_max: float = opt(80.0, "largest noise level; EDM's 80 = take the teacher's when it reports another "
+                           "(a diffusers DDPM: about 157)")
 
     def validate(self) -> None:
         self.model.validate()
@@ -301,24 +322,85 @@ def _coerce(key: str, value, tp):
     raise UserError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
 
 
-def from_dict(cls, d: dict, prefix: str = ""):
-    """Build a config dataclass from a (nested) dict, rejecting unknown keys."""
+def from_dict(cls, d: dict, prefix: str = "", root=None):
+    """Build a config dataclass from a (nested) dict, rejecting unknown keys (`root`: the top config class, whose
+    keys an unknown one is compared with)."""
     if not isinstance(d, dict):
         raise UserError(f"config section '{prefix or 'root'}' must be a mapping, got {type(d).__name__}")
+    root = root or cls
     prefix = f"{prefix}." if prefix else ""
     fields = _sections(cls)
     kwargs = {}
     for k, v in d.items():
         if k not in fields:
-            raise UserError(f"unknown config key '{prefix}{k}'; valid keys: {', '.join(valid_keys(cls))}")
+            raise unknown_key(root, f"{prefix}{k}")
         tp = fields[k]
-        kwargs[k] = from_dict(tp, {} if v is None else v, f"{prefix}{k}") if dataclasses.is_dataclass(tp) else _coerce(
-            prefix + k, v, tp)
+        kwargs[k] = from_dict(tp, {} if v is None else v, f"{prefix}{k}", root) if dataclasses.is_dataclass(
+            tp) else _coerce(prefix + k, v, tp)
     return cls(**kwargs)
+
+
+def unknown_key(cls, key: str) -> UserError:
+    """The error for a key that `cls` does not have: the closest valid keys first (by leaf name, the typed section
+    first on a tie), then where to find them all."""
+    section, _, leaf = str(key).rpartition(".")
+
+    def score(k: str) -> tuple[float, bool]:
+        k_section, _, k_leaf = k.rpartition(".")
+        return difflib.SequenceMatcher(None, leaf, k_leaf).ratio(), k_section == section
+    scored = sorted(((score(k), k) for k in valid_keys(cls)), key=lambda sk: sk[0], reverse=True)
+    close = [k for (ratio, _), k in scored if ratio >= 0.75][:3]
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    where = (f"`ctmkit config {SECTION[cls]}` lists every key" if cls in SECTION
+             else f"valid keys: {', '.join(valid_keys(cls))}")
+    return UserError(f"unknown config key '{key}'{hint} ({where})")
 
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def descriptions(cls) -> dict[str, str]:
+    """Dotted key -> its description (the `doc` of each field, sections included: 'model', 'model.arch', ...)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        out[f.name] = f.metadata.get("doc", "")
+        tp = _sections(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update({f"{f.name}.{k}": v for k, v in descriptions(tp).items()})
+    return out
+
+
+PLACEHOLDERS = ("-1.0, 0 and auto are placeholders for values worked out when training starts (from the teacher, the "
+                "data or the losses): the comment beside each key says what it stands for.")
+
+
+def to_yaml(cfg, header: str = "", column: int = 34, width: int = 118) -> str:
+    """The config as YAML with each key's description as a comment beside it (what `ctmkit config` prints); it
+    reads back as the same config (`--config FILE`)."""
+    lines = [f"# {ln}" for text in header.splitlines() for ln in _wrap(text, width - 2)]
+    _yaml_lines(cfg, "", lines, column, width)
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_lines(cfg, indent: str, lines: list[str], column: int, width: int) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            text = f"{indent}{f.name}:"
+        elif isinstance(value, list):   # in flow style: [1, 2, 2]
+            text = f"{indent}{f.name}: {yaml.safe_dump(value, default_flow_style=True, width=math.inf).strip()}"
+        else:
+            text = indent + yaml.safe_dump({f.name: value}, default_flow_style=False, width=math.inf).rstrip("\n")
+        at = max(column, len(text) + 1)
+        doc = _wrap(f.metadata.get("doc", ""), width - at - 2)
+        lines += [f"{text:<{at}}# {doc[0]}" if doc else text] + [f"{'':<{at}}# {d}" for d in doc[1:]]
+        if dataclasses.is_dataclass(value):
+            _yaml_lines(value, indent + "  ", lines, column, width)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    return textwrap.wrap(text, max(width, 30), break_long_words=False, break_on_hyphens=False)
 
 
 def _set(d: dict, dotted: str, value) -> None:
@@ -338,8 +420,9 @@ def resolve_key(cls, key: str) -> str:
     matches = [k for k in keys if k.split(".")[-1] == key]
     if len(matches) == 1:
         return matches[0]
-    hint = f"ambiguous, use one of {matches}" if matches else f"valid keys: {', '.join(keys)}"
-    raise UserError(f"unknown config key '{key}'; {hint}")
+    if matches:
+        raise UserError(f"config key '{key}' is ambiguous; use one of {', '.join(matches)}")
+    raise unknown_key(cls, key)
 
 
 def load_config(cls, preset: str | None = None, config_file: str | None = None, overrides: list[str] = (),
@@ -411,8 +494,19 @@ def _read_yaml(path: Path) -> dict:
     except OSError as e:
         raise UserError(f"cannot read config file '{path}': {e.strerror or e}") from None
     except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8, dates like 2024-13-01
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"config file '{path}' is not valid YAML: {why}") from None
+        raise UserError(f"config file '{path}' is not valid YAML{_yaml_problem(e)}") from None
     if not isinstance(d, dict):
         raise UserError(f"config file '{path}' must hold a mapping of keys to values")
     return d
+
+
+def _yaml_problem(e: Exception) -> str:
+    """': what' of a YAML error, with ' at line L, column C' where the parser stopped (1-based, as editors count)
+    and what it was parsing ('while parsing a flow sequence started at line 2, column 7')."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or not problem:
+        return f": {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    since = f" started at line {cmark.line + 1}, column {cmark.column + 1}" if cmark is not None else ""
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}" + (f" ({context}{since})" if context
+                                                                                else "")

@@ -57,7 +57,8 @@ class LineProgress:
         elif time.monotonic() - self.printed_t >= self.seconds:
             self._line()
 
-    def set_postfix(self, **kwargs) -> None:
+    def set_postfix(self, refresh: bool = True, **kwargs) -> None:
+        """Shown at the end of the next line (`refresh`: tqdm's redraw switch, without effect here)."""
         self.postfix = ", ".join(f"{k}={v}" for k, v in kwargs.items())
 
     def close(self) -> None:

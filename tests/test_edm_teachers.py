@@ -208,10 +208,10 @@ def test_cli_distills_an_edm_teacher_without_a_preset(tmp_path, form):
     card = json.loads((tmp_path / "ctm" / "model.json").read_text())
     assert card["backbone"]["arch"] == "edm_songunet"
     assert card.get("precond") is None if form == "auto" else card["precond"]["kind"] == "edm_vp"
-    for model, nfe in [(tmp_path / "ctm", "2"), (spec, "5")]:
-        ok(ctmkit("sample", "--model", model, "--n", "4", "--nfe", nfe, "--out", tmp_path / "s.npz", "--quiet",
+    for i, (model, nfe) in enumerate([(tmp_path / "ctm", "2"), (spec, "5")]):
+        ok(ctmkit("sample", "--model", model, "--n", "4", "--nfe", nfe, "--out", tmp_path / f"s{i}.npz", "--quiet",
                   cwd=tmp_path))
-        assert np.load(tmp_path / "s.npz")["samples"].shape == (4, 8, 8, 3)
+        assert np.load(tmp_path / f"s{i}.npz")["samples"].shape == (4, 8, 8, 3)
     assert not (tmp_path / "EXECUTED").exists()
 
 

@@ -187,10 +187,10 @@ def test_cli_distills_and_samples_a_diffusers_teacher(tmp_path, kind):
     student = json.loads((tmp_path / "ctm" / "model.json").read_text()).get("precond")   # epsilon: EDM's form (auto)
     assert (student is None) if kind == "epsilon" else student["kind"] == want
     assert card.precond["kind"] == want and (kind == "flow" or 0.0099 < card.sigma_min < 0.0101)
-    for model, extra in [(tmp_path / "ctm", ["--nfe", "2"]), (spec, ["--nfe", "9"])]:
-        ok(ctmkit("sample", "--model", model, "--n", "10", *extra, "--labels", "3", "--out", tmp_path / "s.npz",
+    for i, (model, extra) in enumerate([(tmp_path / "ctm", ["--nfe", "2"]), (spec, ["--nfe", "9"])]):
+        ok(ctmkit("sample", "--model", model, "--n", "10", *extra, "--labels", "3", "--out", tmp_path / f"s{i}.npz",
                   "--quiet", cwd=tmp_path))
-        assert np.load(tmp_path / "s.npz")["samples"].shape[0] == 10
+        assert np.load(tmp_path / f"s{i}.npz")["samples"].shape[0] == 10
     if kind != "epsilon":
         return
     r = ctmkit("distill", "--teacher", spec, "--data", "ring", "--out", tmp_path / "bad", "--steps", "1", "--quiet",

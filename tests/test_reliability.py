@@ -346,6 +346,10 @@ def _sample(t: Path, *extra, out="s.npz") -> list:
     return ["sample", "--model", t, "--n", 4, "--nfe", 1, *extra, "--out", out]
 
 
+def _eval_ref(t: Path, ref: Path, d: Path) -> list:
+    return ["eval", "--model", t, "--ref", ref, "--heun", 1, "--n", 8, "--out", d / "e.json"]
+
+
 BAD_CLI = {
     # id: (argv(tmp_path, teacher) without --out for training commands, keyword of the error line)
     "npy-5d": (lambda d, t: _train(_npy(d, np.zeros((4, 2, 3, 4, 5), np.float32))), "shape"),
@@ -380,6 +384,9 @@ BAD_CLI = {
     "disc-hidden-zero": (lambda d, t: _distill("ctm.disc_hidden=0"), "ctm.disc_hidden"),
     "unknown-ctm-key": (lambda d, t: _distill("ctm.nope=1"), "ctm.nope"),
     "config-file-unknown-key": (lambda d, t: _over("--config", _config_file(d, "train:\n  foo: 1\n")), "train.foo"),
+    "unknown-key-typo": (lambda d, t: _distill("ctm.gan_strat=3"), "did you mean ctm.gan_start?"),
+    "config-file-unclosed-list": (lambda d, t: _over("--config", _config_file(d, "train:\n  lr: [1, 2\n  steps: 3\n")),
+                                  "at line 3, column 8"),
     "config-file-section-not-mapping": (lambda d, t: _over("--config", _config_file(d, "train: 5\n"),
                                                            "train.steps=3"), "train"),
     "config-file-wrong-type": (lambda d, t: _over("--config", _config_file(d, "train: {lr: [1]}\n")),
@@ -402,6 +409,11 @@ BAD_CLI = {
     "sample-out-wrong-suffix": (lambda d, t: _sample(t, out=d / "s.txt"), ".npz"),
     "eval-out-parent-is-a-file": (lambda d, t: (d / "f").write_text("x") and [
         "eval", "--model", t, "--data", "ring", "--heun", "2", "--n", 8, "--out", d / "f" / "e.json"], "not a folder"),
+    "eval-ref-is-an-npy-of-images": (lambda d, t: _eval_ref(t, _npy(d, np.zeros((4, 8, 8), np.uint8)), d),
+                                     "fid-ref --data"),
+    "eval-ref-npz-without-mu-sigma": (lambda d, t: _eval_ref(t, _npz_labels(d, [0, 1, 2]), d), "not mu and sigma"),
+    "eval-ref-text-file": (lambda d, t: _eval_ref(t, _config_file(d, "mu: 1\n"), d), "not a NumPy file"),
+    "eval-ref-folder": (lambda d, t: _eval_ref(t, d, d), "directory"),
     "sample-out-is-a-folder": (lambda d, t: (d / "s.npz").mkdir() or _sample(t, out=d / "s.npz"), "directory"),
     "nll-shape-mismatch": (lambda d, t: ["nll", "--model", t, "--data", _npy(d, np.zeros((8, 3), np.float32)),
                                          "--n", 4], "shape"),

@@ -133,12 +133,17 @@ def demo(out, preset, data, eval_samples, quiet, overrides):
 @click.option("--preset", default=None, help="Show a preset resolved on top of the defaults.")
 @user_errors
 def show_config(command, preset):
-    """Print the full default config (every valid key, YAML) of a training command."""
-    import yaml
+    """Print the full default config of a training command: every valid key with its value and description.
 
-    from ..config import DistillConfig, TeacherConfig, load_config, to_dict
+    The output is YAML (descriptions as comments): save it, edit it and pass it back with --config FILE."""
+    from ..config import PLACEHOLDERS, DistillConfig, TeacherConfig, load_config, to_yaml
     cls = TeacherConfig if command == "teacher" else DistillConfig
-    click.echo(yaml.safe_dump(to_dict(load_config(cls, preset)), sort_keys=False))
+    what = "ctmkit train-teacher" if command == "teacher" else "ctmkit distill"
+    if preset:
+        what += f" --preset {preset}"
+    header = (f"{what}: every config key with its default value (a valid --config FILE; key=value on the command "
+              f"line sets one).\n{PLACEHOLDERS}")
+    click.echo(to_yaml(load_config(cls, preset), header), nl=False)
 
 
 if __name__ == "__main__":

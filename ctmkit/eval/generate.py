@@ -12,7 +12,6 @@ from torch import Tensor
 
 from ..core.sampling import gamma_sample, heun_sample, per_sample_normal, sample_schedule, two_jump_sample
 from ..core.schedules import karras_sigmas
-from ..data import Normalizer
 from ..errors import UserError
 from ..io.atomic import atomic_file
 from ..io.card import ModelCard
@@ -158,13 +157,12 @@ def stream_samples(batches, n: int, labels, card: ModelCard, out: Path, grid_max
     one batch at a time), with labels(start, b) when given; a PNG of the first `grid_max` beside it (images, 2-D).
     FILE.png alone: only the grid (the first `grid_max` samples are drawn)."""
     out = Path(out)
-    norm = Normalizer.from_dict(card.data.normalizer)
     first, written, start = [], [], 0
     if out.suffix == ".npz":
         with atomic_file(out) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("samples.npy", "w", force_zip64=True) as member:
                 for x in batches:
-                    data = norm.to_data(x)
+                    data = card.to_data(x)     # what ModelCard.to_data gives a user of gamma_sample
                     if start == 0:
                         _npy_header(member, (n, *data.shape[1:]), data.dtype)
                     member.write(np.ascontiguousarray(data).tobytes())
@@ -185,18 +183,29 @@ def stream_samples(batches, n: int, labels, card: ModelCard, out: Path, grid_max
     return written + _preview(torch.cat(first)[:grid_max] if first else None, card, out.with_suffix(".png"))
 
 
+def sample_files(card: ModelCard, out: Path) -> list[Path]:
+    """The files `stream_samples` writes for `out`: FILE.npz and the PNG beside it (images and 2-D vectors), or
+    FILE.png alone."""
+    out = Path(out)
+    preview = [out.with_suffix(".png")] if has_preview(card) else []
+    return ([out] if out.suffix == ".npz" else []) + preview
+
+
+def has_preview(card: ModelCard) -> bool:
+    """Samples of this model get a picture: a grid of images, or a scatter plot of 2-D vectors."""
+    return card.data.kind == "image" or tuple(card.shape) == (2,)
+
+
 def _npy_header(f, shape: tuple, dtype) -> None:
     np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
                                              "fortran_order": False, "shape": tuple(int(v) for v in shape)})
 
 
 def _preview(x: Tensor | None, card: ModelCard, png: Path) -> list[Path]:
-    if x is None:
+    if x is None or not has_preview(card):
         return []
     if card.data.kind == "image":
         save_image_grid(x, png)
-        return [png]
-    if x.shape[1] == 2:
+    else:
         save_scatter([("samples", x.cpu().numpy())], png)
-        return [png]
-    return []
+    return [png]

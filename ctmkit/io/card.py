@@ -12,6 +12,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from torch import Tensor
+
+from ..data.normalize import Normalizer
 from ..errors import UserError
 from ..nets.registry import BackboneSpec
 from .atomic import atomic_write_text
@@ -92,6 +96,11 @@ class ModelCard:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.data.shape
+
+    def to_data(self, x: Tensor | np.ndarray) -> np.ndarray:
+        """Model-space samples [N, ...] (from gamma_sample, heun_sample, ...) -> the data's own space, dtype and layout,
+        as `ctmkit sample` writes them (e.g. uint8 [N, H, W, C] images; vectors shifted and scaled back)."""
+        return Normalizer.from_dict(self.data.normalizer).to_data(x)
 
     def check_data(self, data, what: str = "the model") -> None:
         """UserError unless `data` (a Dataset) has the per-sample shape this model was trained on."""

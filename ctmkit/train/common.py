@@ -288,10 +288,11 @@ class Run:
                 progress_bar(total=steps, initial=self.step, desc=self.kind, enabled=progress and main)))
             while self.step < steps and not dist.any_rank(self._stop, self.dist, self.device):
                 stats_log.add(self._step())
+                if main and "loss" in stats_log.count:   # the mean loss of this log period so far, from step 1
+                    bar.set_postfix(loss=f"{stats_log.running('loss'):.4g}", refresh=False)
                 bar.update(1)
                 if main and (self.step % self.tcfg.log_every == 0 or self.step == steps):
-                    line = stats_log.write(self.step, self.bad_total)
-                    bar.set_postfix(loss=f"{line.get('loss', float('nan')):.4g}")
+                    stats_log.write(self.step, self.bad_total)
                 if main and (self.step % self.tcfg.ckpt_every == 0 or self.step == steps):
                     save_checkpoint(ckpt_dir, self.step, self.state())
             if self.step < steps:   # stopped by a signal (on some rank)
@@ -336,6 +337,10 @@ class StatsLog:
         for k, v in stats.items():
             self.acc[k] = self.acc.get(k, 0.0) + float(v)
             self.count[k] = self.count.get(k, 0) + 1
+
+    def running(self, key: str) -> float:
+        """The mean of `key` over the steps of this period so far (the value the period's line will hold)."""
+        return self.acc[key] / self.count[key]
 
     def write(self, step: int, bad_total: int) -> dict:
         line = {"step": step, **{k: v / self.count[k] for k, v in self.acc.items()}, "bad_steps": bad_total,
