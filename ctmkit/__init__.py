@@ -7,7 +7,8 @@ The public API (help(ctmkit.NAME) for one; CTM and EDMDenoiser are torch modules
 methods under theirs):
 
 Models and run folders
-    load_model(path, ema=0)          a trained CTM or teacher (run folder or checkpoint), with its ModelCard as .card
+    load_model(path, ema=None)       a trained CTM or teacher (run folder or checkpoint), with its ModelCard as .card;
+                                     the run's chosen weights (a post-hoc EMA, `ctmkit ema`) or EMA number `ema`
     load_teacher(spec, data=None)    a teacher SPEC (run folder, 'exact', diffusers:DIR, edm:FILE.pkl,
                                      py:MODULE:ATTR) as a denoiser D(x, sigma, labels)
     ModelCard                        a model's model.json: kind, data shape, classes, sigma range;
