@@ -32,12 +32,13 @@ class StandIn(nn.Module):
         return out
 
 
-def stand_ins(seed: int = 0) -> list[FeatureNet]:
+def stand_ins(seed: int = 0, sizes: tuple[int, int] = (32, 64)) -> list[FeatureNet]:
+    """Two stand-ins for the reference's two networks, with their two input normalisations."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return [FeatureNet("cnn", StandIn().requires_grad_(False), (0.5,) * 3, (0.5,) * 3, 32),
+        return [FeatureNet("cnn", StandIn().requires_grad_(False), (0.5,) * 3, (0.5,) * 3, sizes[0]),
                 FeatureNet("vit", StandIn((4, 8, 8, 16)).requires_grad_(False), (0.485, 0.456, 0.406),
-                           (0.229, 0.224, 0.225), 64)]
+                           (0.229, 0.224, 0.225), sizes[1])]
 
 
 def test_random_projection_mixes_channels_and_scales() -> None:
