@@ -164,10 +164,14 @@ class CTMConfig:
                                  "teacher's when the student starts as the teacher, else model.dropout")
     target_dropout: bool = opt(False, "evaluate theta^- with dropout active (reference: true, its target runs in "
                                "training mode); false = theta^- deterministic. No effect when model.dropout = 0")
-    distance: str = opt("huber", "\"huber\" (pseudo-Huber), \"l2\", or \"feature\" (images: Inception-v3 features, "
-                        "a stand-in for the paper's LPIPS; needs the fid extra)")
+    distance: str = opt("huber", "\"huber\" (pseudo-Huber), \"l2\", \"lpips\" (images: the paper's LPIPS, VGG16 with "
+                        "average pooling; needs ctm.lpips_vgg) or \"feature\" (images: Inception-v3 features, an "
+                        "LPIPS stand-in without weight files; needs the fid extra)")
     huber_c: float = opt(0.0, "pseudo-Huber c; 0 = automatic: 0.00054 * sqrt(dim) (Song & Dhariwal 2023)")
     feature_size: int = opt(139, "distance=feature: images are resized to this side (>= 75) before Inception")
+    lpips_vgg: str = opt("", "distance=lpips: torchvision's VGG16 ImageNet weights (vgg16-397923af.pth), a file you "
+                         "bring (ctmkit downloads nothing)")
+    lpips_size: int = opt(224, "distance=lpips: images with a side below 256 are resized to this side (ref: 224)")
     dsm: bool = opt(True, "add the DSM loss on g(x, t, t)")
     dsm_weight: float = opt(-1.0, "lambda_DSM: -1 (any value < 0) = adaptive (from last-layer gradient norms), "
                             "else this fixed weight")
@@ -185,6 +189,12 @@ class CTMConfig:
     gan_weight_max: float = opt(10.0, "upper clamp of the adaptive lambda_GAN")
     disc_lr: float = opt(2e-3, "discriminator RAdam learning rate (betas 0.5, 0.9)")
     disc_hidden: int = opt(256, "discriminator width (mlp) / channels (conv)")
+    discriminator: str = opt("small", "\"small\" (MLP / strided convs, trained from scratch) or \"projected\" "
+                             "(images: the paper's, trainable heads on random projections of frozen DeiT and "
+                             "EfficientNet-Lite features; needs timm, ctm.disc_deit and ctm.disc_effnet)")
+    disc_deit: str = opt("", "discriminator=projected: deit_base_distilled_patch16_224 ImageNet weights, a file "
+                         "you bring")
+    disc_effnet: str = opt("", "discriminator=projected: tf_efficientnet_lite0 ImageNet weights, a file you bring")
     augment: bool = opt(True, "DiffAugment on discriminator inputs (images only)")
     cutout_ratio: float = opt(0.5, "DiffAugment cutout square, as a fraction of the image size (reference: 0.2)")
     g_every: int = opt(1, "with the GAN on: generator steps when step % g_every == 0, discriminator steps "
@@ -205,7 +215,10 @@ class CTMConfig:
             (self.pairs in PAIR_DRAWS, f"ctm.pairs must be one of {', '.join(PAIR_DRAWS)}, got '{self.pairs}'"),
             (0 <= self.pairs_mixed_frac <= 1, "ctm.pairs_mixed_frac must be in [0, 1]"),
             (0 < self.target_ema < 1, "ctm.target_ema must be in (0, 1)"),
-            (self.distance in ("huber", "l2", "feature"), "ctm.distance must be 'huber', 'l2' or 'feature'"),
+            (self.distance in ("huber", "l2", "feature", "lpips"),
+             "ctm.distance must be 'huber', 'l2', 'lpips' or 'feature'"),
+            (self.lpips_size >= 16, "ctm.lpips_size must be >= 16 (VGG16 halves it four times)"),
+            (self.discriminator in ("small", "projected"), "ctm.discriminator must be 'small' or 'projected'"),
             (self.student_dropout < 1, "ctm.student_dropout must be < 1 (< 0 = unchanged)"),
             (self.feature_size >= 75, "ctm.feature_size must be >= 75 (Inception-v3's smallest input)"),
             (self.gan_lr >= 0 and math.isfinite(self.gan_lr), "ctm.gan_lr must be >= 0 (0 = train.lr)"),

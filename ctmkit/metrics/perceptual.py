@@ -1,6 +1,7 @@
 """A perceptual feature map for the CTM loss (`ctm.distance=feature`): the paper measures d(estimate, target) with
-LPIPS, whose weights cannot be loaded offline; ctmkit uses the Inception-v3 network that ships with the `fid` extra
-(the FID network, docs/method.md section 3) in LPIPS's way, without LPIPS's learned per-channel weights.
+LPIPS (`ctm.distance=lpips`, nets/lpips.py, which needs a VGG16 weight file); this stand-in needs none: the
+Inception-v3 network that ships with the `fid` extra (the FID network, docs/method.md section 3) used in LPIPS's
+way, without LPIPS's learned per-channel weights.
 
 Images in model space [N, C, H, W] (C = 1 replicated to RGB) are resized bilinearly to `size` (>= 75, Inception's
 smallest input; the FID side 299 is costly), run through the network's layers, and at four depths (pool1, mixed_2,

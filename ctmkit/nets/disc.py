@@ -1,7 +1,8 @@
-"""Trainable discriminators for the optional CTM GAN loss (docs/method.md section 3, step 7).
+"""The small trainable discriminators of the CTM GAN loss (docs/method.md section 3, step 7): `ctm.discriminator=small`,
+the default.
 
-The paper uses frozen feature networks with projected heads; their weights are not available offline,
-so these are small discriminators trained from scratch, with projection class conditioning
+The paper's discriminator trains heads on frozen pretrained feature networks (projected.py, from weight files the
+user brings); these are small discriminators trained from scratch, with projection class conditioning
 (Miyato & Koyama, 2018); DiffAugment (Zhao et al., 2020) on their inputs lives in augment.py.
 """
 

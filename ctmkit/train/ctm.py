@@ -8,6 +8,8 @@ the target net.
 Once the GAN term is active (the paper's stage 2), the generator and discriminator steps alternate every ctm.g_every
 iterations (1: both every iteration), and ctm.gan_lr / gan_batch_size / gan_max_k replace the learning rate, batch
 and M where set. The target network runs with dropout when ctm.target_dropout (the reference's choice).
+The distance (ctm.distance) and the discriminator (ctm.discriminator) are the paper's with `lpips` and `projected`
+(frozen ImageNet networks from weight files the user names), else pseudo-Huber / L2 and a small one from scratch.
 
 Multi-process (torchrun): every rank draws the same global batch, k and noise, and trains on its slice; the
 student and the discriminator are wrapped in DDP; the adaptive weights use last-layer gradients averaged
@@ -54,6 +56,9 @@ from ..metrics.perceptual import InceptionFeatureMap
 from ..nets.augment import diff_augment
 from ..nets.disc import ImageDiscriminator, VectorDiscriminator
 from ..nets.dropout import set_dropout
+from ..nets.feature_nets import DEIT_WEIGHTS, EFFNET_WEIGHTS, reference_feature_nets
+from ..nets.lpips import LPIPS, VGG_WEIGHTS
+from ..nets.projected import ProjectedDiscriminator
 from ..nets.registry import BackboneSpec, backbone_spec
 from ..teachers import PyTeacher, load_teacher, teacher_facts
 from . import dist
@@ -91,6 +96,7 @@ class CTMRun(Run):
     def __init__(self, cfg: DistillConfig, out, data: Dataset, resume: bool = False):
         super().__init__(cfg, out, data, resume)
         self.check_split("ctm.gan_batch_size", cfg.ctm.gan_batch_size)
+        self.check_weight_files()                                          # before the slow parts
         self.teacher = None if cfg.ctm.teacher_free else load_teacher(cfg.teacher, data)
         if isinstance(self.teacher, torch.nn.Module):
             self.teacher = self.teacher.to(self.device)
@@ -119,17 +125,12 @@ class CTMRun(Run):
         self.maybe_compile(self.net.backbone)
         self.ddp = dist.wrap(self.net, self.dist, self.device)
         if cfg.ctm.gan:
-            classes = data.num_classes if self.use_labels else 0
-            self.disc = (VectorDiscriminator(data.shape[0], cfg.ctm.disc_hidden, num_classes=classes)
-                         if data.kind == "vector" else
-                         ImageDiscriminator(data.shape[0], data.shape[1], cfg.ctm.disc_hidden // 4, classes)
-                         ).to(self.device)
+            self.disc = self.make_discriminator().to(self.device)
             self.nets["disc"] = self.disc
             self.add_optimizer("disc_opt", make_optimizer(self.disc.parameters(), cfg.train, cfg.ctm.disc_lr,
                                                           (0.5, 0.9)))
             self.ddp_disc = dist.wrap(self.disc, self.dist, self.device)
-        dim = int(torch.tensor(data.shape).prod())
-        self.distance = make_distance(cfg.ctm.distance, dim, cfg.ctm.huber_c, self.feature_map())
+        self.distance = self.make_ctm_distance()
         self.grid = karras_sigmas(cfg.ctm.num_scales, cfg.sigma_min, cfg.sigma_max)   # t_0 > ... > t_{N-1}
         self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.train.seed + 7)
 
@@ -182,6 +183,44 @@ class CTMRun(Run):
                             "teacher's weights (ctm.student_precond=auto; =teacher keeps the teacher's form)")
         return form
 
+    @property
+    def projected(self) -> bool:
+        """The GAN term runs the projected discriminator (ctm.discriminator=projected)."""
+        return self.cfg.ctm.gan and self.cfg.ctm.discriminator == "projected"
+
+    def check_weight_files(self) -> None:
+        """The paper's distance and discriminator need image data and weight files the user names: fail early."""
+        c = self.cfg.ctm
+        if c.distance == "lpips" or self.projected:
+            if self.data.kind != "image":
+                what = "ctm.distance=lpips" if c.distance == "lpips" else "ctm.discriminator=projected"
+                raise UserError(f"{what} needs image data (ImageNet feature networks); use the defaults for vectors")
+        if c.distance == "lpips":
+            VGG_WEIGHTS.path(c.lpips_vgg)
+        if self.projected:
+            DEIT_WEIGHTS.path(c.disc_deit)
+            EFFNET_WEIGHTS.path(c.disc_effnet)
+
+    def make_ctm_distance(self):
+        """d of the CTM loss (ctm.distance): LPIPS over the user's VGG16 weights, or core.losses.make_distance."""
+        c = self.cfg.ctm
+        if c.distance == "lpips":
+            return LPIPS.from_file(c.lpips_vgg, c.lpips_size).to(self.device)
+        dim = int(torch.tensor(self.data.shape).prod())
+        return make_distance(c.distance, dim, c.huber_c, self.feature_map())
+
+    def make_discriminator(self) -> torch.nn.Module:
+        """ctm.discriminator: the projected one (frozen feature networks from the user's files, trainable heads), or
+        the small one trained from scratch: an MLP for vectors, strided convs for images."""
+        cfg, data = self.cfg, self.data
+        if self.projected:
+            nets = reference_feature_nets(cfg.ctm.disc_deit, cfg.ctm.disc_effnet, cfg.train.seed)
+            return ProjectedDiscriminator(nets, seed=cfg.train.seed)
+        classes = data.num_classes if self.use_labels else 0
+        if data.kind == "vector":
+            return VectorDiscriminator(data.shape[0], cfg.ctm.disc_hidden, num_classes=classes)
+        return ImageDiscriminator(data.shape[0], data.shape[1], cfg.ctm.disc_hidden // 4, classes)
+
     def feature_map(self):
         """The Inception feature map of ctm.distance=feature (images only), else None."""
         if self.cfg.ctm.distance != "feature":
@@ -219,10 +258,21 @@ class CTMRun(Run):
     def gan_active(self) -> bool:
         return self.cfg.ctm.gan and self.step >= self.cfg.ctm.gan_start
 
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        return diff_augment(x, self.aug_gen, cutout_ratio=self.cfg.ctm.cutout_ratio)
+
     def disc_in(self, x: torch.Tensor) -> torch.Tensor:
-        if self.data.kind == "image" and self.cfg.ctm.augment:
-            return diff_augment(x, self.aug_gen, cutout_ratio=self.cfg.ctm.cutout_ratio)
+        """The small discriminator's input: DiffAugment for images (ctm.augment); the projected one augments inside."""
+        if self.data.kind == "image" and self.cfg.ctm.augment and not self.projected:
+            return self.augment(x)
         return x
+
+    def disc_kw(self, groups: int = 1) -> dict:
+        """The projected discriminator's extra arguments: DiffAugment drawn per feature network (as the reference),
+        and `groups` parts of the batch (real, fake) through its BatchNorm heads apart."""
+        if not self.projected:
+            return {}
+        return {"groups": groups, "augment": self.augment if self.cfg.ctm.augment else None}
 
     def draw(self) -> CTMDraw:
         """Every random draw of one iteration, for the global batch, in a fixed order (identical on all ranks):
@@ -274,7 +324,7 @@ class CTMRun(Run):
                 out["dsm"] = dsm_loss(lambda *a: self.ddp("denoise", *a), x0, d.sig, d.z_dsm, cfg.model.sigma_data,
                                       labels)
             if self.gan_active():
-                out["gan_g"] = gan_g_loss(self.disc(self.disc_in(estimate), labels))
+                out["gan_g"] = gan_g_loss(self.disc(self.disc_in(estimate), labels, **self.disc_kw()))
         return out
 
     def weight(self, fixed: float, losses: dict, key: str, lo: float, hi: float) -> torch.Tensor:
@@ -366,7 +416,8 @@ class CTMRun(Run):
             with dist.no_sync(self.ddp_disc, sync=i == mb - 1):
                 with self.autocast():   # real and fake in one forward pass (one DDP forward per backward)
                     both = self.disc_in(torch.cat([real, fake]))
-                    d_out = self.ddp_disc("forward", both, None if lr_ is None else torch.cat([lr_, lf]))
+                    d_out = self.ddp_disc("forward", both, None if lr_ is None else torch.cat([lr_, lf]),
+                                          **self.disc_kw(groups=2))
                     d_loss = gan_d_loss(*d_out.chunk(2))
                 self.backward(d_loss / mb, "disc_opt")
             d_total = d_total + d_loss.detach() / mb
