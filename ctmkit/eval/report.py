@@ -82,10 +82,26 @@ def draw_curves(ax, series: dict[str, tuple[list, list]], xlabel: str, ylabel: s
         ax.xaxis.set_minor_locator(NullLocator())
     if logy:
         ax.set_yscale("log")
+        plain_log_labels(ax.yaxis, *ax.get_ylim())
     if ylim:
         ax.set_ylim(*ylim)
     ax.set_xlabel(xlabel), ax.set_ylabel(ylabel), ax.set_title(title, fontsize=10), ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def plain_log_labels(axis, lo: float, hi: float) -> None:
+    """Label a log axis with plain numbers (0.05, 0.1, 0.2, ...; 1, 10, 100): the decades, and also 2 and 5 x each
+    decade when the axis spans at most two decades."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    def lead(v: float) -> int:
+        return round(v / 10 ** math.floor(math.log10(v) + 1e-9))
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    if hi / lo <= 100:
+        axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if v > 0 and lead(v) in (2, 5) else ""))
+    else:
+        axis.set_minor_formatter(NullFormatter())
 
 
 def all_positive(series: dict[str, tuple[list, list]], extra: tuple[float, ...] = ()) -> bool:
