@@ -67,10 +67,12 @@ def run_demo(out: Path, preset: str = "toy", data: str | None = None, overrides:
     settings = demo_settings(preset, tcfg, dcfg, overrides, eval_samples)
     record = open_record(out, settings, resume)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    with _interrupts_as_keyboard():
+    with _interrupts_as_keyboard() as interrupted:
         dataset = load_data(tcfg.data, n=tcfg.n_data or None, seed=tcfg.train.seed)
         demo = Demo(out, tcfg, dcfg, dataset, record, progress, echo)
         for i, name in enumerate(STAGES, 1):
+            if interrupted:   # a signal whose KeyboardInterrupt was swallowed (raised inside a finaliser)
+                raise KeyboardInterrupt
             demo.stage(i, name)
     echo(f"report: {out / 'report.md'}")
     return json.loads((out / "summary.json").read_text())
@@ -129,22 +131,26 @@ def open_record(out: Path, settings: dict, resume: bool) -> dict:
 
 @contextlib.contextmanager
 def _interrupts_as_keyboard():
-    """SIGTERM raises KeyboardInterrupt, as SIGINT does, outside the training loops (which checkpoint on both and
-    restore this handler after); the stage that was running says how to go on, or else this one line does."""
+    """SIGINT and SIGTERM raise KeyboardInterrupt outside the training loops (which checkpoint on both and restore
+    these handlers after); the stage that was running says how to go on, or else this one line does. Yields a list
+    that holds the signals received, so that one whose exception Python swallowed still stops before the next
+    stage."""
     main = threading.current_thread() is threading.main_thread()
+    received: list[int] = []
 
     def interrupt(signum, frame):
+        received.append(signum)
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, interrupt) if main else None
+    old = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
-        yield
+        yield received
     except KeyboardInterrupt:
         raise UserError("interrupted between the demo's stages: the finished stages are kept; continue with "
                         "--resume") from None
     finally:
-        if main:
-            signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 @dataclass

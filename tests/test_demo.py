@@ -167,8 +167,8 @@ def test_a_demo_stopped_by_signals_says_how_to_go_on_and_resumes(tmp_path):
             time.sleep(0.005)
         assert p.poll() is None, f"the demo ended before the signal:\n{p.communicate()[1]}"
         p.send_signal(sig)
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 2, err
+        stdout, err = p.communicate(timeout=120)
+        assert p.returncode == 2, f"exit {p.returncode}\nstdout:\n{stdout}\nstderr:\n{err}"
         assert "Traceback" not in err, err
         return err.strip().splitlines()[-1]
 
