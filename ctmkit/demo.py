@@ -278,8 +278,6 @@ def diagnose_size(kind: str, eval_samples: int, num_scales: int) -> dict:
     return {"n": max(16, min(full, round(full * eval_samples / DEFAULT_EVAL_SAMPLES))), "grid": grid, "steps": steps}
 
 
-
-
 def _split_overrides(overrides) -> tuple[list[str], list[str]]:
     """key=value overrides go to each stage whose config has the key (train.steps=... goes to both)."""
     t_over, d_over = [], []
