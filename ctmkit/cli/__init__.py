@@ -106,26 +106,33 @@ def distill(teacher, data, out, preset, config_file, steps, batch_size, seed, ck
 
 @main.command("demo")
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
-              help="Run folder (must be new or empty).")
+              help="Run folder: new or empty, or with --resume the folder of an interrupted demo.")
 @click.option("--preset", default="toy", show_default=True,
-              help="toy (2-D set, ~5 min on 2 CPU cores), digits (scikit-learn 8x8 digits), mnist (needs --data).")
+              help="toy (2-D moons; about 6 min on 2 idle CPU cores, measured 2026-11-30), digits (scikit-learn 8x8 "
+                   "digits; about 30 min on 2 CPU cores), mnist (needs --data).")
 @click.option("--data", default=None, help="Data SPEC; default: the preset's (toy: moons). " + DATA_HELP)
-@click.option("--eval-samples", type=int, default=2000, show_default=True, help="Samples per evaluated point.")
+@click.option("--eval-samples", type=int, default=2000, show_default=True,
+              help="Samples per evaluated point; fewer also shrink the diagnosis (256 noises at 2000, at least 16).")
+@click.option("--resume", is_flag=True,
+              help="Continue the interrupted demo in --out from its last finished stage (a training stage from its "
+                   "newest checkpoint); the settings must be those it started with.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.argument("overrides", nargs=-1)
 @user_errors
-def demo(out, preset, data, eval_samples, quiet, overrides):
+def demo(out, preset, data, eval_samples, resume, quiet, overrides):
     """The main job: train a teacher, distill a CTM, sample at NFE 1, 2, 4, 8 (gamma 0 and 1), evaluate
-    against the teacher's Heun solver and write OUT/report.md with plots.
+    against the teacher's Heun solver, diagnose where the CTM leaves the teacher's ODE, and write OUT/report.md
+    with plots and a verdict per table.
 
-    key=value overrides apply to both stages (e.g. train.steps=500 for a quick look)."""
+    key=value overrides apply to both stages (e.g. train.steps=500 for a quick look). OUT/demo.json records the
+    settings and the finished stages: after an interruption (Ctrl-C, SIGTERM) rerun the same command with --resume."""
     from ..demo import run_demo
     if preset == "mnist" and not data:
         raise UserError("--preset mnist needs --data PATH_TO_MNIST_IDX_FOLDER")
     if eval_samples < 10:
         raise UserError("--eval-samples must be >= 10")
     run_demo(Path(out), preset, data, tuple(overrides), progress=not quiet, echo=click.echo,
-             eval_samples=eval_samples)
+             eval_samples=eval_samples, resume=resume)
 
 
 @main.command("config")

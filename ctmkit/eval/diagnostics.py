@@ -108,8 +108,8 @@ def diagnose(model, teacher, n: int = 256, nfes=(1, 2, 3, 4, 5, 6, 7, 8), gammas
 
 
 def plot_diagnosis(d: Diagnosis, out_dir: Path, title: str = "") -> list[Path]:
-    """coupled_error.png (error vs NFE per gamma, the teacher-grid floor dashed) and, when computed, jump_error.png
-    (the (t, s) map)."""
+    """coupled_error.png (error vs NFE per gamma on a log scale, the teacher-grid floor dashed) and, when computed,
+    jump_error.png (the (t, s) map)."""
     series: dict[str, tuple[list, list]] = {}
     for (gamma, k), v in d.coupled.items():
         xs, ys = series.setdefault(f"CTM gamma={gamma:g}", ([], []))
@@ -117,7 +117,7 @@ def plot_diagnosis(d: Diagnosis, out_dir: Path, title: str = "") -> list[Path]:
         ys.append(v)
     paths = [Path(out_dir) / "coupled_error.png", Path(out_dir) / "jump_error.png"]
     save_curves(series, paths[0], "NFE", "mean |x_NFE(z) - teacher ODE(z)|", title or "coupled error",
-                hline=(f"teacher Heun on {len(d.levels)} grid points", d.floor))
+                hline=(f"teacher Heun on {len(d.levels)} grid points", d.floor), logy=True)
     if d.jump is None:
         return paths[:1]
     save_heatmap(d.jump, [f"{v:.3g}" for v in d.levels], paths[1], "s (jump target)", "t (jump start)",

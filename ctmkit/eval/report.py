@@ -66,23 +66,64 @@ def save_scatter(panels: list[tuple[str, np.ndarray]], path: Path, lim: float | 
     save_fig(fig, path)
 
 
-def save_curves(series: dict[str, tuple[list, list]], path: Path, xlabel: str, ylabel: str, title: str = "",
-                logx: bool = True, hline: tuple[str, float] | None = None) -> None:
-    """One line per series name -> (xs, ys), e.g. quality vs NFE."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+def draw_curves(ax, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str = "",
+                logx: bool = True, hline: tuple[str, float] | None = None, logy: bool = False,
+                ylim: tuple[float, float] | None = None) -> None:
+    """One line per series name -> (xs, ys) on `ax`; a log-2 x axis is ticked at the xs themselves (NFE 1, 2, 3..)."""
+    from matplotlib.ticker import NullLocator
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=name)
     if hline:
         ax.axhline(hline[1], color="gray", ls="--", label=hline[0])
     if logx:
+        ticks = sorted({x for xs, _ in series.values() for x in xs})
         ax.set_xscale("log", base=2)
-    ax.set_xlabel(xlabel), ax.set_ylabel(ylabel), ax.set_title(title), ax.legend(fontsize=8), ax.grid(alpha=0.3)
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=8)
+        ax.xaxis.set_minor_locator(NullLocator())
+    if logy:
+        ax.set_yscale("log")
+        plain_log_labels(ax.yaxis, *ax.get_ylim())
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel(xlabel), ax.set_ylabel(ylabel), ax.set_title(title, fontsize=10), ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plain_log_labels(axis, lo: float, hi: float) -> None:
+    """Label a log axis with plain numbers (0.05, 0.1, 0.2, ...; 1, 10, 100): the decades, and also 2 and 5 x each
+    decade when the axis spans at most two decades."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    def lead(v: float) -> int:
+        return round(v / 10 ** math.floor(math.log10(v) + 1e-9))
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    if hi / lo <= 100:
+        axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if v > 0 and lead(v) in (2, 5) else ""))
+    else:
+        axis.set_minor_formatter(NullFormatter())
+
+
+def all_positive(series: dict[str, tuple[list, list]], extra: tuple[float, ...] = ()) -> bool:
+    """Whether every y value (and every `extra` one) is finite and > 0, so a log y axis can show them."""
+    ys = [y for _, yv in series.values() for y in yv] + list(extra)
+    return all(math.isfinite(y) and y > 0 for y in ys)
+
+
+def save_curves(series: dict[str, tuple[list, list]], path: Path, xlabel: str, ylabel: str, title: str = "",
+                logx: bool = True, hline: tuple[str, float] | None = None, logy: bool = False) -> None:
+    """One line per series name -> (xs, ys), e.g. quality vs NFE; `logy` applies only when every value is > 0."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    logy = logy and all_positive(series, (hline[1],) if hline else ())
+    draw_curves(ax, series, xlabel, ylabel, title, logx, hline, logy)
     save_fig(fig, path)
 
 
-def save_loss_curves(stats_path: Path, path: Path, keys: tuple[str, ...] | None = None) -> None:
-    """Plot the numeric columns of a stats.jsonl against step (log-scale y where positive)."""
+def save_loss_curves(stats_path: Path, path: Path, keys: tuple[str, ...] | None = None,
+                     marks: tuple[tuple[int, str], ...] = ()) -> None:
+    """Plot the numeric columns of a stats.jsonl against step (log-scale y where positive); `marks`: (step, label)
+    pairs drawn as dotted vertical lines (e.g. where the GAN term starts)."""
     rows = [json.loads(ln) for ln in Path(stats_path).read_text().splitlines() if ln.strip()]
     if not rows:
         return
@@ -93,6 +134,8 @@ def save_loss_curves(stats_path: Path, path: Path, keys: tuple[str, ...] | None 
         pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None and math.isfinite(r[k])]
         if pts:
             ax.plot(*zip(*pts), label=k)
+    for step, label in marks:
+        ax.axvline(step, color="black", ls=":", lw=1, label=label)
     if all(r.get(k, 1) > 0 for r in rows for k in keys if k in r):
         ax.set_yscale("log")
     ax.set_xlabel("step"), ax.legend(fontsize=8), ax.grid(alpha=0.3)

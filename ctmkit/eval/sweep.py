@@ -10,7 +10,7 @@ from typing import Callable
 from torch import Tensor
 
 from .quality import Quality
-from .report import save_curves
+from .report import all_positive, draw_curves, pyplot, save_curves, save_fig
 
 CTM_NFES = (1, 2, 4, 8)
 HEUN_NFES = (1, 3, 5, 9, 17, 35)   # EDM Heun budgets: n steps use 2n - 1 NFE
@@ -96,11 +96,35 @@ def series_name(model: str, sampler: str, gamma: float, ts: list | None = None) 
     return "teacher Heun" if model == "teacher" else "Heun (CTM as denoiser)"
 
 
+def close_up(series: dict[str, tuple[list, list]], hline: tuple[str, float] | None = None) -> tuple[float, float]:
+    """y limits that hold every CTM (gamma) point and the floor line, with a margin: the linear close-up panel."""
+    ys = [y for name, (_, yv) in series.items() if name.startswith("CTM") for y in yv] + ([hline[1]] if hline else [])
+    lo, hi = min(ys), max(ys)
+    pad = 0.08 * (hi - lo) if hi > lo else 0.05 * abs(hi) or 1.0
+    return lo - pad, hi + pad
+
+
 def plot_result(result: EvalResult, png: Path, title: str = "", hline: tuple[str, float] | None = None) -> None:
-    """Value vs NFE, one line per series (CTM gamma=..., teacher Heun), log-2 NFE axis."""
+    """Value vs NFE, one line per series (CTM gamma=..., teacher Heun), log-2 NFE axis. When the values span more
+    than a factor 10 (a teacher's Heun at 3 NFE can be 1000x the floor), the y axis is logarithmic, and beside it a
+    linear close-up holds the CTM's points and the floor, so that its curves are not flattened."""
     series: dict[str, tuple[list, list]] = {}
     for r in result.rows:
         xs, ys = series.setdefault(series_name(r.model, r.sampler, r.gamma, r.extras.get("ts")), ([], []))
         xs.append(r.nfe)
         ys.append(r.value)
-    save_curves(series, png, "NFE", result.axis, title or result.data, hline=hline)
+    title = title or result.data
+    ys = [y for _, yv in series.values() for y in yv]
+    wide = all_positive(series) and max(ys) > 10 * min(ys)
+    if not wide:
+        return save_curves(series, png, "NFE", result.axis, title, hline=hline)
+    ctm = any(name.startswith("CTM") for name in series)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2 if ctm else 1, figsize=(10 if ctm else 5, 3.8), squeeze=False)
+    draw_curves(axes[0][0], series, "NFE", result.axis, f"{title} (log scale)", hline=hline,
+                logy=all_positive(series, (hline[1],) if hline else ()))
+    if ctm:
+        draw_curves(axes[0][1], series, "NFE", result.axis, "close-up on the CTM (linear scale)", hline=hline,
+                    ylim=close_up(series, hline))
+    fig.tight_layout()
+    save_fig(fig, png)

@@ -97,6 +97,9 @@ class CTMRun(Run):
         super().__init__(cfg, out, data, resume)
         self.check_split("ctm.gan_batch_size", cfg.ctm.gan_batch_size)
         self.check_weight_files()                                          # before the slow parts
+        if cfg.ctm.gan and cfg.ctm.gan_start >= cfg.train.steps and self.dist.main:
+            log.warning("ctm.gan_start=%d is not below train.steps=%d: the GAN term will not run (lower "
+                        "ctm.gan_start to train with it, or set ctm.gan=false)", cfg.ctm.gan_start, cfg.train.steps)
         self.teacher = None if cfg.ctm.teacher_free else load_teacher(cfg.teacher, data)
         if isinstance(self.teacher, torch.nn.Module):
             self.teacher = self.teacher.to(self.device)
