@@ -106,9 +106,6 @@ def test_a_demo_interrupted_in_any_stage_resumes_to_the_same_numbers(stage, refe
                                                                            "diagnose_s"}
 
 
-@pytest.mark.xfail(strict=True, reason="train/common.py: StatsLog's sums of the open log period are not in the "
-                   "checkpoint, so the first stats.jsonl line after a mid-period resume averages only the steps after "
-                   "it (the weights are equal); the demos above log every step (train.log_every=1) for this reason")
 def test_a_training_run_resumed_mid_log_period_logs_the_same_losses(tmp_path, monkeypatch):
     from ctmkit.config import TeacherConfig
     cfg = ["train.steps=10", "train.log_every=5", "model.hidden=16", "model.depth=1", "model.emb_dim=16"]

@@ -61,6 +61,8 @@ class Run:
         self.scalers: dict[str, torch.amp.GradScaler] = {}
         self._stop = False
         self._loader: StepLoader | None = None
+        self.stats_log: StatsLog | None = None
+        self._open_stats: dict | None = None     # a resumed log period's sums so far (from the checkpoint)
 
     # -- state ---------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -71,10 +73,13 @@ class Run:
               "scalers": {k: sc.state_dict() for k, sc in self.scalers.items()}}
         if self.device.type == "cuda":
             st["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if self.stats_log is not None:   # the open log period: a resumed run's next line averages the same steps
+            st["stats_open"] = {"acc": dict(self.stats_log.acc), "count": dict(self.stats_log.count)}
         return st
 
     def load_state(self, st: dict) -> None:
         self.step, self.bad_total = int(st["step"]), int(st["bad_total"])
+        self._open_stats = st.get("stats_open")
         self.gen.set_state(st["gen"])
         torch.set_rng_state(st["torch_rng"])
         if self.device.type == "cuda" and "cuda_rng" in st:
@@ -283,7 +288,8 @@ class Run:
         with contextlib.ExitStack() as stack:
             stack.enter_context(_stop_on_signals(self))
             stack.callback(self.close_loader)
-            stats_log = stack.enter_context(contextlib.closing(StatsLog(self.out, self.step, main)))
+            stats_log = stack.enter_context(contextlib.closing(StatsLog(self.out, self.step, main, self._open_stats)))
+            self.stats_log = stats_log
             bar = stack.enter_context(contextlib.closing(
                 progress_bar(total=steps, initial=self.step, desc=self.kind, enabled=progress and main)))
             while self.step < steps and not dist.any_rank(self._stop, self.dist, self.device):
@@ -322,12 +328,13 @@ def _stop_on_signals(run: Run):
 class StatsLog:
     """Per-step statistics averaged over each log period (each over the steps that report it: the discriminator
     and the GAN terms are not in every step): one JSON line per period in stats.jsonl (rank 0), and TensorBoard
-    scalars when the tensorboard package is installed. On resume, lines past the step are dropped."""
+    scalars when the tensorboard package is installed. On resume, lines past the step are dropped and the sums of
+    the period open at the checkpoint (`open_period`, saved in it) are restored."""
 
-    def __init__(self, out: Path, step: int, main: bool):
+    def __init__(self, out: Path, step: int, main: bool, open_period: dict | None = None):
         self.path, self.main = out / "stats.jsonl", main
-        self.acc: dict[str, float] = {}
-        self.count: dict[str, int] = {}
+        self.acc: dict[str, float] = {k: float(v) for k, v in (open_period or {}).get("acc", {}).items()}
+        self.count: dict[str, int] = {k: int(v) for k, v in (open_period or {}).get("count", {}).items()}
         self.t0 = time.time()
         if main:
             _truncate_stats(self.path, step)
