@@ -14,6 +14,7 @@ from ctmkit.core.editing import (
     block_mean,
     block_observation,
     block_op,
+    colorize,
     colour_observation,
     colour_op,
     edit_noise,
@@ -229,3 +230,104 @@ def test_superres_and_colorize_shapes_on_a_tiny_random_image_model():
     assert up.shape == col.shape == x.shape
     assert torch.allclose(block_mean(up, 4), block_mean(x, 4), atol=1e-5)
     assert torch.allclose(luminance(col), luminance(x), atol=1e-5)
+
+
+# ---- exact verification: the posterior of an isotropic Gaussian mixture ---------------------------------------------
+def _mixture(means, std, weights):
+    from ctmkit.core.mixtures import GaussianMixture
+    return GaussianMixture(torch.tensor(means, dtype=torch.float64), [std] * len(means), weights)
+
+
+def test_the_exact_conditional_is_the_joint_over_the_marginal(gmm10):
+    from ctmkit.core.mixtures import GaussianMixture
+    known = torch.zeros(10, dtype=torch.bool)
+    known[[1, 4, 7]] = True
+    x = gmm10.sample(64, torch.Generator().manual_seed(0), torch.float64)
+    y = gmm10.sample(64, torch.Generator().manual_seed(1), torch.float64)
+    x_obs = torch.where(known, y, x)                                  # x_O = y_O
+    marginal = GaussianMixture(gmm10.means[:, known], gmm10.stds, gmm10.weights)
+    want = gmm10.log_prob(x_obs) - marginal.log_prob(y[:, known])
+    assert torch.allclose(gmm10.conditional_log_prob(x, y, known), want, atol=1e-9)
+    draws = gmm10.conditional_sample(y[:2], known, 20000, torch.Generator().manual_seed(2))
+    assert torch.equal(draws[:, :, known], y[:2, None, known].expand(-1, 20000, -1))
+    w = gmm10.conditional_log_weights(y[:2], known).exp()
+    mean = w @ gmm10.means[:, ~known]                                 # E[x_U | x_O = y_O]
+    assert (draws[:, :, ~known].mean(1) - mean).abs().max() < 0.02
+    with pytest.raises(ValueError, match="entries"):
+        gmm10.conditional_log_weights(y, known[:4])
+
+
+def _ratio_to_posterior(samples, gmm, y, known, pairs=4):
+    """Sliced W1 of samples [N, D] to exact posterior draws given y [1, D], over the floor (mean of `pairs` pairs
+    of exact sets of the same size); the model's distance is averaged over two exact sets."""
+    n = samples.shape[0]
+    ex = [gmm.conditional_sample(y, known, n, torch.Generator().manual_seed(100 + i))[0] for i in range(2 * pairs)]
+    proj = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    from ctmkit.metrics.swd import sliced_w1
+    floor = sum(sliced_w1(ex[2 * i], ex[2 * i + 1], 64, proj()) for i in range(pairs)) / pairs
+    return sum(sliced_w1(samples, ex[i], 64, proj()) for i in range(2)) / 2 / floor
+
+
+def test_inpainting_with_the_exact_flow_map_approaches_the_exact_posterior():
+    """Observe x, infer y: the observation picks the pair of components (x = +-1.5), whose y-modes (+-0.4) carry
+    weights 3:1 or 1:3; the y-marginal is 1:1, so the coupling shows. Replacement is approximate (method.md 4.1);
+    here the observation settles the pair at noise levels above those where y takes shape, and gamma = 1 with many
+    steps approaches the exact posterior; a mask on the wrong coordinate is far off."""
+    gmm = _mixture([[-1.5, 0.4], [-1.5, -0.4], [1.5, 0.4], [1.5, -0.4]], 0.15, [1, 3, 3, 1])
+    model, n = FlowMapCTM(gmm, steps=16), 8000
+    y, known = torch.tensor([[1.5, 0.0]], dtype=torch.float64), torch.tensor([True, False])
+
+    def ratio(nfe, mask):
+        z, step, obs = edit_noise(n, nfe, (2,), seed=0)
+        x = inpaint(model, z.double(), sample_schedule(nfe), y.expand(n, -1), mask, 1.0, step_noise=step.double(),
+                    obs_noise=obs.double())
+        return _ratio_to_posterior(x, gmm, y, known)
+
+    few, many, wrong = ratio(8, known), ratio(32, known), ratio(8, ~known)
+    assert many < 2.0 and few > 2 * many and wrong > 10 * many, (few, many, wrong)
+
+
+def test_invert_then_the_exact_flow_map_returns_the_input(ring):
+    from ctmkit.core.editing import inversion_schedule, invert
+    x = ring.sample(128, torch.Generator().manual_seed(0), torch.float64)
+    z = invert(ring, x, inversion_schedule(256))
+    assert abs(float(z.std()) - 1) < 0.1                            # standard-normal scale
+    back = flow_map(ring, z * 80.0, 80.0, 0.002, 256)
+    assert float(((back - x).norm(dim=1) / x.norm(dim=1)).max()) < 1e-3
+    with pytest.raises(ValueError, match="increasing"):
+        invert(ring, x, inversion_schedule(4).flip(0))
+
+
+def test_colourisation_with_the_exact_flow_map_on_a_three_channel_mixture():
+    """A mixture of 3 x 2 x 2 images built in the colour basis (luminance coefficients well apart, chroma less):
+    its colour coefficients form the same isotropic mixture with means A mu_k, whose exact conditional given the
+    luminance coefficients is the ground truth."""
+    from ctmkit.core.mixtures import GaussianMixture
+    shape, op = (3, 2, 2), colour_op()
+    coef = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.3
+    coef[:, 0] = torch.tensor([-1.2, -0.4, 0.4, 1.2], dtype=torch.float64)[:, None, None] + 0.2 * coef[:, 0]
+    gmm = GaussianMixture(op.inv(coef).reshape(4, -1), [0.15] * 4, [1] * 4)
+    in_coef = GaussianMixture(coef.reshape(4, -1), [0.15] * 4, [1] * 4)
+
+    def den(x, s, labels=None):
+        return gmm(x.reshape(len(x), -1), s).reshape(x.shape)
+
+    def jump(x, t, s, labels=None):
+        return flow_map(den, x, t, s, 16)
+
+    x0 = gmm.sample(1, torch.Generator().manual_seed(3), torch.float64).reshape(1, *shape)
+    known = torch.zeros(shape, dtype=torch.bool)
+    known[0] = True
+    n, nfe = 4000, 32
+    z, step, obs = edit_noise(n, nfe, shape, seed=0)
+    gray = luminance(x0).expand(n, -1, -1, -1)
+    out = colorize(jump, z.double(), sample_schedule(nfe), gray, 1.0, step_noise=step.double(),
+                   obs_noise=obs.double())
+    assert torch.allclose(luminance(out), gray, atol=1e-6)
+    flat = lambda v: op.fwd(v.reshape(-1, *shape)).reshape(len(v), -1)  # noqa: E731
+    r = _ratio_to_posterior(flat(out), in_coef, flat(x0), known.reshape(-1))
+    prior = gmm.sample(n, torch.Generator().manual_seed(5), torch.float64).reshape(n, *shape)
+    c_obs, c_known = colour_observation(luminance(x0))
+    prior_chroma = op.inv(torch.where(c_known, c_obs, op.fwd(prior)))   # the luminance set, the colours of the prior
+    r_prior = _ratio_to_posterior(flat(prior_chroma), in_coef, flat(x0), known.reshape(-1))
+    assert r < 2.0 and r_prior > 10 * r, (r, r_prior)
