@@ -28,9 +28,6 @@ from ..io.atomic import atomic_file
 from ..progress import progress_bar
 from .report import save_image_grid
 
-TASKS = ("inpaint", "superres", "colorize", "sdedit", "invert", "interpolate")
-PROJECTIONS = ("inpaint", "superres", "colorize")
-
 
 @dataclass
 class Edit:
