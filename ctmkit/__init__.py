@@ -32,7 +32,9 @@ The ODE, likelihoods and exact ground truth
 Errors
     UserError    a problem the user can fix; the command line shows it as one line (exit status 2)
 
-Also: ctmkit.metrics (sliced W1, MMD, Frechet distance, FID, precision / recall), the command line
+Also: ctmkit.core.editing (zero-shot inpainting, colourisation, super-resolution, SDEdit, inversion and
+interpolation on gamma_sample; `ctmkit edit`), ctmkit.metrics (sliced W1, MMD, Frechet distance, FID,
+precision / recall), the command line
 (`ctmkit --help`), docs/method.md (the method as implemented) and docs/architecture.md (the package's layers).
 """
 

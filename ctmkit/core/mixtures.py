@@ -4,6 +4,9 @@ For x_0 ~ sum_k w_k N(mu_k, s_k^2 I) and x_t = x_0 + t z, the marginal is sum_k 
     D(x, t) = E[x_0 | x_t = x] = sum_k r_k(x) (mu_k + s_k^2 / (s_k^2 + t^2) (x - mu_k)),
 with responsibilities r_k(x) proportional to w_k N(x; mu_k, (s_k^2 + t^2) I) (log-sum-exp, float64).
 A finite data set is the mixture with s_k = 0: its optimal (memorising) denoiser.
+
+Given observed coordinates x_O = y_O, the unobserved ones x_U follow sum_k w'_k N(mu_kU, s_k^2 I) with
+w'_k ∝ w_k N(y_O; mu_kO, s_k^2 I) (isotropic components factor over coordinates): `conditional_*`.
 """
 
 from __future__ import annotations
@@ -80,6 +83,39 @@ class GaussianMixture:
 
     def to_dict(self) -> dict:
         return {"means": self.means.tolist(), "stds": self.stds.tolist(), "weights": self.weights.tolist()}
+
+    # ---- the exact posterior of unobserved coordinates (zero-shot editing's ground truth) -------------------------
+    def conditional_log_weights(self, y: Tensor, known: Tensor) -> Tensor:
+        """log w'_k of p(x_U | x_O = y_O) = sum_k w'_k N(mu_kU, s_k^2 I), w'_k ∝ w_k N(y_O; mu_kO, s_k^2 I):
+        y [B, D] (entries where `known` is False are ignored), known bool [D] -> [B, K] float64."""
+        known = self._known(known)
+        if (self.stds <= 0).any():
+            raise ValueError("the exact conditional needs stds > 0 (a Dirac component has no density)")
+        yo = y.double().cpu()[:, known]
+        var = (self.stds[None] ** 2).expand(y.shape[0], -1)
+        return torch.log_softmax(self.log_w[None] + _log_normal_iso(yo, self.means[:, known], var), 1)
+
+    def conditional_sample(self, y: Tensor, known: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n exact draws of x given x_O = y_O for each row of y [B, D] -> [B, n, D] float64 (known entries = y)."""
+        known = self._known(known)
+        logw = self.conditional_log_weights(y, known)
+        k = torch.multinomial(logw.exp(), n, replacement=True, generator=generator)      # [B, n]
+        z = torch.randn(y.shape[0], n, self.dim, generator=generator, dtype=torch.float64)
+        x = self.means[k] + self.stds[k][..., None] * z
+        return torch.where(known, y.double().cpu()[:, None], x)
+
+    def conditional_log_prob(self, x: Tensor, y: Tensor, known: Tensor) -> Tensor:
+        """log p(x_U | x_O = y_O) of x [B, D] (its known entries are ignored) for each row of y [B, D]: [B] float64."""
+        known = self._known(known)
+        logw = self.conditional_log_weights(y, known)
+        var = (self.stds[None] ** 2).expand(x.shape[0], -1)
+        return torch.logsumexp(logw + _log_normal_iso(x.double().cpu()[:, ~known], self.means[:, ~known], var), 1)
+
+    def _known(self, known: Tensor) -> Tensor:
+        known = torch.as_tensor(known).cpu().reshape(-1).bool()
+        if known.shape != (self.dim,):
+            raise ValueError(f"the mask of known coordinates needs {self.dim} entries, got {known.numel()}")
+        return known
 
 
 class EmpiricalDenoiser:

@@ -22,11 +22,14 @@ __all__ = ["gamma_sample", "two_jump_sample", "heun_sample", "sample_schedule", 
 
 def gamma_sample(model: Callable, noise: Tensor, sigmas: Tensor, gamma: float = 0.0,
                  generator: torch.Generator | None = None, labels: Tensor | None = None,
-                 step_noise: Tensor | None = None, sigma_min: float | None = None) -> Tensor:
+                 step_noise: Tensor | None = None, sigma_min: float | None = None,
+                 project: Callable[[Tensor, float, int], Tensor] | None = None) -> Tensor:
     """CTM gamma-sampling: noise [B, ...] standard normal, sigmas descending [K+1] ending at sigma_min -> x0 [B, ...].
 
     model(x, t, s, labels) is the jump G. Re-noising draws come from step_noise [B, K-1, ...] if given, else
-    from `generator` (sample-major). NFE = K = len(sigmas) - 1."""
+    from `generator` (sample-major). NFE = K = len(sigmas) - 1.
+    `project(x, level, n) -> x` (zero-shot editing, core/editing.py) is applied to the start (n = 0, level t_0) and
+    after jump n (n = 1..K, level s~ of that jump, before its re-noising); None leaves the sampler as it was."""
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
@@ -38,10 +41,14 @@ def gamma_sample(model: Callable, noise: Tensor, sigmas: Tensor, gamma: float = 
         step_noise = torch.randn((noise.shape[0], k - 1, *noise.shape[1:]), generator=generator,
                                  dtype=noise.dtype).to(noise.device)
     x = noise * float(sigmas[0])
+    if project is not None:
+        x = project(x, float(sigmas[0]), 0)
     for n in range(k):
         t, t_next = float(sigmas[n]), float(sigmas[n + 1])
         s_tilde = math.sqrt(1 - gamma**2) * (t_next - s_min) + s_min
         x = model(x, _full(t, x), _full(s_tilde, x), labels)
+        if project is not None:
+            x = project(x, s_tilde, n + 1)
         if gamma > 0 and n < k - 1:
             x = x + math.sqrt(max(t_next**2 - s_tilde**2, 0.0)) * step_noise[:, n]
     return x

@@ -1,0 +1,171 @@
+"""`ctmkit edit`'s engine: zero-shot edits (core/editing.py) of model-space inputs, in batches with per-sample seeds
+(draw j of input i is sample i * N + j: results do not depend on the batch size or the number of processes), and
+the output: OUT.npz in the data's own space + a PNG grid of input / observation / result for images."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..core.editing import (
+    colorize,
+    edit_noise,
+    heun_jump,
+    inpaint,
+    inversion_schedule,
+    invert,
+    sdedit,
+    slerp,
+    superres,
+)
+from ..core.sampling import gamma_sample
+from ..io.atomic import atomic_file
+from ..progress import progress_bar
+from .report import save_image_grid
+
+
+@dataclass
+class Edit:
+    """One edit request, model space. `inputs` [M, ...]: the model's shape, except superres (block means
+    [M, C, H/F, W/F]) and colorize (luminance [M, 1, H, W]); `mask` bool, broadcast to [M, ...] (inpaint);
+    `sigmas` the jump schedule (sdedit: from t0 down); `n` draws per input (interpolate: points per pair);
+    `labels` [M] (conditional models); `inv_steps` Heun steps of the inversion (invert, interpolate)."""
+
+    task: str
+    inputs: Tensor
+    sigmas: Tensor
+    gamma: float = 0.0
+    n: int = 1
+    seed: int = 0
+    mask: Tensor | None = None
+    factor: int = 1
+    labels: Tensor | None = None
+    inv_steps: int = 64
+
+
+def run_edit(model, edit: Edit, batch_size: int = 256, progress: bool | None = True) -> dict:
+    """{"samples": [M * n, ...] (interpolate: [M / 2 * n, ...]), "observation": [M, C, H, W] (images, for the
+    picture), "noise": [M, ...] (invert, interpolate)}, model space, on the CPU."""
+    card = model.card
+    is_ctm = card.is_ctm
+    den = model.denoise if is_ctm else model
+    jump = model if is_ctm else heun_jump(model, 1)
+    device = _device(model)
+    out: dict = {}
+    starts = None
+    if edit.task in ("invert", "interpolate"):
+        inv = inversion_schedule(edit.inv_steps, card.sigma_min, card.sigma_max)
+        out["noise"] = torch.cat([invert(den, x.to(device), inv, None if lab is None else lab.to(device)).cpu()
+                                  for x, lab in _chunks(edit.inputs, edit.labels, batch_size)])
+    if edit.task == "interpolate":
+        za, zb = out["noise"][0::2], out["noise"][1::2]
+        starts = slerp(za, zb, torch.linspace(0, 1, edit.n)).flatten(0, 1)      # [pairs * n, ...]
+    total = (len(edit.inputs) // 2 if edit.task == "interpolate" else len(edit.inputs)) * edit.n
+    k = len(edit.sigmas) - 1
+    batches = []
+    with torch.no_grad():
+        for start in progress_bar(range(0, total, batch_size), desc=f"edit {edit.task} nfe={k}", enabled=progress):
+            b = min(batch_size, total - start)
+            z, step, obs = (v.to(device) for v in edit_noise(b, k, card.shape, edit.seed, start))
+            which = torch.arange(start, start + b) // edit.n
+            if starts is not None:
+                z, which = starts[start:start + b].to(device), which * 2     # the path's noise; labels of input a
+            batches.append(_edit_batch(jump, edit, card, which, z, step, obs, device, out.get("noise")).cpu())
+    out["samples"] = torch.cat(batches) if batches else torch.zeros(0, *card.shape)
+    if card.data.kind == "image":
+        out["observation"] = observation(edit, out.get("noise"))
+    return out
+
+
+def _edit_batch(jump, edit: Edit, card, which: Tensor, z, step, obs, device, noise) -> Tensor:
+    """The samples of items `which` (indices of their inputs) from their noise z, step and obs."""
+    lab = None if edit.labels is None else edit.labels[which].to(device)
+    kw = {"labels": lab, "step_noise": step, "sigma_min": card.sigma_min}
+    x = edit.inputs[which].to(device) if edit.task != "interpolate" else None
+    sig, gamma = edit.sigmas, edit.gamma
+    if edit.task == "inpaint":
+        mask = edit.mask.expand(len(edit.inputs), *edit.mask.shape[1:])[which].to(device)
+        return inpaint(jump, z, sig, x, mask, gamma, obs_noise=obs, **kw)
+    if edit.task == "superres":
+        return superres(jump, z, sig, x, edit.factor, gamma, obs_noise=obs, **kw)
+    if edit.task == "colorize":
+        return colorize(jump, z, sig, x, gamma, obs_noise=obs, **kw)
+    if edit.task == "sdedit":
+        return sdedit(jump, x, z, sig, gamma, **kw)
+    if edit.task == "invert":
+        z = noise[which].to(device)
+    return gamma_sample(jump, z, sig, gamma, **kw)
+
+
+def observation(edit: Edit, noise: Tensor | None) -> Tensor:
+    """What the model was given, one image per input at the model's size [M, C, H, W] (model space): the masked
+    input (inpaint), the low-resolution input enlarged (superres), the luminance (colorize, grey), the guide noised
+    to t0 with draw 0's noise (sdedit), the noise / 3 (invert), input b of each pair (interpolate)."""
+    x = edit.inputs
+    if edit.task == "inpaint":
+        return torch.where(edit.mask.expand_as(x), x, torch.zeros(()))
+    if edit.task == "superres":
+        return x.repeat_interleave(edit.factor, 2).repeat_interleave(edit.factor, 3)
+    if edit.task == "colorize":
+        return x.expand(-1, 3, -1, -1)
+    if edit.task == "sdedit":
+        z = torch.stack([edit_noise(1, len(edit.sigmas) - 1, x.shape[1:], edit.seed, i * edit.n)[0][0]
+                         for i in range(len(x))])
+        return x + float(edit.sigmas[0]) * z
+    if edit.task == "invert":
+        return (noise / 3).clamp(-1, 1)
+    return x[1::2]
+
+
+def shown_inputs(edit: Edit) -> Tensor:
+    """The inputs as a picture at the model's size (low-resolution inputs enlarged, luminance as grey RGB)."""
+    if edit.task in ("superres", "colorize"):
+        return observation(edit, None)
+    return edit.inputs[0::2] if edit.task == "interpolate" else edit.inputs
+
+
+def save_edit_grid(edit: Edit, result: dict, path: Path, rows: int = 16, cols: int = 8) -> None:
+    """One row per input (interpolate: per pair): input, observation, then up to `cols` results."""
+    n = edit.n
+    first, second = shown_inputs(edit), result["observation"]
+    samples = result["samples"].reshape(-1, n, *result["samples"].shape[1:])
+    m, shown = min(rows, len(first)), min(cols, n)
+    tiles = [torch.cat([first[i:i + 1], second[i:i + 1], samples[i, :shown]]) for i in range(m)]
+    save_image_grid(torch.cat(tiles), path, nrow=2 + shown)
+
+
+def write_edit(out: Path, card, edit: Edit, result: dict, raw_inputs: np.ndarray) -> list[Path]:
+    """OUT.npz: samples (data space, input-major), inputs (as read), labels (conditional models, per sample), noise
+    (invert, interpolate: model space, per input), lambdas (interpolate); + OUT.png for images."""
+    arrays = {"samples": card.to_data(result["samples"]), "inputs": np.asarray(raw_inputs)}
+    if edit.labels is not None:
+        per = edit.labels[0::2] if edit.task == "interpolate" else edit.labels
+        arrays["labels"] = per.repeat_interleave(edit.n).numpy().astype(np.int64)
+    if "noise" in result:
+        arrays["noise"] = result["noise"].numpy().astype(np.float32)
+    if edit.task == "interpolate":
+        arrays["lambdas"] = np.linspace(0, 1, edit.n)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with atomic_file(Path(out)) as f:
+        f.write(buf.getvalue())
+    written = [Path(out)]
+    if "observation" in result:
+        save_edit_grid(edit, result, Path(out).with_suffix(".png"))
+        written.append(Path(out).with_suffix(".png"))
+    return written
+
+
+def _chunks(x: Tensor, labels: Tensor | None, size: int):
+    for i in range(0, len(x), size):
+        yield x[i:i + size], None if labels is None else labels[i:i + size]
+
+
+def _device(model) -> torch.device:
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return param.device if param is not None else torch.device("cpu")
