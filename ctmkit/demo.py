@@ -263,7 +263,9 @@ def demo_summary(record: dict, ctm_stats: list[dict]) -> dict:
     ran = {"preset": st["preset"], "data": st["data"], "overrides": st["overrides"],
            "teacher_steps": st["teacher"]["train"]["steps"], "distill_steps": d["train"]["steps"],
            "seed": d["train"]["seed"], "dsm": d["ctm"]["dsm"], "gan": d["ctm"]["gan"],
-           "gan_start": d["ctm"]["gan_start"], "init_from_teacher": d["ctm"]["init_from_teacher"]}
+           "gan_start": d["ctm"]["gan_start"], "init_from_teacher": d["ctm"]["init_from_teacher"],
+           "ema": d["train"]["ema"][0], "phema": d["train"]["phema"], "lr": d["train"]["lr"],
+           "lr_schedule": d["train"]["lr_schedule"], "pairs": d["ctm"]["pairs"]}
     started = ran["gan"] and 0 < ran["gan_start"] < ran["distill_steps"]
     times = {f"{k}_s": round(record["times"][k], 1) for k in STAGES[:4] if k in record["times"]}
     return {**done["eval"], "diagnosis": done["diagnose"], "ran": ran, "eval_samples": st["eval_samples"],

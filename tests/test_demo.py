@@ -257,6 +257,10 @@ def test_the_coupled_verdict_names_the_nfes_off_the_teacher_s_ode():
 
 def test_what_ran_says_when_the_gan_never_started():
     assert "(CTM + DSM + GAN from step 1500)" in verdicts.what_ran(BENCH)
+    recipe = {**BENCH, "ran": {**BENCH["ran"], "ema": 0.999, "phema": [0.05, 0.1], "lr": 4e-4,
+                               "lr_schedule": "cosine", "pairs": "mixed"}}
+    assert ("Pairs: mixed; learning rate 0.0004, cosine; sampled: the training EMA (rate 0.999); post-hoc EMA "
+            "snapshots of widths 0.05, 0.1 kept") in verdicts.what_ran(recipe)
     text = verdicts.what_ran(OPPOSITE)
     assert "GAN term never ran: ctm.gan_start=3000 is not below train.steps=3000" in text and "from step" not in text
 

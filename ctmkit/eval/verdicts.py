@@ -196,7 +196,13 @@ def what_ran(summary: dict) -> str:
         terms += (f"; the GAN term never ran: ctm.gan_start={r['gan_start']} is not below "
                   f"train.steps={r['distill_steps']}")
     init = ", initialised from the teacher" if r["init_from_teacher"] else ""
-    return f"Teacher: EDM, {r['teacher_steps']} steps. CTM: {r['distill_steps']} steps ({terms}){init}."
+    text = f"Teacher: EDM, {r['teacher_steps']} steps. CTM: {r['distill_steps']} steps ({terms}){init}."
+    if "ema" in r:      # the training recipe: pair draw, learning-rate schedule, the weights sampled
+        kept = (f"; post-hoc EMA snapshots of widths {', '.join(f'{w:g}' for w in r['phema'])} kept for "
+                "`ctmkit ema`" if r["phema"] else "")
+        text += (f" Pairs: {r['pairs']}; learning rate {r['lr']:g}, {r['lr_schedule']}; sampled: the training EMA "
+                 f"(rate {r['ema']:g}){kept}.")
+    return text
 
 
 def mean_of(values) -> float | None:
