@@ -207,9 +207,10 @@ def test_sampling_under_torchrun_equals_one_process(tmp_path):
     assert a.shape == (31, 2) and np.array_equal(a, b)
     ev = ["eval", "--model", str(LEGACY_RUN), "--data", "ring", "--nfe", "1,2", "--gamma", "0", "--heun", "",
           "--num-samples", "50", "--seeds", "2"]
-    _torchrun([*ev, "--out", str(tmp_path / "two.json")], tmp_path, quiet=False)
-    ok(ctmkit(*ev, "--out", tmp_path / "one.json", cwd=tmp_path))
-    rows = [json.loads((tmp_path / f"{k}.json").read_text())["rows"] for k in ("one", "two")]
+    # eval writes FILE.json and FILE.png: other names than the samples' (sample wrote one.png and two.png)
+    _torchrun([*ev, "--out", str(tmp_path / "ev_two.json")], tmp_path, quiet=False)
+    ok(ctmkit(*ev, "--out", tmp_path / "ev_one.json", cwd=tmp_path))
+    rows = [json.loads((tmp_path / f"ev_{k}.json").read_text())["rows"] for k in ("one", "two")]
     assert [r["value"] for r in rows[0]] == [r["value"] for r in rows[1]]
 
 
