@@ -108,7 +108,7 @@ def distill(teacher, data, out, preset, config_file, steps, batch_size, seed, ck
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
               help="Run folder: new or empty, or with --resume the folder of an interrupted demo.")
 @click.option("--preset", default="toy", show_default=True,
-              help="toy (2-D moons; about 6 min on 2 idle CPU cores, measured 2026-11-30), digits (scikit-learn 8x8 "
+              help="toy (2-D moons; about 7 min on 2 idle CPU cores, measured 2026-12-06), digits (scikit-learn 8x8 "
                    "digits; about 30 min on 2 CPU cores), mnist (needs --data).")
 @click.option("--data", default=None, help="Data SPEC; default: the preset's (toy: moons). " + DATA_HELP)
 @click.option("--eval-samples", type=int, default=2000, show_default=True,
