@@ -28,7 +28,7 @@ from .errors import UserError
 from .eval.diagnostics import diagnose, plot_diagnosis
 from .eval.generate import generate
 from .eval.quality import balanced_labels, make_quality
-from .eval.report import pyplot, save_fig, save_image_grid, save_loss_curves, save_scatter
+from .eval.report import pyplot, read_stats, save_fig, save_image_grid, save_loss_curves, save_scatter
 from .eval.sweep import CTM_NFES, heun_nfes, plot_result, sweep
 from .eval.verdicts import (
     coupled_verdict,
@@ -247,11 +247,6 @@ def stage_report(demo: Demo) -> dict:
 
 STAGE_RUNS = {"teacher": stage_teacher, "distill": stage_distill, "eval": stage_eval, "diagnose": stage_diagnose,
               "report": stage_report}
-
-
-def read_stats(path: Path) -> list[dict]:
-    """The lines of a run's stats.jsonl."""
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
 def demo_summary(record: dict, ctm_stats: list[dict]) -> dict:

@@ -24,8 +24,9 @@ from ..core.editing import (
     superres,
 )
 from ..core.sampling import gamma_sample
-from ..io.atomic import atomic_file
+from ..io.atomic import atomic_write_bytes
 from ..progress import progress_bar
+from .generate import model_device
 from .report import save_image_grid
 
 
@@ -55,7 +56,7 @@ def run_edit(model, edit: Edit, batch_size: int = 256, progress: bool | None = T
     is_ctm = card.is_ctm
     den = model.denoise if is_ctm else model
     jump = model if is_ctm else heun_jump(model, 1)
-    device = _device(model)
+    device = model_device(model)
     out: dict = {}
     starts = None
     if edit.task in ("invert", "interpolate"):
@@ -152,8 +153,7 @@ def write_edit(out: Path, card, edit: Edit, result: dict, raw_inputs: np.ndarray
         arrays["lambdas"] = np.linspace(0, 1, edit.n)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    with atomic_file(Path(out)) as f:
-        f.write(buf.getvalue())
+    atomic_write_bytes(Path(out), buf.getvalue())
     written = [Path(out)]
     if "observation" in result:
         save_edit_grid(edit, result, Path(out).with_suffix(".png"))
@@ -164,8 +164,3 @@ def write_edit(out: Path, card, edit: Edit, result: dict, raw_inputs: np.ndarray
 def _chunks(x: Tensor, labels: Tensor | None, size: int):
     for i in range(0, len(x), size):
         yield x[i:i + size], None if labels is None else labels[i:i + size]
-
-
-def _device(model) -> torch.device:
-    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    return param.device if param is not None else torch.device("cpu")

@@ -72,8 +72,7 @@ def generate_batches(model, n: int, nfe: int | None, gamma: float, seed: int, la
         grid = check_two_jump(two_jump, is_ctm, sampler, card.sigma_min, card.sigma_max)
         sampler, nfe = "two_jump", 2
     sampler, nfe = _check_sampler(sampler, nfe, gamma, is_ctm)
-    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    device = param.device if param is not None else torch.device("cpu")
+    device = model_device(model)
     rank, world = _shard()
     starts = range(0, n, batch_size)
     with torch.no_grad():
@@ -209,3 +208,9 @@ def _preview(x: Tensor | None, card: ModelCard, png: Path) -> list[Path]:
     else:
         save_scatter([("samples", x.cpu().numpy())], png)
     return [png]
+
+
+def model_device(model) -> torch.device:
+    """The device of a model's parameters (the CPU for a parameter-free denoiser such as an exact mixture)."""
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return param.device if param is not None else torch.device("cpu")

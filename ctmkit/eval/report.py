@@ -120,11 +120,16 @@ def save_curves(series: dict[str, tuple[list, list]], path: Path, xlabel: str, y
     save_fig(fig, path)
 
 
+def read_stats(path: Path | str) -> list[dict]:
+    """The lines of a run's stats.jsonl."""
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
 def save_loss_curves(stats_path: Path, path: Path, keys: tuple[str, ...] | None = None,
                      marks: tuple[tuple[int, str], ...] = ()) -> None:
     """Plot the numeric columns of a stats.jsonl against step (log-scale y where positive); `marks`: (step, label)
     pairs drawn as dotted vertical lines (e.g. where the GAN term starts)."""
-    rows = [json.loads(ln) for ln in Path(stats_path).read_text().splitlines() if ln.strip()]
+    rows = read_stats(stats_path)
     if not rows:
         return
     keys = keys or tuple(k for k in rows[-1] if k.startswith("loss"))
