@@ -134,6 +134,9 @@ class TeacherConfig:
                       "CIFAR-10 and ImageNet-64 training; EDM's --xflip)")
     model: ModelConfig = section(ModelConfig, "the network")
     train: TrainConfig = section(TrainConfig, "the optimisation")
+    label_dropout: float = opt(0.0, "classifier-free guidance: the probability that a training label is replaced by "
+                               "the null label -1 (EDM's label_dropout; 0.1 is usual). > 0 gives the teacher an "
+                               "unconditional branch, which `--guidance` and ctm.guidance need; labelled data only")
     p_mean: float = opt(-1.2, "EDM log-normal sigma sampling mean")
     p_std: float = opt(1.2, "EDM log-normal sigma sampling std")
     sigma_min: float = opt(0.002, "smallest noise level (EDM's)")
@@ -144,7 +147,8 @@ class TeacherConfig:
         self.train.validate()
         _check([(self.n_data >= 0, "n_data must be >= 0 (0 = the data's default size)"),
                 (0 < self.sigma_min < self.sigma_max, "need 0 < sigma_min < sigma_max"),
-                (self.p_std > 0, "p_std must be > 0")])
+                (self.p_std > 0, "p_std must be > 0"),
+                (0 <= self.label_dropout < 1, "label_dropout must be in [0, 1)")])
 
 
 PAIR_DRAWS = ("reference", "uniform", "all_the_way", "mixed")
@@ -199,6 +203,15 @@ class CTMConfig:
     cutout_ratio: float = opt(0.5, "DiffAugment cutout square, as a fraction of the image size (reference: 0.2)")
     g_every: int = opt(1, "with the GAN on: generator steps when step % g_every == 0, discriminator steps "
                        "otherwise (reference: 2, alternating); 1 = both every step")
+    guidance: list[float] = opt([1.0], "classifier-free guidance scale(s) distilled (docs/method.md section 8): [1] "
+                                "= none; [w] = the CTM of the guided teacher D_w (e.g. 2); [lo, hi] = w drawn per "
+                                "sample from the range and fed to the student (one student for every scale). Needs a "
+                                "teacher with a null branch")
+    label_dropout: float = opt(-1.0, "unguided distillation (guidance [1]): the probability that a label is the null "
+                               "label -1, so the student keeps a null branch for sampling-time `--guidance`; -1 = the "
+                               "teacher's (its label_dropout; the exact labelled mixture: 0.1)")
+    gan_guided: bool = opt(False, "with guidance != [1], keep the GAN term (its real side is unguided data, which "
+                           "pulls the student back towards w = 1); false: guided distillation runs without GAN")
     teacher_free: bool = opt(False, "self-learn variant: x_u from the target network, no teacher")
     init_from_teacher: bool = opt(True, "copy the teacher's architecture and weights into the student")
     student_precond: str = opt("auto", "the student's preconditioning: \"teacher\" (its form: the student starts as "
@@ -233,7 +246,16 @@ class CTMConfig:
             (0 <= self.dsm_karras_frac <= 1, "ctm.dsm_karras_frac must be in [0, 1]"),
             (self.dsm_weight_max > 0, "ctm.dsm_weight_max must be > 0"),
             (0 < self.gan_weight_min <= self.gan_weight_max,
-             "need 0 < ctm.gan_weight_min <= ctm.gan_weight_max")])
+             "need 0 < ctm.gan_weight_min <= ctm.gan_weight_max"),
+            (len(self.guidance) in (1, 2) and min(self.guidance) >= 0
+             and (len(self.guidance) == 1 or self.guidance[0] < self.guidance[1]),
+             f"ctm.guidance must be [w] or [lo, hi] with 0 <= lo < hi (w >= 0), got {self.guidance}"),
+            (self.label_dropout < 1, "ctm.label_dropout must be < 1 (-1 = the teacher's)")])
+
+    @property
+    def guided(self) -> bool:
+        """Distilling the guided teacher (ctm.guidance is not [1])."""
+        return self.guidance != [1.0]
 
 
 @dataclass

@@ -18,9 +18,15 @@ def edm_weight(sigma: Tensor, sigma_data: float) -> Tensor:
 
 
 def dsm_loss(denoiser: Callable, x0: Tensor, sigma: Tensor, noise: Tensor, sigma_data: float,
-             labels: Tensor | None = None) -> Tensor:
-    """Denoising score matching, CTM step 6 / EDM eq. 2: mean lambda(sigma) |D(x0 + sigma z, sigma) - x0|^2."""
-    d = denoiser(x0 + bcast(sigma, x0) * noise, sigma, labels)
+             labels: Tensor | None = None, target: Callable | None = None) -> Tensor:
+    """Denoising score matching, CTM step 6 / EDM eq. 2: mean lambda(sigma) |D(x0 + sigma z, sigma) - x0|^2.
+    `target(x, sigma, labels)` replaces x0 as the regression target (guided distillation: the guided teacher's
+    denoiser D_w, docs/method.md section 8)."""
+    x = x0 + bcast(sigma, x0) * noise
+    d = denoiser(x, sigma, labels)
+    if target is not None:
+        with torch.no_grad():
+            x0 = target(x, sigma, labels).to(x0.dtype)
     per = ((d.float() - x0) ** 2).flatten(1).mean(1)
     return (edm_weight(sigma, sigma_data) * per).mean()
 

@@ -11,6 +11,7 @@ feeds s to the backbone with the same noise-label function as t.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -245,19 +246,24 @@ class CTM(nn.Module):
         self.backbone, self.sigma_data = backbone, sigma_data
         self.precond = precond or EDMPrecond(sigma_data)
 
-    def g(self, x_t: Tensor, t: Tensor | float, s: Tensor | float, labels: Tensor | None = None) -> Tensor:
-        """g_theta(x_t, t, s) = c_skip(t) x_t + c_out(t) F(c_in(t) x_t, c_noise(t), c_noise(s), labels)."""
+    def g(self, x_t: Tensor, t: Tensor | float, s: Tensor | float, labels: Tensor | None = None,
+          w: Tensor | None = None) -> Tensor:
+        """g_theta(x_t, t, s) = c_skip(t) x_t + c_out(t) F(c_in(t) x_t, c_noise(t), c_noise(s), labels); w [B]: the
+        guidance scale of a student distilled for a range of scales (its backbone's w input)."""
         t, s = as_sigma(t, x_t), as_sigma(s, x_t)
-        return self.precond(self.backbone, x_t, t, self.precond.noise(s), labels)
+        backbone = self.backbone if w is None else functools.partial(self.backbone, w=w)
+        return self.precond(backbone, x_t, t, self.precond.noise(s), labels)
 
-    def forward(self, x_t: Tensor, t: Tensor | float, s: Tensor | float, labels: Tensor | None = None) -> Tensor:
+    def forward(self, x_t: Tensor, t: Tensor | float, s: Tensor | float, labels: Tensor | None = None,
+                w: Tensor | None = None) -> Tensor:
         """G_theta(x_t, t, s) = (s/t) x_t + (1 - s/t) g_theta(x_t, t, s)."""
         t, s = as_sigma(t, x_t), as_sigma(s, x_t)
-        return ctm_jump(x_t, t, s, self.g(x_t, t, s, labels))
+        return ctm_jump(x_t, t, s, self.g(x_t, t, s, labels, w))
 
-    def denoise(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
+    def denoise(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None,
+                w: Tensor | None = None) -> Tensor:
         """D_theta(x, sigma) = g_theta(x, sigma, sigma): the CTM as a denoiser (the protocol)."""
-        return self.g(x, sigma, sigma, labels)
+        return self.g(x, sigma, sigma, labels, w)
 
     def last_layer(self) -> nn.Parameter:
         return self.backbone.last_layer()

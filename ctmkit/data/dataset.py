@@ -80,14 +80,16 @@ class Dataset:
     def sample_batch(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
         """A batch (x [n, ...], labels [n] | None): fresh from `sampler`, else uniform draws from the items."""
         if self.sampler is not None:
-            return self.sampler(n, generator), None
+            out = self.sampler(n, generator)
+            return out if isinstance(out, tuple) else (out, None)
         idx = torch.randint(len(self), (n,), generator=generator)
         return self[idx], (None if self.labels is None else self.labels[idx])
 
     def fresh(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n true samples [n, ...] for evaluation: fresh from `sampler`, else a random subset of the items."""
         if self.sampler is not None:
-            return self.sampler(n, generator)
+            out = self.sampler(n, generator)
+            return out[0] if isinstance(out, tuple) else out
         return self[self.subset(n, generator)]
 
     def subset(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -213,8 +215,9 @@ def mixture_moments(means: Tensor, stds: Tensor, weights: Tensor) -> tuple[np.nd
 
 
 def from_mixture(means, stds, weights, spec: str, n: int | None, seed: int,
-                 default_n: int = 20000) -> Dataset:
-    """A Dataset from a data-space isotropic Gaussian mixture; `mixture` is the exact model-space density."""
+                 default_n: int = 20000, classes=None) -> Dataset:
+    """A Dataset from a data-space isotropic Gaussian mixture; `mixture` is the exact model-space density. With
+    `classes` [K] (component -> class) the set is labelled: items and fresh samples carry their component's class."""
     check_n(n)
     means = torch.as_tensor(means, dtype=torch.float64)
     stds = torch.as_tensor(stds, dtype=torch.float64)
@@ -222,14 +225,17 @@ def from_mixture(means, stds, weights, spec: str, n: int | None, seed: int,
     mean, var = mixture_moments(means, stds, weights)
     norm = vector_normalizer(mean, var)
     shift = torch.tensor(norm.shift, dtype=torch.float64)
-    model = GaussianMixture((means - shift) * norm.scale, stds * norm.scale, weights / weights.sum())
+    model = GaussianMixture((means - shift) * norm.scale, stds * norm.scale, weights / weights.sum(), classes)
+    labelled = model.classes is not None
 
-    def sampler(k: int, generator: torch.Generator | None = None) -> Tensor:
-        return model.sample(k, generator=generator)
+    def sampler(k: int, generator: torch.Generator | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        return model.sample(k, generator=generator, with_labels=labelled)
 
-    pool = GaussianMixture(means, stds, weights / weights.sum()).sample(  # the pool in data space (float64)
-        n or default_n, torch.Generator().manual_seed(seed), torch.float64).numpy()
-    data = Dataset(items=pool, labels=None, num_classes=0, normalizer=norm, spec=spec, mixture=model, sampler=sampler)
+    pool = GaussianMixture(means, stds, weights / weights.sum(), classes).sample(  # the pool in data space (float64)
+        n or default_n, torch.Generator().manual_seed(seed), torch.float64, with_labels=labelled)
+    pool, labels = pool if labelled else (pool, None)
+    data = Dataset(items=pool.numpy(), labels=labels, num_classes=model.num_classes, normalizer=norm, spec=spec,
+                   mixture=model, sampler=sampler)
     if not torch.isfinite(data.x).all():
         raise UserError(f"mixture '{spec}' has values too large to normalise; rescale its means/stds")
     return data

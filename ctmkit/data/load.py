@@ -29,8 +29,8 @@ def load_data(spec: str, n: int | None = None, seed: int = 0) -> Dataset:
     seed = int(seed)
     spec = spec.strip()
     if spec.startswith("gmm:"):
-        means, stds, weights = readers.read_gmm_json(Path(spec[4:]).expanduser())
-        return from_mixture(means, stds, weights, spec=spec, n=n, seed=seed, default_n=DEFAULT_POOL)
+        means, stds, weights, classes = readers.read_gmm_json(Path(spec[4:]).expanduser())
+        return from_mixture(means, stds, weights, spec=spec, n=n, seed=seed, default_n=DEFAULT_POOL, classes=classes)
     if spec in builtin_names():
         return load_builtin(spec, n=n, seed=seed)
     path = Path(spec).expanduser()

@@ -325,8 +325,9 @@ def read_cifar(folder: Path, n: int | None = None) -> Raw:
 
 
 # ---- Gaussian mixture JSON ----------------------------------------------------------------------
-def read_gmm_json(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(means [K, D], stds [K], weights [K] summing to 1) from a JSON file, validated."""
+def read_gmm_json(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(means [K, D], stds [K], weights [K] summing to 1, classes [K] int64 or None) from a JSON file, validated.
+    The optional `classes` key labels the mixture: component k belongs to class classes[k] (0..C-1, all used)."""
     if not path.is_file():
         raise UserError(f"mixture file '{path}' does not exist")
     try:
@@ -361,4 +362,19 @@ def read_gmm_json(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise UserError(f"mixture file '{path}': stds must be positive, got {stds.min():g}")
     if np.any(weights < 0) or weights.sum() <= 0:
         raise UserError(f"mixture file '{path}': weights must be non-negative with a positive sum")
-    return means, stds, weights / weights.sum()
+    return means, stds, weights / weights.sum(), _gmm_classes(spec.get("classes"), k, path)
+
+
+def _gmm_classes(raw, k: int, path: Path) -> np.ndarray | None:
+    """The optional classes [K] of a mixture file: integers 0..C-1, every one used."""
+    if raw is None:
+        return None
+    msg = (f"mixture file '{path}': 'classes' must list one integer class (0..C-1, each used) per component, "
+           f"{k} in all")
+    try:
+        a = np.asarray(raw)
+    except (TypeError, ValueError) as e:
+        raise UserError(msg) from e
+    if a.shape != (k,) or a.dtype.kind not in "iu" or a.min() < 0 or set(a.tolist()) != set(range(int(a.max()) + 1)):
+        raise UserError(msg)
+    return a.astype(np.int64)

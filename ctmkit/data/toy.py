@@ -1,4 +1,5 @@
-"""Built-in data sets: 2-D toys sampled on the fly (ring and grid: exact Gaussian mixtures), sklearn digits.
+"""Built-in data sets: 2-D toys sampled on the fly (ring, labelled_ring and grid: exact Gaussian mixtures; labelled_ring
+has 4 classes), sklearn digits.
 
 The 2-D samplers follow the usual toy densities (FFJORD, Grathwohl et al. 2019; sklearn make_moons /
 make_swiss_roll) but draw from a torch.Generator so that a seed fixes the samples.
@@ -30,6 +31,12 @@ def ring_params() -> tuple[Tensor, Tensor, Tensor]:
     means = RING_RADIUS * torch.stack([a.cos(), a.sin()], 1)
     stds = torch.full((RING_K,), RING_STD, dtype=torch.float64)
     return means, stds, torch.full((RING_K,), 1.0 / RING_K, dtype=torch.float64)
+
+
+def labelled_ring_params() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The ring with 4 classes, component k in class k mod 4 (each class two opposite blobs): (means, stds, weights,
+    classes [8])."""
+    return (*ring_params(), torch.arange(RING_K) % 4)
 
 
 def grid_params() -> tuple[Tensor, Tensor, Tensor]:
@@ -68,8 +75,8 @@ def spiral(n: int, generator: torch.Generator | None = None) -> Tensor:
 
 _SAMPLERS: dict[str, Callable[[int, torch.Generator | None], Tensor]] = {
     "moons": moons, "checkerboard": checkerboard, "spiral": spiral}
-_MIXTURES = {"ring": ring_params, "grid": grid_params}
-BUILTIN_NAMES = ["ring", "grid", "moons", "checkerboard", "spiral", "digits"]
+_MIXTURES = {"ring": ring_params, "grid": grid_params, "labelled_ring": labelled_ring_params}
+BUILTIN_NAMES = ["ring", "labelled_ring", "grid", "moons", "checkerboard", "spiral", "digits"]
 
 
 def builtin_names() -> list[str]:
@@ -95,7 +102,9 @@ def load_digits_array() -> tuple[np.ndarray, np.ndarray]:
 def load_builtin(name: str, n: int | None = None, seed: int = 0) -> Dataset:
     """A built-in data set by name (see builtin_names)."""
     if name in _MIXTURES:
-        return from_mixture(*_MIXTURES[name](), spec=name, n=n, seed=seed, default_n=DEFAULT_POOL)
+        params = _MIXTURES[name]()
+        return from_mixture(*params[:3], spec=name, n=n, seed=seed, default_n=DEFAULT_POOL,
+                            classes=params[3] if len(params) > 3 else None)
     if name in _SAMPLERS:
         return from_sampler(_SAMPLERS[name], _sampler_normalizer(name), spec=name, n=n, seed=seed,
                             default_n=DEFAULT_POOL)

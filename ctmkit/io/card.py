@@ -79,6 +79,10 @@ class ModelCard:
     precond: dict | None = None
     sampled: dict | None = None     # the weights load_model samples when not the first EMA: a post-hoc EMA
                                     # {"phema": {"sigma_rel", "step"}, "file": path in the run} (`ctmkit ema`)
+    guidance: dict | None = None    # classifier-free guidance (docs/method.md section 8): {"label_dropout": p} when
+                                    # trained with the null label -1 (a null branch), {"scale": [w] | [lo, hi]} for
+                                    # a CTM distilled from the guided teacher (one scale, or a range through a
+                                    # w input)
 
     @property
     def is_ctm(self) -> bool:
@@ -92,6 +96,16 @@ class ModelCard:
     @property
     def conditional(self) -> bool:
         return self.num_classes > 0
+
+    @property
+    def null_branch(self) -> bool:
+        """The network was trained with the null label (label dropout > 0): it can be guided by sampling."""
+        return self.conditional and float((self.guidance or {}).get("label_dropout", 0)) > 0
+
+    @property
+    def guidance_scale(self) -> tuple[float, ...]:
+        """The guidance scale(s) a CTM was distilled for: (1.0,) unguided, (w,) one scale, (lo, hi) a range."""
+        return tuple(float(v) for v in (self.guidance or {}).get("scale", [1.0]))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -117,6 +131,8 @@ class ModelCard:
             d["precond"] = self.precond
         if self.sampled is not None:
             d["sampled"] = self.sampled
+        if self.guidance is not None:
+            d["guidance"] = self.guidance
         return {**d, "ema": list(self.ema), "format_version": FORMAT_VERSION}
 
     @classmethod
@@ -144,7 +160,7 @@ class ModelCard:
             raise ValueError("its 'sampled' entry must be an object with a 'file'")
         return cls(d["kind"], DataCard.from_dict(d["data"]), BackboneSpec(str(bb["arch"]), dict(bb["kwargs"])),
                    *sig, tuple(float(r) for r in d.get("ema", (0.999,))), d.get("teacher"), version, precond,
-                   sampled)
+                   sampled, _guidance(d.get("guidance")))
 
     def write(self, run_dir: Path) -> None:
         atomic_write_text(Path(run_dir) / "model.json", json.dumps(self.to_dict(), indent=1))
@@ -168,3 +184,18 @@ class ModelCard:
             return cls.from_dict(d)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise malformed(path, e) from None
+
+
+def _guidance(g) -> dict | None:
+    """The card's 'guidance' entry, checked: None, or an object with label_dropout in [0, 1) and/or scale [w] or
+    [lo, hi] (0 <= lo < hi)."""
+    if g is None:
+        return None
+    if not isinstance(g, dict):
+        raise ValueError("its 'guidance' entry must be an object")
+    if not 0 <= float(g.get("label_dropout", 0)) < 1:
+        raise ValueError("guidance.label_dropout must be in [0, 1)")
+    scale = [float(v) for v in g.get("scale", [1.0])]
+    if not (len(scale) in (1, 2) and min(scale) >= 0 and (len(scale) == 1 or scale[0] < scale[1])):
+        raise ValueError("guidance.scale must be [w] or [lo, hi] with 0 <= lo < hi")
+    return dict(g)

@@ -8,6 +8,7 @@ user brings); these are small discriminators trained from scratch, with projecti
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm as _sn
 
@@ -19,7 +20,7 @@ def _maybe_sn(layer: nn.Module, use: bool) -> nn.Module:
 
 
 class _ProjectionHead(nn.Module):
-    """``h [B, F], labels [B]? -> logits [B]`` = linear(h) + <embed(labels), h>."""
+    """``h [B, F], labels [B]? -> logits [B]`` = linear(h) + <embed(labels), h> (nothing for the null label -1)."""
 
     def __init__(self, features: int, num_classes: int, spectral: bool) -> None:
         super().__init__()
@@ -29,7 +30,10 @@ class _ProjectionHead(nn.Module):
     def forward(self, h: Tensor, labels: Tensor | None) -> Tensor:
         logits = self.out(h).squeeze(1)
         if self.embed is not None and labels is not None:
-            logits = logits + (self.embed(labels.long()) * h).sum(dim=1)
+            lab = labels.long()
+            proj = (self.embed(lab.clamp_min(0)) * h).sum(dim=1)
+            keep = lab >= 0                                 # the null label -1 (guidance): no projection term
+            logits = logits + (proj if bool(keep.all()) else torch.where(keep, proj, torch.zeros_like(proj)))
         return logits
 
 

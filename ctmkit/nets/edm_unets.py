@@ -20,8 +20,9 @@ ctmkit backbone protocol: ``forward(x, noise_t, noise_s=None, labels=None) -> Te
   ``s_map_layer1`` starts at zero (weight and bias), so at initialisation the output is the same for any ``noise_s``
   as without it. With ``noise_s`` None that path is skipped.
 * ``labels`` are integer class indices ``[B]``, turned into one-hot vectors here (EDM takes one-hot vectors); a
-  float ``[B, label_dim]`` tensor is taken as the class vectors themselves. With ``label_dim > 0`` and no labels the
-  class vector is zero, as EDM's preconditioning does. Label dropout (``label_dropout``) acts in training mode only.
+  float ``[B, label_dim]`` tensor is taken as the class vectors themselves. The null label -1 gives the zero class
+  vector (EDM's unconditional input); with ``label_dim > 0``, labels=None is refused. Label dropout
+  (``label_dropout``) acts in training mode only.
 * Augmentation labels: ``map_augment`` exists when ``augment_dim > 0`` so that EDM weights load, but ctmkit never
   augments the teacher's input, so the network always runs as with zero augmentation labels. That layer has no bias,
   so its contribution is then exactly zero and it is not evaluated at all (as in EDM's own sampler, which passes none).
@@ -334,18 +335,21 @@ class _EDMUNetBase(nn.Module):
 
     def _class_vectors(self, labels: Tensor | None, batch: int, dtype: torch.dtype,
                        device: torch.device) -> Tensor | None:
-        """``[B, label_dim]`` class vectors (one-hot of integer labels; zeros without labels), label dropout
-        applied in training mode; None for an unconditional network."""
+        """``[B, label_dim]`` class vectors (one-hot of integer labels; zeros for the null label -1, EDM's null),
+        label dropout applied in training mode; None for an unconditional network, which ignores labels. A
+        conditional network refuses labels=None."""
         if not self.label_dim:
             return None
         if labels is None:
-            vec = torch.zeros(batch, self.label_dim, dtype=dtype, device=device)
-        elif labels.is_floating_point():
+            raise ValueError(f"this network is conditioned on {self.label_dim} classes: pass labels [B] (int64; -1 "
+                             "is the null label)")
+        if labels.is_floating_point():
             if labels.dim() != 2 or labels.shape[1] != self.label_dim:
                 raise ValueError(f"float labels must be class vectors [B, {self.label_dim}], got {tuple(labels.shape)}")
             vec = labels.to(device=device, dtype=dtype)
         else:
-            vec = F.one_hot(labels.reshape(-1).to(device=device, dtype=torch.long), self.label_dim).to(dtype)
+            idx = labels.reshape(-1).to(device=device, dtype=torch.long)
+            vec = F.one_hot(idx.clamp_min(0), self.label_dim).to(dtype) * (idx >= 0)[:, None].to(dtype)
         if self.training and self.label_dropout:
             keep = torch.rand([vec.shape[0], 1], device=device) >= self.label_dropout
             vec = vec * keep.to(dtype)

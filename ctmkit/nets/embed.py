@@ -53,3 +53,28 @@ class TimeEmbedding(nn.Module):
         """``c_noise [B]`` -> ``[B, emb_dim]``."""
         h = self.fourier(c_noise).to(self.fc1.weight.dtype)
         return self.fc2(nn.functional.silu(self.fc1(h)))
+
+
+def add_label_embedding(emb: Tensor, table: nn.Embedding | None, labels: Tensor | None) -> Tensor:
+    """emb + the class embedding of each sample's label (int [B]); the null label -1 (classifier-free guidance,
+    core/guidance.py) adds nothing. A class-conditional network refuses labels=None (an unconditional one ignores
+    labels)."""
+    if table is None:
+        return emb
+    if labels is None:
+        raise ValueError(f"this network is conditioned on {table.num_embeddings} classes: pass labels [B] (int64; "
+                         "-1 is the null label)")
+    labels = labels.reshape(-1).long()
+    keep = labels >= 0
+    e = table(labels.clamp_min(0))
+    return emb + (e if bool(keep.all()) else torch.where(keep[:, None], e, torch.zeros_like(e)))
+
+
+def add_guidance_embedding(emb: Tensor, table: nn.Module | None, w: Tensor | None) -> Tensor:
+    """emb + the embedding of each sample's guidance scale w [B] (a CTM distilled for a range of scales,
+    ctm.guidance=[lo, hi]); w=None adds nothing. A network without a w input refuses one."""
+    if w is None:
+        return emb
+    if table is None:
+        raise ValueError("this network has no guidance-scale input (it was not distilled for a range of scales)")
+    return emb + table(w.reshape(-1).expand(emb.shape[0]).float()).to(emb.dtype)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .dropout import Dropout
-from .embed import TimeEmbedding
+from .embed import TimeEmbedding, add_guidance_embedding, add_label_embedding
 
 
 class ResBlock(nn.Module):
@@ -27,25 +27,26 @@ class ResBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    """Backbone for x [B, D]: forward(x, noise_t [B], noise_s [B] | None, labels [B] | None) -> [B, D]."""
+    """Backbone for x [B, D]: forward(x, noise_t [B], noise_s [B] | None, labels [B] | None, w [B] | None) -> [B, D].
+    `guidance_embed`: a zero-initialised embedding of the guidance scale w (a range-guided CTM student)."""
 
     def __init__(self, dim: int, hidden: int = 256, depth: int = 4, emb_dim: int = 128, dropout: float = 0.0,
-                 num_classes: int = 0, fourier_scale: float = 1.0):
+                 num_classes: int = 0, fourier_scale: float = 1.0, guidance_embed: bool = False):
         super().__init__()
         self.t_embed = TimeEmbedding(emb_dim, fourier_scale=fourier_scale)
         self.s_embed = TimeEmbedding(emb_dim, zero_out=True, fourier_scale=fourier_scale)
+        self.w_embed = TimeEmbedding(emb_dim, zero_out=True) if guidance_embed else None
         self.label_embed = nn.Embedding(num_classes, emb_dim) if num_classes > 0 else None
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(ResBlock(hidden, emb_dim, dropout) for _ in range(depth))
         self.out_norm, self.out = nn.LayerNorm(hidden), nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor, noise_t: Tensor, noise_s: Tensor | None = None,
-                labels: Tensor | None = None) -> Tensor:
+                labels: Tensor | None = None, w: Tensor | None = None) -> Tensor:
         emb = self.t_embed(noise_t)
         if noise_s is not None:
             emb = emb + self.s_embed(noise_s)
-        if self.label_embed is not None and labels is not None:
-            emb = emb + self.label_embed(labels)
+        emb = add_guidance_embedding(add_label_embedding(emb, self.label_embed, labels), self.w_embed, w)
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, emb)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dropout import Dropout
-from .embed import TimeEmbedding
+from .embed import TimeEmbedding, add_guidance_embedding, add_label_embedding
 
 
 def _groups(ch: int) -> int:
@@ -129,6 +129,7 @@ class UNet(nn.Module):
         num_classes: int = 0,
         emb_mult: int = 4,
         fourier_scale: float = 1.0,
+        guidance_embed: bool = False,
     ) -> None:
         super().__init__()
         if len(channel_mult) == 0:
@@ -142,6 +143,7 @@ class UNet(nn.Module):
         self.t_embed = TimeEmbedding(emb_dim, fourier_scale=fourier_scale)
         self.s_embed = TimeEmbedding(emb_dim, zero_out=True, fourier_scale=fourier_scale)  # teacher->student init
         self.label_embed = nn.Embedding(num_classes, emb_dim) if num_classes > 0 else None
+        self.w_embed = TimeEmbedding(emb_dim, zero_out=True) if guidance_embed else None   # range-guided students
 
         self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
         self.down, skip_chs, ch, res = self._encoder(model_channels, channel_mult, num_res_blocks, attn_resolutions,
@@ -197,24 +199,24 @@ class UNet(nn.Module):
         """Weight of the final output conv (for the adaptive loss weights, docs/method.md section 3, step 8)."""
         return self.conv_out.weight
 
-    def embed(self, noise_t: Tensor, noise_s: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
-        """Embedding ``[B, emb_dim]`` from ``c_noise(t) [B]``, ``c_noise(s) [B]``?, ``labels [B]``?."""
+    def embed(self, noise_t: Tensor, noise_s: Tensor | None = None, labels: Tensor | None = None,
+              w: Tensor | None = None) -> Tensor:
+        """Embedding ``[B, emb_dim]`` from ``c_noise(t) [B]``, ``c_noise(s) [B]``?, ``labels [B]``?, guidance ``w``?."""
         emb = self.t_embed(noise_t)
         if noise_s is not None:
             emb = emb + self.s_embed(noise_s)
-        if self.label_embed is not None and labels is not None:
-            emb = emb + self.label_embed(labels.long())
-        return emb
+        return add_guidance_embedding(add_label_embedding(emb, self.label_embed, labels), self.w_embed, w)
 
     def forward(
-        self, x: Tensor, noise_t: Tensor, noise_s: Tensor | None = None, labels: Tensor | None = None
+        self, x: Tensor, noise_t: Tensor, noise_s: Tensor | None = None, labels: Tensor | None = None,
+        w: Tensor | None = None,
     ) -> Tensor:
-        """``x [B,C,H,W]``, ``noise_t [B]``, ``noise_s [B]``?, ``labels [B]`` int64? -> ``[B,C,H,W]``."""
+        """``x [B,C,H,W]``, ``noise_t [B]``, ``noise_s [B]``?, ``labels [B]`` int64?, ``w [B]``? -> ``[B,C,H,W]``."""
         b = x.shape[0]
         noise_t = noise_t.reshape(-1).expand(b) if noise_t.numel() == 1 else noise_t
         if noise_s is not None and noise_s.numel() == 1:
             noise_s = noise_s.reshape(-1).expand(b)
-        emb = F.silu(self.embed(noise_t, noise_s, labels))
+        emb = F.silu(self.embed(noise_t, noise_s, labels, w))
 
         h = self.conv_in(x)
         skips = [h]

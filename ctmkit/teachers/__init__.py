@@ -17,7 +17,10 @@ from .foreign import PyTeacher, load_diffusers, load_py
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_teacher", "teacher_facts", "PyTeacher", "SPEC_HELP"]
+__all__ = ["load_teacher", "teacher_facts", "PyTeacher", "SPEC_HELP", "EXACT_LABEL_DROPOUT"]
+
+EXACT_LABEL_DROPOUT = 0.1   # the exact labelled mixture has its null branch (the whole mixture) built in; its
+                            # students keep one by distilling this share of null labels (ctm.label_dropout=-1)
 
 SPEC_HELP = ("a ctmkit teacher run folder, 'exact' (data with a known density), 'diffusers:DIR' (a diffusers "
              "pipeline folder: UNet2DModel + DDPM/DDIM-style or flow-matching scheduler), 'edm:FILE.pkl' (an NVIDIA "
@@ -68,12 +71,16 @@ def _check_classes(spec: str, classes: int, data) -> None:
 
 
 def teacher_facts(teacher) -> dict:
-    """What a loaded teacher reports: sigma_min, sigma_max, shape (None: any) and num_classes."""
+    """What a loaded teacher reports: sigma_min, sigma_max, shape (None: any), num_classes and label_dropout (> 0:
+    it has a null branch, the label -1, and can be guided; docs/method.md section 8)."""
     card = getattr(teacher, "card", None)
     if card is not None:
         return {"sigma_min": card.sigma_min, "sigma_max": card.sigma_max, "shape": tuple(card.shape),
-                "num_classes": card.num_classes}
+                "num_classes": card.num_classes,
+                "label_dropout": float((card.guidance or {}).get("label_dropout", 0)) if card.conditional else 0.0}
     if isinstance(teacher, PyTeacher):
         return {"sigma_min": teacher.sigma_min, "sigma_max": teacher.sigma_max, "shape": teacher.shape,
-                "num_classes": teacher.num_classes}
-    return {"sigma_min": None, "sigma_max": None, "shape": None, "num_classes": 0}   # exact: the config's range
+                "num_classes": teacher.num_classes, "label_dropout": float(getattr(teacher, "label_dropout", 0))}
+    classes = getattr(teacher, "num_classes", 0)    # exact: the config's range; a labelled mixture has a null branch
+    return {"sigma_min": None, "sigma_max": None, "shape": None, "num_classes": classes,
+            "label_dropout": EXACT_LABEL_DROPOUT if classes else 0.0}

@@ -214,6 +214,15 @@ class Run:
         labels = labels.to(self.device) if labels is not None and self.use_labels else None
         return x, labels, size
 
+    def drop_labels(self, labels, b: int, p: float):
+        """Label dropout (classifier-free guidance): each of the b global labels becomes the null label -1 with
+        probability p (drawn for the global batch from the shared generator, this rank's slice applied); p = 0 draws
+        nothing, so runs without it keep their numbers."""
+        if p <= 0 or labels is None:
+            return labels
+        drop = dist.shard(torch.rand(b, generator=self.gen) < p, self.dist).to(labels.device)
+        return torch.where(drop, torch.full_like(labels, -1), labels)
+
     def step_loader(self) -> StepLoader:
         """The reader of this rank's slices, (re)started at the current step when needed."""
         if self._loader is None or self._loader.next_step != self.step:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..config import DistillConfig
+from ..core.guidance import guided
 from ..core.losses import (
     adaptive_weight_from_grads,
     ctm_pair,
@@ -75,7 +76,8 @@ log = logging.getLogger(__name__)
 class CTMDraw:
     """Every random draw of one iteration, or one micro-batch of it: data x0 [B', ...] and labels [B'] | None (this
     rank's items: B' = B / processes), and for the global batch B: grid indices n, u = n + k, m [B], the noise z of
-    x_t [B, ...], and the DSM sigmas [B] and noise [B, ...] (None without DSM)."""
+    x_t [B, ...], the DSM sigmas [B] and noise [B, ...] (None without DSM), and the guidance scales w [B] of a range
+    student (ctm.guidance=[lo, hi]; else None)."""
 
     x0: Tensor
     labels: Tensor | None
@@ -85,6 +87,7 @@ class CTMDraw:
     z: Tensor
     sig: Tensor | None
     z_dsm: Tensor | None
+    w: Tensor | None = None
 
     def tensors(self) -> list[Tensor | None]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -104,6 +107,7 @@ class CTMRun(Run):
         if isinstance(self.teacher, torch.nn.Module):
             self.teacher = self.teacher.to(self.device)
         self.adopt_teacher_range()
+        self.label_dropout = self.setup_guidance()
         torch.manual_seed(cfg.train.seed)
         tcard = getattr(self.teacher, "card", None)
         init = tcard is not None and cfg.ctm.init_from_teacher and not isinstance(self.teacher, PyTeacher)
@@ -152,8 +156,37 @@ class CTMRun(Run):
             raise UserError(f"sigma range [{cfg.sigma_min:g}, {cfg.sigma_max:g}] is outside the teacher's "
                             f"[{lo:g}, {hi:g}]; leave sigma_min / sigma_max at their defaults to use the teacher's")
 
+    def setup_guidance(self) -> float:
+        """Classifier-free guidance (docs/method.md section 8), checked: guided distillation (ctm.guidance != [1])
+        needs labels and a teacher with a null branch, and runs without the GAN unless ctm.gan_guided; returns the
+        label-dropout probability of unguided distillation (the student keeps a null branch), else 0."""
+        c = self.cfg.ctm
+        teacher_p = teacher_facts(self.teacher).get("label_dropout", 0.0) if self.teacher is not None else 0.0
+        if not c.guided:
+            p = teacher_p if c.label_dropout < 0 else c.label_dropout
+            return p if self.use_labels else 0.0
+        if not self.use_labels:
+            raise UserError(f"ctm.guidance={c.guidance} needs class labels: '{self.data.spec}' gives the network "
+                            "none (labelled data and model.conditional=true)")
+        if teacher_p <= 0:
+            raise UserError(f"ctm.guidance={c.guidance} needs a teacher with a null branch (trained with "
+                            f"label_dropout > 0); teacher '{self.cfg.teacher}' has none")
+        if c.gan and not c.gan_guided:
+            c.gan = False
+            if self.dist.main:
+                log.warning("guided distillation runs without the GAN term (its real side is unguided data; "
+                            "ctm.gan_guided=true keeps it): ctm.gan=false in config.yaml")
+        return 0.0
+
     def student_spec(self, spec: BackboneSpec) -> BackboneSpec:
-        """The student's backbone: the teacher's (or the config's), with ctm.student_dropout when it is >= 0."""
+        """The student's backbone: the teacher's (or the config's), with ctm.student_dropout when it is >= 0, and a
+        guidance-scale input for a range student (ctm.guidance=[lo, hi]; ctmkit's mlp and unet)."""
+        rng = self.cfg.ctm.guidance
+        if len(rng) == 2:
+            if spec.arch not in ("mlp", "unet"):
+                raise UserError(f"ctm.guidance={rng} (a range) needs a ctmkit mlp or unet student; this one is "
+                                f"{spec.arch}: distil one scale, e.g. ctm.guidance={rng[1]:g}")
+            spec = BackboneSpec(spec.arch, {**spec.kwargs, "guidance_embed": True})
         p = self.cfg.ctm.student_dropout
         if p >= 0 and "dropout" in spec.kwargs:
             return BackboneSpec(spec.arch, {**spec.kwargs, "dropout": p})
@@ -242,8 +275,11 @@ class CTMRun(Run):
         return gan_value if gan_value > 0 and self.gan_active() else base
 
     def model_card(self) -> ModelCard:
+        guidance = {"label_dropout": self.label_dropout} if self.label_dropout > 0 else {}
+        if self.cfg.ctm.guided:
+            guidance["scale"] = list(self.cfg.ctm.guidance)
         return ModelCard("ctm", backbone=self.spec, teacher=self.cfg.teacher, precond=self.precond,
-                         **self.card_fields())
+                         guidance=guidance or None, **self.card_fields())
 
     def state(self) -> dict:
         return {**super().state(), "aug_gen": self.aug_gen.get_state()}
@@ -253,10 +289,17 @@ class CTMRun(Run):
         self.aug_gen.set_state(st["aug_gen"])
 
     # -- the objective ---------------------------------------------------------------------------------
-    def teacher_solve(self, x_t: torch.Tensor, n: torch.Tensor, u: torch.Tensor, labels) -> torch.Tensor:
-        """x_u = Solver_phi(x_t, t_n -> t_u): u - n Heun steps of the teacher along the grid, per sample (no grad)."""
+    def teacher_solve(self, x_t: torch.Tensor, n: torch.Tensor, u: torch.Tensor, labels,
+                      w: Tensor | None = None) -> torch.Tensor:
+        """x_u = Solver_phi(x_t, t_n -> t_u): u - n Heun steps of the teacher along the grid, per sample (no grad);
+        the guided teacher D_w for guided distillation (w [B]: a range student's scales)."""
         x = x_t.double() if self.data.mixture is not None and self.cfg.teacher == "exact" else x_t
-        return solve_grid_segments(self.teacher, x, self.grid, n, u - n, labels).to(x_t.dtype)
+        if w is not None:   # per-sample scales: the solver passes sample indices where labels go
+            teacher = lambda x_, sig, i: guided(self.teacher, w[i])(x_, sig, labels[i])   # noqa: E731
+            index = torch.arange(len(w), device=w.device)
+            return solve_grid_segments(teacher, x, self.grid, n, u - n, index).to(x_t.dtype)
+        teacher = guided(self.teacher, self.cfg.ctm.guidance[0])
+        return solve_grid_segments(teacher, x, self.grid, n, u - n, labels).to(x_t.dtype)
 
     def gan_active(self) -> bool:
         return self.cfg.ctm.gan and self.step >= self.cfg.ctm.gan_start
@@ -298,7 +341,12 @@ class CTMRun(Run):
                                     karras_frac=cfg.ctm.dsm_karras_frac, generator=self.gen)
             sig = sig[torch.randperm(b, generator=self.gen)].float()
             z_dsm = self.randn((b, *x0.shape[1:]))
-        return CTMDraw(x0, labels, n, u, m, z, sig, z_dsm)
+        labels = self.drop_labels(labels, b, self.label_dropout)       # draws nothing without label dropout
+        w = None
+        if len(c.guidance) == 2:                                       # a range student: w ~ U[lo, hi] per sample
+            lo, hi = c.guidance
+            w = lo + (hi - lo) * torch.rand(b, generator=self.gen)
+        return CTMDraw(x0, labels, n, u, m, z, sig, z_dsm, w)
 
     def micro_batches(self, d: CTMDraw) -> list[CTMDraw]:
         """This rank's micro-batches of a global draw, on the device."""
@@ -312,23 +360,31 @@ class CTMRun(Run):
     def ctm_losses(self, d: CTMDraw) -> dict:
         """The loss terms of one micro-batch (graphs attached)."""
         cfg = self.cfg
-        x0, labels, n = d.x0, d.labels, d.n.cpu()
+        x0, labels, n, w = d.x0, d.labels, d.n.cpu(), d.w
         x_t, t, t_u, s, s_min = self.levels(d)
+        wk = () if w is None else (w,)                 # a range student's scale input
+        target = self.target if w is None else (lambda *a: self.target(*a, w))   # noqa: E731
         with torch.no_grad():
             if cfg.ctm.teacher_free:  # self-learn: x_u from the target network's own jump
-                x_u = self.target(x_t, t, t_u, labels)
+                x_u = target(x_t, t, t_u, labels)
             else:
-                x_u = self.teacher_solve(x_t, n, d.u.cpu(), labels)
-        G = lambda *a: self.ddp("forward", *a)   # noqa: E731  (through DDP: gradients synchronised)
+                x_u = self.teacher_solve(x_t, n, d.u.cpu(), labels, w)
+        G = lambda *a: self.ddp("forward", *a, *wk)   # noqa: E731  (through DDP: gradients synchronised)
         with self.autocast():
-            estimate, goal = ctm_pair(G, self.target, x_t, x_u, t, t_u, s, s_min, labels)
+            estimate, goal = ctm_pair(G, target, x_t, x_u, t, t_u, s, s_min, labels)
             out = {"ctm": self.distance(estimate, goal).mean(), "estimate": estimate}
             if cfg.ctm.dsm:
-                out["dsm"] = dsm_loss(lambda *a: self.ddp("denoise", *a), x0, d.sig, d.z_dsm, cfg.model.sigma_data,
-                                      labels)
+                out["dsm"] = dsm_loss(lambda *a: self.ddp("denoise", *a, *wk), x0, d.sig, d.z_dsm,
+                                      cfg.model.sigma_data, labels, self.dsm_target(w))
             if self.gan_active():
                 out["gan_g"] = gan_g_loss(self.disc(self.disc_in(estimate), labels, **self.disc_kw()))
         return out
+
+    def dsm_target(self, w: Tensor | None):
+        """The DSM regression target of guided distillation: the guided teacher's denoiser D_w (None: the data)."""
+        if not self.cfg.ctm.guided or self.teacher is None:
+            return None
+        return guided(self.teacher, self.cfg.ctm.guidance[0] if w is None else w)
 
     def weight(self, fixed: float, losses: dict, key: str, lo: float, hi: float) -> torch.Tensor:
         """A fixed weight (>= 0), or the adaptive one from last-layer gradient norms averaged over ranks."""
@@ -402,8 +458,10 @@ class CTMRun(Run):
         out = []
         for part in self.micro_batches(draw):
             x_t, t, _, s, s_min = self.levels(part)
+            wk = () if part.w is None else (part.w,)
             with self.autocast():
-                out.append((self.target(self.net(x_t, t, s, part.labels), s, s_min, part.labels), part.labels))
+                out.append((self.target(self.net(x_t, t, s, part.labels, *wk), s, s_min, part.labels, *wk),
+                            part.labels))
         return out
 
     def discriminator_step(self, fakes: list, reals: list | None, draw: CTMDraw) -> tuple[dict, bool]:

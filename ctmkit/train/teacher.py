@@ -11,6 +11,7 @@ from ..config import TeacherConfig
 from ..core.losses import dsm_loss
 from ..core.precond import EDMDenoiser
 from ..core.schedules import lognormal_sigmas
+from ..errors import UserError
 from ..io.card import ModelCard
 from ..nets.registry import backbone_spec
 from . import dist
@@ -25,6 +26,9 @@ class TeacherRun(Run):
 
     def __init__(self, cfg: TeacherConfig, out, data: Dataset, resume: bool = False):
         super().__init__(cfg, out, data, resume)
+        if cfg.label_dropout > 0 and not self.use_labels:
+            raise UserError(f"label_dropout={cfg.label_dropout:g} needs labelled data and model.conditional=true; "
+                            f"'{data.spec}' gives the network no labels")
         self.spec = backbone_spec(cfg.model, data.kind, data.shape, data.num_classes, data.spec)
         torch.manual_seed(cfg.train.seed)
         self.net = EDMDenoiser(self.spec.build(), cfg.model.sigma_data).to(self.device)
@@ -36,7 +40,8 @@ class TeacherRun(Run):
         self.ddp = dist.wrap(self.net, self.dist, self.device)
 
     def model_card(self) -> ModelCard:
-        return ModelCard("teacher", backbone=self.spec, **self.card_fields())
+        guidance = {"label_dropout": self.cfg.label_dropout} if self.cfg.label_dropout > 0 else None
+        return ModelCard("teacher", backbone=self.spec, guidance=guidance, **self.card_fields())
 
     def train_step(self) -> dict:
         cfg, mb = self.cfg, self.tcfg.micro_batches
@@ -45,6 +50,7 @@ class TeacherRun(Run):
         xb, lb, b = self.global_batch()     # this rank's items; the noise is drawn for all b, identically on every rank
         sb = lognormal_sigmas(torch.randn(b, generator=self.gen), cfg.p_mean, cfg.p_std)
         zb = self.randn((b, *xb.shape[1:]))
+        lb = self.drop_labels(lb, b, cfg.label_dropout)
         total = 0.0
         for i, (x0, labels, sigma, noise) in enumerate(self.parts(xb, lb, sb, zb, local=2)):
             with dist.no_sync(self.ddp, sync=i == mb - 1):
