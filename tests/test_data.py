@@ -154,7 +154,7 @@ def test_builtins_load_and_sample_reproducibly(name):
         assert set(np.unique(d.normalizer.to_data(d.x))) <= set(range(17))
     else:
         assert d.shape == (2,) and d.kind == "vector" and len(d.x) == 500 and d.sampler is not None
-        assert (d.mixture is not None) == (name in ("ring", "labelled_ring", "grid"))
+        assert (d.mixture is not None) == (name in ("ring", "labelled_ring", "labelled_blobs", "grid"))
         assert abs(d.x.double().var(0).mean().sqrt().item() - 0.5) < 0.05
         assert torch.equal(load_data(name, n=500, seed=1).x, d.x)
         assert not torch.equal(load_data(name, n=500, seed=2).x, d.x)

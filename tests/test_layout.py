@@ -48,8 +48,9 @@ def test_a_legacy_image_model_card_reads_with_its_classes():
     card = ModelCard.from_dict(json.loads((FIXTURES / "model_v0_digits_teacher.json").read_text()))
     assert card.kind == "teacher" and card.format_version == 0
     assert card.shape == (1, 8, 8) and card.num_classes == 10 and card.conditional
-    assert card.backbone.arch == "unet" and card.backbone.build()(torch.zeros(2, 1, 8, 8), torch.zeros(2)).shape \
-        == (2, 1, 8, 8)
+    net = card.backbone.build()      # a conditional network: labels are required (-1 = the null label)
+    assert card.backbone.arch == "unet" and net(torch.zeros(2, 1, 8, 8), torch.zeros(2), None,
+                                                torch.tensor([3, -1])).shape == (2, 1, 8, 8)
 
 
 def test_the_card_round_trips_and_is_versioned(tmp_path):

@@ -1,5 +1,5 @@
-"""Built-in data sets: 2-D toys sampled on the fly (ring, labelled_ring and grid: exact Gaussian mixtures; labelled_ring
-has 4 classes), sklearn digits.
+"""Built-in data sets: 2-D toys sampled on the fly (ring, labelled_ring, labelled_blobs and grid: exact Gaussian
+mixtures; labelled_ring has 4 well-separated classes, labelled_blobs 2 overlapping ones), sklearn digits.
 
 The 2-D samplers follow the usual toy densities (FFJORD, Grathwohl et al. 2019; sklearn make_moons /
 make_swiss_roll) but draw from a torch.Generator so that a seed fixes the samples.
@@ -39,6 +39,14 @@ def labelled_ring_params() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return (*ring_params(), torch.arange(RING_K) % 4)
 
 
+def labelled_blobs_params() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Two overlapping classes, where guidance moves samples far (the guidance benchmark's set): class 0 one wide
+    blob at (-1, 0), class 1 a wide blob at (1, 0) and a narrower one at (0, 1.5): (means, stds, weights, classes)."""
+    means = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, 1.5]], dtype=torch.float64)
+    return (means, torch.tensor([0.5, 0.5, 0.3], dtype=torch.float64),
+            torch.tensor([0.4, 0.4, 0.2], dtype=torch.float64), torch.tensor([0, 1, 1]))
+
+
 def grid_params() -> tuple[Tensor, Tensor, Tensor]:
     """5x5 equal-weight isotropic Gaussians at integers -2..2: (means [25, 2], stds [25], weights [25])."""
     c = torch.arange(GRID_SIDE, dtype=torch.float64) - (GRID_SIDE - 1) / 2
@@ -75,8 +83,9 @@ def spiral(n: int, generator: torch.Generator | None = None) -> Tensor:
 
 _SAMPLERS: dict[str, Callable[[int, torch.Generator | None], Tensor]] = {
     "moons": moons, "checkerboard": checkerboard, "spiral": spiral}
-_MIXTURES = {"ring": ring_params, "grid": grid_params, "labelled_ring": labelled_ring_params}
-BUILTIN_NAMES = ["ring", "labelled_ring", "grid", "moons", "checkerboard", "spiral", "digits"]
+_MIXTURES = {"ring": ring_params, "grid": grid_params, "labelled_ring": labelled_ring_params,
+             "labelled_blobs": labelled_blobs_params}
+BUILTIN_NAMES = ["ring", "labelled_ring", "labelled_blobs", "grid", "moons", "checkerboard", "spiral", "digits"]
 
 
 def builtin_names() -> list[str]:
