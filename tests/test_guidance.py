@@ -121,7 +121,8 @@ def test_guided_distillation_records_its_scale_and_refuses_what_cannot_be_guided
 
 def test_a_labelled_teacher_without_label_dropout_cannot_be_guided(tmp_path):
     data = load_data("labelled_ring")
-    cfg = load_config(TeacherConfig, None, None, TINY, data="labelled_ring", **{"train.steps": 2, "train.batch_size": 32})
+    cfg = load_config(TeacherConfig, None, None, TINY, data="labelled_ring",
+                      **{"train.steps": 2, "train.batch_size": 32})
     TeacherRun(cfg, tmp_path / "t", data).fit(progress=False)
     cfg = load_config(DistillConfig, None, None, [*TINY, "ctm.guidance=2"], data="labelled_ring",
                       teacher=str(tmp_path / "t"), **{"train.steps": 2, "train.batch_size": 32})
