@@ -97,9 +97,15 @@ def _node(tree: dict, tensors: dict, prefix: str, base: dict, fn, src: str):
     return _Persistent(fn, meta)
 
 
-def write_edm_pickle(name: str, path: Path, marker: Path) -> dict:
-    """An EDM-format snapshot of fixture `name` at `path`; returns the fixture's tensors (inputs and output)."""
+def write_edm_pickle(name: str, path: Path, marker: Path, label_dropout: float | None = None) -> dict:
+    """An EDM-format snapshot of fixture `name` at `path`; returns the fixture's tensors (inputs and output).
+    `label_dropout`: the snapshot of the same network built with EDM's label_dropout=p (it changes training only:
+    EDM records it in the U-Net's and the preconditioning's init kwargs and as the U-Net's attribute)."""
     fix = json.loads((FIX / f"{name}.json").read_text())
+    if label_dropout is not None:
+        unet = fix["tree"]["modules"]["model"]
+        for kw in (fix["tree"]["init_kwargs"], unet["init_kwargs"], unet["attributes"]):
+            kw["label_dropout"] = label_dropout
     tensors = load_file(str(FIX / f"{name}.safetensors"))
     mod, src = _fake_persistence(marker)
     sys.modules["torch_utils.persistence"] = mod

@@ -73,9 +73,9 @@ def train_teacher(data, out, preset, config_file, steps, batch_size, seed, ckpt_
 @click.option("--teacher", default=None,
               help="Teacher SPEC: a ctmkit teacher run folder; 'exact' for data with a known density (gmm:PATH.json, "
                    "ring, grid); diffusers:DIR (a diffusers pipeline folder: UNet2DModel + a DDPM/DDIM-style or "
-                   "flow-matching scheduler; pip install 'ctmkit[diffusers]'); edm:FILE.pkl (an NVIDIA EDM network "
-                   "pickle such as edm-cifar10-32x32-uncond-vp.pkl, read without running its code); py:MODULE:ATTR "
-                   "(your own denoiser "
+                   "flow-matching scheduler; pip install 'ctmkit[diffusers]'; DIR?null_class=K names its null class "
+                   "for guidance); edm:FILE.pkl (an NVIDIA EDM network pickle such as edm-cifar10-32x32-uncond-vp.pkl, "
+                   "read without running its code); py:MODULE:ATTR (your own denoiser "
                    "D(x, sigma, labels) or a factory of one: this imports and runs your module).")
 @training_options
 @user_errors

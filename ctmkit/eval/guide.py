@@ -51,7 +51,7 @@ def resolve_scale(model, w: float | None) -> float:
                         f"distilled for it (ctm.guidance={w:g}) or for a range (ctm.guidance=[lo, hi])")
     if len(trained) == 1 and trained[0] == 1 and w != 1 and not null_branch(model):
         raise UserError(f"--guidance {w:g} needs a model with a null branch (trained with label_dropout > 0, see "
-                        "`ctmkit train-teacher --help`); this one has none")
+                        "`ctmkit train-teacher --help`, or diffusers:DIR?null_class=K); this one has none")
     return w
 
 

@@ -80,9 +80,11 @@ class ModelCard:
     sampled: dict | None = None     # the weights load_model samples when not the first EMA: a post-hoc EMA
                                     # {"phema": {"sigma_rel", "step"}, "file": path in the run} (`ctmkit ema`)
     guidance: dict | None = None    # classifier-free guidance (docs/method.md section 8): {"label_dropout": p} when
-                                    # trained with the null label -1 (a null branch), {"scale": [w] | [lo, hi]} for
-                                    # a CTM distilled from the guided teacher (one scale, or a range through a
-                                    # w input)
+                                    # trained with the null label -1 (a null branch; EDM pickles: EDM's own
+                                    # label_dropout), {"null_class": K} for a foreign network whose null branch is
+                                    # a class index named by the user (diffusers:DIR?null_class=K; the backbone maps
+                                    # -1 to K), {"scale": [w] | [lo, hi]} for a CTM distilled from the guided
+                                    # teacher (one scale, or a range through a w input)
 
     @property
     def is_ctm(self) -> bool:
@@ -99,8 +101,10 @@ class ModelCard:
 
     @property
     def null_branch(self) -> bool:
-        """The network was trained with the null label (label dropout > 0): it can be guided by sampling."""
-        return self.conditional and float((self.guidance or {}).get("label_dropout", 0)) > 0
+        """The network has a null branch (trained with label dropout > 0, or a named null class): it can be guided
+        by sampling."""
+        g = self.guidance or {}
+        return self.conditional and (float(g.get("label_dropout", 0)) > 0 or g.get("null_class") is not None)
 
     @property
     def guidance_scale(self) -> tuple[float, ...]:
@@ -187,14 +191,17 @@ class ModelCard:
 
 
 def _guidance(g) -> dict | None:
-    """The card's 'guidance' entry, checked: None, or an object with label_dropout in [0, 1) and/or scale [w] or
-    [lo, hi] (0 <= lo < hi)."""
+    """The card's 'guidance' entry, checked: None, or an object with label_dropout in [0, 1), null_class (a class
+    index) and/or scale [w] or [lo, hi] (0 <= lo < hi)."""
     if g is None:
         return None
     if not isinstance(g, dict):
         raise ValueError("its 'guidance' entry must be an object")
     if not 0 <= float(g.get("label_dropout", 0)) < 1:
         raise ValueError("guidance.label_dropout must be in [0, 1)")
+    null = g.get("null_class")
+    if null is not None and (isinstance(null, bool) or not isinstance(null, int) or null < 0):
+        raise ValueError("guidance.null_class must be a class index (an integer >= 0)")
     scale = [float(v) for v in g.get("scale", [1.0])]
     if not (len(scale) in (1, 2) and min(scale) >= 0 and (len(scale) == 1 or scale[0] < scale[1])):
         raise ValueError("guidance.scale must be [w] or [lo, hi] with 0 <= lo < hi")

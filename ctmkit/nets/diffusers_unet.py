@@ -6,6 +6,13 @@ zero and whose output is added to the UNet's time embedding (a forward hook on `
 copied from a teacher starts as that teacher. Parameter names are the UNet's own under `unet.` (a teacher's
 weights load as they are) plus `s_embed.`. A UNet with 2C output channels (learned variance) gives its first C.
 
+Labels are class indices. A class-conditional UNet (num_class_embeds) has no null input of its own: classifier-free
+guidance needs the class index its training used for the dropped label, named by the user (`null_class`, from the
+teacher SPEC `diffusers:DIR?null_class=K`; stored in the backbone's spec so students keep it). The null label -1
+(ctmkit.core.guidance) then becomes that class; without one, -1 is refused with a ValueError naming the setting.
+A null class that is the last embedding (the usual layout: num_class_embeds = classes + 1) is not a class of the
+data: such a network is conditioned on num_class_embeds - 1 classes (`label_count`).
+
 diffusers is an optional extra (`pip install ctmkit[diffusers]`); it is imported only when such a network is built.
 """
 
@@ -28,9 +35,10 @@ def import_diffusers():
 
 
 class DiffusersUNet(nn.Module):
-    """forward(x_in [B, C, H, W], noise_t [B] (timesteps), noise_s [B] | None, labels [B] | None) -> [B, C, H, W]."""
+    """forward(x_in [B, C, H, W], noise_t [B] (timesteps), noise_s [B] | None, labels [B] | None) -> [B, C, H, W].
+    `null_class`: the class index that the null label -1 stands for (a class-conditional UNet trained with it)."""
 
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, null_class: int | None = None) -> None:
         super().__init__()
         diffusers = import_diffusers()
         from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -42,6 +50,8 @@ class DiffusersUNet(nn.Module):
             raise UserError(f"UNet2DModel with class_embed_type={cfg['class_embed_type']!r} is not supported "
                             "(class labels must be integer indices: class_embed_type None with num_class_embeds)")
         self.config = cfg
+        self.num_embeds = int(cfg.get("num_class_embeds") or 0)
+        self.null_class = check_null_class(null_class, self.num_embeds)
         self.unet = diffusers.UNet2DModel(**cfg)
         width = self.unet.time_proj.num_channels
         emb_dim = self.unet.time_embedding.linear_2.out_features
@@ -60,17 +70,53 @@ class DiffusersUNet(nn.Module):
                 labels: Tensor | None = None) -> Tensor:
         self._s_emb = None if noise_s is None else self.s_embed(self.s_proj(noise_s.float()).to(x.dtype))
         try:
-            out = self.unet(x, noise_t.float(), class_labels=labels).sample
+            out = self.unet(x, noise_t.float(), class_labels=self.class_labels(labels)).sample
         finally:
             self._s_emb = None
         return out[:, :self.channels]
+
+    def class_labels(self, labels: Tensor | None) -> Tensor | None:
+        """The UNet's class_labels: the labels, with the null label -1 (any negative) as the null class. An
+        unconditional UNet ignores labels; a class-conditional one refuses None, and -1 without a null class."""
+        if not self.num_embeds:
+            return None
+        if labels is None:
+            raise ValueError(f"this network is conditioned on {self.num_classes} classes: pass labels [B] (int64; -1 "
+                             "is the null label)")
+        labels = labels.reshape(-1).long()
+        if self.null_class is not None:
+            return torch.where(labels < 0, torch.full_like(labels, self.null_class), labels)
+        if bool((labels < 0).any()):
+            raise ValueError(f"the null label -1 needs the null class of this class-conditional UNet2DModel "
+                             f"({self.num_classes} classes), which diffusers does not record: name it in the teacher "
+                             "SPEC, diffusers:DIR?null_class=K (the class index its training used for dropped labels)")
+        return labels
 
     def last_layer(self) -> nn.Parameter:
         return self.unet.conv_out.weight
 
     @property
     def num_classes(self) -> int:
-        return int(self.config.get("num_class_embeds") or 0)
+        return label_count(self.config, self.null_class)
+
+
+def label_count(config: dict, null_class: int | None) -> int:
+    """The classes a UNet2DModel config is conditioned on: num_class_embeds (0: unconditional), less the null class
+    when it is the last embedding (an extra one after the data's classes)."""
+    n = int(config.get("num_class_embeds") or 0)
+    return n - 1 if null_class is not None and null_class == n - 1 else n
+
+
+def check_null_class(null_class, num_embeds: int) -> int | None:
+    """A null class index, checked against the UNet's class embeddings (UserError); None passes."""
+    if null_class is None:
+        return None
+    if isinstance(null_class, bool) or not isinstance(null_class, int) or not 0 <= null_class < num_embeds \
+            or num_embeds < 2:
+        have = (f"num_class_embeds={num_embeds}, so 0..{num_embeds - 1}" if num_embeds > 1 else
+                f"it is not class-conditional (num_class_embeds={num_embeds or None})")
+        raise UserError(f"null_class={null_class!r} is not a class index of this UNet2DModel: {have}")
+    return null_class
 
 
 def unet_config_from(model: nn.Module) -> dict:

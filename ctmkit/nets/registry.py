@@ -9,7 +9,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UserError
-from .diffusers_unet import DiffusersUNet
+from .diffusers_unet import DiffusersUNet, label_count
 from .edm_unets import DhariwalUNet, SongUNet
 from .mlp import MLP
 from .unet import UNet
@@ -35,8 +35,8 @@ class BackboneSpec:
 
     @property
     def num_classes(self) -> int:
-        if "config" in self.kwargs:          # a diffusers UNet2DModel: its class-embedding count
-            return int(self.kwargs["config"].get("num_class_embeds") or 0)
+        if "config" in self.kwargs:          # a diffusers UNet2DModel: its class embeddings (less a null one)
+            return label_count(self.kwargs["config"], self.kwargs.get("null_class"))
         return int(self.kwargs.get("num_classes", self.kwargs.get("label_dim", 0)))   # label_dim: EDM's U-Nets
 
     def to_dict(self) -> dict:

@@ -20,12 +20,15 @@ log = logging.getLogger(__name__)
 __all__ = ["load_teacher", "teacher_facts", "PyTeacher", "SPEC_HELP", "EXACT_LABEL_DROPOUT"]
 
 EXACT_LABEL_DROPOUT = 0.1   # the exact labelled mixture has its null branch (the whole mixture) built in; its
-                            # students keep one by distilling this share of null labels (ctm.label_dropout=-1)
+                            # students keep one by distilling this share of null labels (ctm.label_dropout=-1);
+                            # so does a teacher whose null branch is a named class (diffusers:DIR?null_class=K)
 
 SPEC_HELP = ("a ctmkit teacher run folder, 'exact' (data with a known density), 'diffusers:DIR' (a diffusers "
-             "pipeline folder: UNet2DModel + DDPM/DDIM-style or flow-matching scheduler), 'edm:FILE.pkl' (an NVIDIA "
-             "EDM network pickle, loaded without running its code) or 'py:MODULE:ATTR' (your own denoiser "
-             "D(x, sigma, labels); runs your code)")
+             "pipeline folder: UNet2DModel + DDPM/DDIM-style or flow-matching scheduler; 'diffusers:DIR?null_class=K' "
+             "names the class index a class-conditional UNet was trained with for dropped labels, so it can be "
+             "guided), 'edm:FILE.pkl' (an NVIDIA EDM network pickle, loaded without running its code; guidable when "
+             "built with label_dropout > 0) or 'py:MODULE:ATTR' (your own denoiser D(x, sigma, labels); runs your "
+             "code)")
 
 
 def load_teacher(spec: str | Path, data=None):
@@ -72,12 +75,15 @@ def _check_classes(spec: str, classes: int, data) -> None:
 
 def teacher_facts(teacher) -> dict:
     """What a loaded teacher reports: sigma_min, sigma_max, shape (None: any), num_classes and label_dropout (> 0:
-    it has a null branch, the label -1, and can be guided; docs/method.md section 8)."""
+    it has a null branch, the label -1, and can be guided; docs/method.md section 8). label_dropout is the share of
+    null labels the teacher was trained with, or EXACT_LABEL_DROPOUT for a null branch built in (the exact labelled
+    mixture, a named null class): the share its students distil by default (ctm.label_dropout=-1)."""
     card = getattr(teacher, "card", None)
     if card is not None:
+        p = float((card.guidance or {}).get("label_dropout", 0))
         return {"sigma_min": card.sigma_min, "sigma_max": card.sigma_max, "shape": tuple(card.shape),
                 "num_classes": card.num_classes,
-                "label_dropout": float((card.guidance or {}).get("label_dropout", 0)) if card.conditional else 0.0}
+                "label_dropout": (p if p > 0 else EXACT_LABEL_DROPOUT) if card.null_branch else 0.0}
     if isinstance(teacher, PyTeacher):
         return {"sigma_min": teacher.sigma_min, "sigma_max": teacher.sigma_max, "shape": teacher.shape,
                 "num_classes": teacher.num_classes, "label_dropout": float(getattr(teacher, "label_dropout", 0))}

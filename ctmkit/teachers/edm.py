@@ -9,6 +9,12 @@ and maps each to a harmless stand-in: a persistent object becomes a `Persistent(
 source is never imported or executed. Any other global is refused with one error naming it, before anything runs.
 The network is then rebuilt from ctmkit's clean-room SongUNet / DhariwalUNet with the hyper-parameters recorded in
 the pickled state, and the weights copied by name.
+
+Classifier-free guidance: an EDM network built with `label_dropout > 0` (EDM's option: a training label is replaced
+by the zero class vector, EDM's unconditional input) has a null branch; its card says so (`guidance =
+{"label_dropout": p}`) and the null label -1 gives the zero class vector. The rebuilt backbone itself drops no
+labels (a student's label dropout is ctm.label_dropout, the teacher's by default). A conditional network built
+without label dropout (the published conditional ImageNet-64 one) has no null branch and cannot be guided.
 """
 
 from __future__ import annotations
@@ -162,6 +168,19 @@ def _precond_of(net: Persistent):
     return pre, pre.spec, 0.5, (float(st["sigma_min"]), float(st["sigma_max"]))
 
 
+def edm_label_dropout(state: dict, from_kwargs) -> float:
+    """The label dropout an EDM U-Net was built with: its `label_dropout` attribute (what it trained with), else its
+    constructor argument; 0 when absent. A value outside [0, 1) is a malformed file (UserError)."""
+    value = state.get("label_dropout", from_kwargs)
+    try:
+        p = float(value or 0)
+    except (TypeError, ValueError):
+        p = -1.0
+    if not 0 <= p < 1:
+        raise UserError(f"the EDM network's label_dropout must be in [0, 1), got {value!r}")
+    return p
+
+
 def load_edm(path: str | Path) -> EDMDenoiser:
     """`edm:FILE.pkl` -> the snapshot's `ema` network as a ctmkit EDMDenoiser with `.card` (CPU, eval mode)."""
     net = read_edm_pickle(path)["ema"]
@@ -173,6 +192,7 @@ def load_edm(path: str | Path) -> EDMDenoiser:
         raise UserError(f"'{path}': its U-Net is a {what}; supported: {', '.join(UNETS)}")
     precond, spec, sigma_data, (lo, hi) = _precond_of(net)
     kwargs = dict(model.state.get("_init_kwargs") or {})
+    label_dropout = edm_label_dropout(model.state, kwargs.pop("label_dropout", 0))
     backbone = BackboneSpec(UNETS[model.class_name], kwargs)
     teacher = EDMDenoiser(backbone.build(), sigma_data, precond)
     weights = {k[len("model."):]: v for k, v in state_dict_of(net).items() if k.startswith("model.")}
@@ -189,6 +209,7 @@ def load_edm(path: str | Path) -> EDMDenoiser:
                     uint8_image_normalizer(c).to_dict())
     # EDM's own sampler range: max(0.002, net.sigma_min) .. min(80, net.sigma_max)
     teacher.card = ModelCard("teacher", data, backbone, sigma_data, max(SIGMA_MIN, lo), min(SIGMA_MAX, hi),
-                             precond=spec)
+                             precond=spec, guidance={"label_dropout": label_dropout}
+                             if label_dropout > 0 and backbone.num_classes else None)
     teacher.requires_grad_(False)
     return teacher.eval()

@@ -6,6 +6,9 @@ included) and `scheduler/`: discrete-time VP schedulers with `alphas_cumprod` (D
 epsilon, v_prediction or sample; or FlowMatchEulerDiscreteScheduler (rectified flow, velocity). Weights are read
 from the folder only (nothing downloads). The result is an EDMDenoiser around ctmkit's DiffusersUNet backbone with
 the teacher's own preconditioning and a ModelCard (so it samples, evaluates and distills like a ctmkit teacher).
+Settings follow the folder after `?`: `diffusers:DIR?null_class=K` names the class index that a class-conditional
+UNet was trained with for dropped labels (its null branch: diffusers does not record it); with it the null label -1
+becomes class K and the teacher can be guided (classifier-free guidance, ctmkit/core/guidance.py).
 
 `py:MODULE:ATTR`: a denoiser callable D(x, sigma, labels=None) in model space, or a zero-argument factory that
 returns one. This imports and runs the user's module: the one SPEC that runs code, by the user's explicit choice.
@@ -72,9 +75,33 @@ def scheduler_precond(folder: Path):
     return (pre, *pre.sigma_range)
 
 
-def load_diffusers(folder: str | Path) -> EDMDenoiser:
-    """A diffusers pipeline folder -> its denoiser (CPU, eval mode, `.card`)."""
-    folder = Path(folder)
+DIFFUSERS_SETTINGS = ("null_class",)
+
+
+def diffusers_source(source: str | Path) -> tuple[Path, dict]:
+    """The part of a SPEC after 'diffusers:' -> (folder, settings): 'DIR' or 'DIR?null_class=K' (settings joined
+    by '&'; a folder whose own name holds '?' is taken whole when it exists)."""
+    source = str(source)
+    if "?" not in source or Path(source).is_dir():
+        return Path(source), {}
+    folder, query = source.rsplit("?", 1)
+    settings = {}
+    for item in query.split("&"):
+        key, eq, value = item.partition("=")
+        if key not in DIFFUSERS_SETTINGS or not eq:
+            raise UserError(f"diffusers teacher '{source}': unknown setting '{item}'; settings: "
+                            "?null_class=K (the class index of the null label, for guidance)")
+        try:
+            settings[key] = int(value)
+        except ValueError:
+            raise UserError(f"diffusers teacher '{source}': {key} must be a class index, got '{value}'") from None
+    return Path(folder), settings
+
+
+def load_diffusers(source: str | Path) -> EDMDenoiser:
+    """A diffusers pipeline folder, with its settings ('DIR' or 'DIR?null_class=K', see diffusers_source) -> its
+    denoiser (CPU, eval mode, `.card`)."""
+    folder, settings = diffusers_source(source)
     if not (folder / "unet").is_dir() or not (folder / "scheduler").is_dir():
         raise UserError(f"diffusers teacher '{folder}' must be a folder written by save_pretrained with unet/ and "
                         "scheduler/ inside")
@@ -89,15 +116,19 @@ def load_diffusers(folder: str | Path) -> EDMDenoiser:
     except Exception as e:    # corrupt or missing weights: one line naming the folder
         raise UserError(f"diffusers teacher '{folder}': cannot load unet/ ({str(e).splitlines()[0]})") from None
     config = unet_config_from(unet)
-    net = DiffusersUNet(config)
+    null = {"null_class": settings["null_class"]} if "null_class" in settings else {}
+    try:
+        net = DiffusersUNet(config, **null)
+    except UserError as e:
+        raise UserError(f"diffusers teacher '{folder}': {e}") from None
     load_unet_weights(net, unet.state_dict())
     teacher = EDMDenoiser(net, 0.5, precond)
     size = config.get("sample_size") or 32
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     c = int(config.get("in_channels", 3))
     data = DataCard(f"diffusers:{folder}", "image", (c, h, w), net.num_classes, uint8_image_normalizer(c).to_dict())
-    teacher.card = ModelCard("teacher", data, BackboneSpec("diffusers_unet2d", {"config": config}), 0.5,
-                             float(sigma_min), float(sigma_max), precond=precond.spec)
+    teacher.card = ModelCard("teacher", data, BackboneSpec("diffusers_unet2d", {"config": config, **null}), 0.5,
+                             float(sigma_min), float(sigma_max), precond=precond.spec, guidance=null or None)
     teacher.requires_grad_(False)
     return teacher.eval()
 

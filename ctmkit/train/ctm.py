@@ -170,7 +170,7 @@ class CTMRun(Run):
                             "none (labelled data and model.conditional=true)")
         if teacher_p <= 0:
             raise UserError(f"ctm.guidance={c.guidance} needs a teacher with a null branch (trained with "
-                            f"label_dropout > 0); teacher '{self.cfg.teacher}' has none")
+                            f"label_dropout > 0, or diffusers:DIR?null_class=K); teacher '{self.cfg.teacher}' has none")
         if c.gan and not c.gan_guided:
             c.gan = False
             if self.dist.main:
