@@ -44,6 +44,9 @@ PROJECTIONS = ("inpaint", "superres", "colorize")
 @click.option("--labels", default=None,
               help="Class labels for a conditional model: one for every input, or one per input ('3' or '0,1,2'); "
                    "default: the inputs' own labels.")
+@click.option("--guidance", type=float, default=None,
+              help="Classifier-free guidance scale w (1 = plain conditional, 0 = unconditional; the model needs a "
+                   "null branch, or a CTM distilled for w). Default: the model's own.")
 @click.option("--num-samples", "--n", "n", type=int, default=None,
               help="Draws per input (interpolate: points per pair). Default 4 (invert 1, interpolate 8).")
 @click.option("--limit", type=int, default=None, help="Use only the first N inputs.")
@@ -55,8 +58,8 @@ PROJECTIONS = ("inpaint", "superres", "colorize")
 @force_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
-def edit_cmd(model_dir, task, input_spec, mask_path, factor, t0, nfe, ts, gamma, inv_steps, labels, n, limit, seed,
-             batch_size, out, force, quiet):
+def edit_cmd(model_dir, task, input_spec, mask_path, factor, t0, nfe, ts, gamma, inv_steps, labels, guidance, n,
+             limit, seed, batch_size, out, force, quiet):
     """Edit inputs zero-shot with a trained model: samples come back in the data's own space, input-major.
 
     OUT.npz holds `samples` [inputs x N, ...], `inputs` (as read), `labels` (conditional models), `noise` (invert,
@@ -75,12 +78,15 @@ def edit_cmd(model_dir, task, input_spec, mask_path, factor, t0, nfe, ts, gamma,
     _, device = dist.setup("auto")
     model = load_model_spec(model_dir)
     card = model.card
+    if guidance is not None:
+        from ..eval.guide import resolve_scale
+        resolve_scale(model, guidance)          # one line before anything is read or written
     check_new_outputs([out_path] + ([out_path.with_suffix(".png")] if card.data.kind == "image" else []), force)
     raw, x, data_labels, layout = read_inputs(input_spec, card, task, factor, limit)
     lab = resolve_labels(labels, card.num_classes, data_labels, len(x))
     mask = read_mask(mask_path, raw, layout) if task == "inpaint" else None
     sigmas = edit_schedule(task, card, opts["nfe"], opts["ts"], t0)
-    edit = Edit(task, x, sigmas, opts["gamma"], opts["n"], seed, mask, factor or 1, lab, opts["inv_steps"])
+    edit = Edit(task, x, sigmas, opts["gamma"], opts["n"], seed, mask, factor or 1, lab, opts["inv_steps"], guidance)
     result = run_edit(model.to(device), edit, batch_size, progress=not quiet)
     for p in write_edit(out_path, card, edit, result, raw):
         click.echo(f"wrote {p}")

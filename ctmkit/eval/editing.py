@@ -27,6 +27,7 @@ from ..core.sampling import gamma_sample
 from ..io.atomic import atomic_write_bytes
 from ..progress import progress_bar
 from .generate import model_device
+from .guide import guided_callables
 from .report import save_image_grid
 
 
@@ -35,7 +36,8 @@ class Edit:
     """One edit request, model space. `inputs` [M, ...]: the model's shape, except superres (block means
     [M, C, H/F, W/F]) and colorize (luminance [M, 1, H, W]); `mask` bool, broadcast to [M, ...] (inpaint);
     `sigmas` the jump schedule (sdedit: from t0 down); `n` draws per input (interpolate: points per pair);
-    `labels` [M] (conditional models); `inv_steps` Heun steps of the inversion (invert, interpolate)."""
+    `labels` [M] (conditional models); `inv_steps` Heun steps of the inversion (invert, interpolate); `guidance`
+    the classifier-free guidance scale (None: the model's own, eval/guide.py)."""
 
     task: str
     inputs: Tensor
@@ -47,6 +49,7 @@ class Edit:
     factor: int = 1
     labels: Tensor | None = None
     inv_steps: int = 64
+    guidance: float | None = None
 
 
 def run_edit(model, edit: Edit, batch_size: int = 256, progress: bool | None = True) -> dict:
@@ -56,6 +59,9 @@ def run_edit(model, edit: Edit, batch_size: int = 256, progress: bool | None = T
     is_ctm = card.is_ctm
     den = model.denoise if is_ctm else model
     jump = model if is_ctm else heun_jump(model, 1)
+    if edit.guidance is not None:          # guided jumps and denoiser (the inversion too)
+        jump, den = guided_callables(model, edit.guidance, is_ctm)
+        jump = jump if is_ctm else heun_jump(den, 1)
     device = model_device(model)
     out: dict = {}
     starts = None
