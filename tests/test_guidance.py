@@ -162,4 +162,4 @@ def test_guided_distillation_tracks_the_exact_guided_flow(tmp_path):
         one_step = run.emas[0](z * t, torch.full((512,), t), torch.full((512,), 0.002), c)
     err = (one_step - exact4).norm(dim=1).mean().item()
     gap = (exact1 - exact4).norm(dim=1).mean().item()
-    assert err < gap / 2, (err, gap)      # measured: err .., gap ..
+    assert err < gap / 2, (err, gap)      # gap measured: 0.383
