@@ -64,10 +64,10 @@ def parse_labels(spec: str | None, num_classes: int):
               "default every class in turn).")
 @click.option("--guidance", type=float, default=None, metavar="W",
               help="Classifier-free guidance scale (diffusers' guidance_scale convention): D_null + W (D_label - "
-                   "D_null); 1 = plain conditional sampling (the default), 0 = unconditional, > 1 sharper classes. "
-                   "Any W >= 0 for a class-conditional teacher or unguided CTM trained with a null branch "
-                   "(label_dropout > 0); a CTM distilled with ctm.guidance=W samples at that W only, one distilled "
-                   "for a range ctm.guidance=[lo, hi] needs a W in it.")
+                   "D_null); 1 = plain conditional sampling (an unguided model's default), 0 = unconditional, > 1 "
+                   "sharper classes. Any W >= 0 for a class-conditional teacher or unguided CTM trained with a null "
+                   "branch (label_dropout > 0); a CTM distilled with ctm.guidance=W samples at that W only, one "
+                   "distilled for a range ctm.guidance=[lo, hi] needs a W in it.")
 @click.option("--batch-size", type=int, default=500, show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="FILE.npz (+ a PNG beside it for images and 2-D data) or FILE.png; an existing one needs --force.")
@@ -79,10 +79,10 @@ def sample(model_dir, n, nfe, ts, two_jump, grid_n, gamma, sampler, seed, labels
     """Sample a trained teacher or CTM; samples come back in the data's own space and layout.
 
     \b
-    Classifier-free guidance (--guidance W, a class-conditional model with a null branch):
-      ctmkit sample --model runs/teacher --guidance 3 --nfe 35 --out t.npz   # Heun on D_null + 3 (D_c - D_null)
-      ctmkit sample --model runs/ctm --guidance 3 --out c.npz                # guided jumps, 2 evaluations per jump
-    A CTM distilled for guidance (ctm.guidance=W or [lo, hi]) samples at its scale in one evaluation per jump.
+    Classifier-free guidance (--guidance W; the model needs a null branch, see --guidance):
+      ctmkit sample --model runs/teacher --guidance 3 --nfe 35 --out t.npz  # guided Heun
+      ctmkit sample --model runs/ctm --guidance 3 --out c.npz               # guided jumps, 2 evaluations each
+    A CTM distilled for guidance (ctm.guidance=W or [lo, hi]) samples at its scale, 1 evaluation per jump.
 
     An existing output file is refused unless --force is given (then it is replaced when the new one is complete)."""
     if n < 1 or batch_size < 1:
