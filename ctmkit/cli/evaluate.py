@@ -56,6 +56,33 @@ def _two_jump_points(two_jumps, grid_n, model_dir, card) -> list[tuple]:
     return points
 
 
+GUIDANCE_HELP = ("Classifier-free guidance scales W (comma-separated; the diffusers guidance_scale convention: "
+                 "D_null + W (D_label - D_null), 1 = plain conditional, 0 = unconditional), each evaluated in turn. "
+                 "Needs a class-conditional model with a null branch (label_dropout > 0), or a CTM distilled for "
+                 "guidance at its W (ctm.guidance=W) or within its range (ctm.guidance=[lo, hi]). Default: the "
+                 "model's own scale (1 unguided; a range student needs --guidance).")
+
+
+def guidance_scales(text: str | None, models: list) -> list[float] | None:
+    """--guidance W1,W2,... checked against every model that samples (eval/guide.py), before any work. None when
+    not given and the model is unguided (today's output, rows unlabelled); a guided student's own scale otherwise."""
+    from ..eval.guide import resolve_scale, scale_of
+    if text is None:
+        if scale_of(models[0]) == (1.0,):
+            return None
+        ws = [resolve_scale(models[0], None)]       # a range student: refused, it needs a scale
+    else:
+        try:
+            ws = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--guidance must be comma-separated numbers, got '{text}'") from None
+        if not ws:
+            raise UserError("--guidance needs at least one scale, e.g. --guidance 1,2,4")
+    for w in ws:
+        for m in models:
+            resolve_scale(m, w)
+    return ws
+
 
 @main.command("eval")
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="A run folder (teacher or CTM).")
@@ -84,12 +111,13 @@ def _two_jump_points(two_jumps, grid_n, model_dir, card) -> list[tuple]:
 @click.option("--teacher", "teacher_dir", default=None, type=click.Path(),
               help="A teacher (run folder, diffusers:DIR, edm:FILE.pkl or py:MODULE:ATTR): run the --heun points on "
                    "it (teacher Heun, same plot) instead of --model.")
+@click.option("--guidance", default=None, metavar="W1,W2,...", help=GUIDANCE_HELP + " Rows are labelled with W.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="FILE.json (+ FILE.png, the curve); existing ones need --force.")
 @force_option
 @user_errors
 def evaluate_cmd(model_dir, data, ref, nfe, gamma, ts_list, two_jumps, grid_n, heun, n, seeds, metric, teacher_dir,
-                 out, force):
+                 guidance, out, force):
     """Quality sweep over NFE and gamma (+ Heun budgets), written as JSON and a PNG curve. swd (vectors): sliced
     W1 divided by the true-vs-true floor (1.0 = as close as two true samples). classifier (labelled images):
     Frechet distance in the features of a small classifier trained on the data (domain-specific, not FID).
@@ -127,11 +155,13 @@ def evaluate_cmd(model_dir, data, ref, nfe, gamma, ts_list, two_jumps, grid_n, h
     teacher = load_model_spec(teacher_dir) if teacher_dir is not None else None   # any run folder or SPEC
     if teacher is not None and dataset is not None:
         teacher.card.check_data(dataset, "the teacher")
+    uses_teacher = teacher is not None and any(p[0] == "heun" for p in points)
+    ws = guidance_scales(guidance, [model] + ([teacher] if uses_teacher else []))
     check_new_outputs([out, out.with_suffix(".png")], force)     # after the inputs, before any work
     from .. import job as dist
     job, _ = dist.setup("auto")          # under torchrun the sampling of each point is split over the ranks
     quality = make_quality("fid" if ref else metric, dataset, n, seeds, progress=None, ref=ref)
-    result = sweep(model, dataset, points, quality, teacher=teacher)
+    result = sweep(model, dataset, points, quality, teacher=teacher, guidance=ws)
     dist.teardown()
     if not job.main:
         return
@@ -139,11 +169,40 @@ def evaluate_cmd(model_dir, data, ref, nfe, gamma, ts_list, two_jumps, grid_n, h
     atomic_write_text(out, json.dumps(result.to_dict(), indent=1))
     for r in result.rows:
         times = f" ts={','.join(f'{v:g}' for v in r.extras['ts'])}" if "ts" in r.extras else ""
-        click.echo(f"{r.sampler:6} nfe={r.nfe:<3} gamma={r.gamma:.2f}{times}  {result.metric}={r.value:.4f}")
+        w = "" if r.guidance is None else f" w={r.guidance:g}"
+        click.echo(f"{r.sampler:6} nfe={r.nfe:<3} gamma={r.gamma:.2f}{times}{w}  {result.metric}={r.value:.4f}")
     click.echo(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 DIAGNOSE_FILES = ("diagnose.json", "coupled_error.png", "jump_error.png")
+
+
+def diagnose_files(ws: list[float] | None) -> list[str]:
+    """The files `ctmkit diagnose` writes into --out: one pair of pictures per guidance scale (suffix _wW)."""
+    if ws is None:
+        return list(DIAGNOSE_FILES)
+    return ["diagnose.json"] + [f"{name}_w{w:g}.png" for w in ws for name in ("coupled_error", "jump_error")]
+
+
+def write_diagnoses(ds: list, ws: list[float] | None, out_dir: Path, head: dict, title: str) -> None:
+    """diagnose.json and the pictures of one Diagnosis (ws None: today's layout) or of one per guidance scale
+    (diagnose.json then holds "guidance": [W...] and "diagnoses": [one per W, each with its "guidance"])."""
+    import json
+
+    from ..eval.diagnostics import plot_diagnosis
+    from ..io.atomic import atomic_write_text
+    body = ds[0].to_dict() if ws is None else {"guidance": ws, "diagnoses": [d.to_dict() for d in ds]}
+    atomic_write_text(out_dir / "diagnose.json", json.dumps({**head, **body}, indent=1))
+    for d in ds:
+        w = "" if ws is None else f"_w{d.guidance:g}"
+        for p in plot_diagnosis(d, out_dir, title + ("" if ws is None else f", guidance {d.guidance:g}"), w):
+            click.echo(f"wrote {p}")
+    for i, d in enumerate(ds):
+        w = "" if ws is None else f"w={d.guidance:g} "
+        for (g, k), v in d.coupled.items():
+            click.echo(f"{w}gamma={g:g} nfe={k:<2} coupled error {v:.4f}")
+        last = f"; wrote {out_dir / 'diagnose.json'}" if i == len(ds) - 1 else ""
+        click.echo(f"{w}teacher Heun on {len(d.levels)} grid points: {d.floor:.4f}{last}")
 
 
 @main.command("diagnose")
@@ -164,10 +223,15 @@ DIAGNOSE_FILES = ("diagnose.json", "coupled_error.png", "jump_error.png")
               help="Heun steps of the teacher's accurate solve from sigma_max to sigma_min.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed; sample i depends only on (seed, i).")
 @click.option("--no-map", is_flag=True, help="Coupled errors only, no (t, s) jump map (its cost grows with grid^2).")
+@click.option("--guidance", default=None, metavar="W1,W2,...",
+              help=GUIDANCE_HELP + " Each W is diagnosed against the teacher's guided PF-ODE (its denoiser "
+                   "D_null + W (D_label - D_null), the same labels): diagnose.json holds one diagnosis per W, the "
+                   "pictures are coupled_error_wW.png and jump_error_wW.png.")
 @force_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @user_errors
-def diagnose_cmd(model_dir, teacher_spec, out, data, n, nfe, gamma, grid, steps, seed, no_map, force, quiet):
+def diagnose_cmd(model_dir, teacher_spec, out, data, n, nfe, gamma, grid, steps, seed, no_map, guidance, force,
+                 quiet):
     """Where a CTM's error comes from, against its teacher's accurate ODE solution from the same noise.
 
     \b
@@ -177,16 +241,14 @@ def diagnose_cmd(model_dir, teacher_spec, out, data, n, nfe, gamma, grid, steps,
     jump error (a heat map over the grid's (t, s) pairs): one CTM jump G(x_t, t, s) from the point x_t of the
       teacher's trajectory, carried on to sigma_min by the teacher's accurate solve, against Phi(z): the error of
       that jump alone, in final-sample space.
-    Works with exact teachers (--teacher exact) and trained ones alike. Existing outputs in --out are refused unless
-    --force is given."""
-    import json
-
+    Works with exact teachers (--teacher exact) and trained ones alike. With --guidance both are guided (the
+    teacher's denoiser D_null + W (D_label - D_null); the exact labelled mixture's is exact). Existing outputs in
+    --out are refused unless --force is given."""
     import torch
 
     from ..data import load_data
-    from ..eval.diagnostics import diagnose, plot_diagnosis
+    from ..eval.diagnostics import diagnose
     from ..eval.quality import balanced_labels
-    from ..io.atomic import atomic_write_text
     from ..io.runs import load_model
     from ..teachers import load_teacher
     if n < 1 or grid < 2 or steps < 1:
@@ -199,18 +261,14 @@ def diagnose_cmd(model_dir, teacher_spec, out, data, n, nfe, gamma, grid, steps,
     teacher = load_teacher(teacher_spec, dataset)
     if dataset is None:
         model.card.check_data(SimpleNamespace(shape=teacher.card.shape, spec=str(teacher_spec)), "the CTM")
-    check_new_outputs([out_dir / name for name in DIAGNOSE_FILES], force)    # after the inputs, before any work
+    ws = guidance_scales(guidance, [model, teacher])
+    check_new_outputs([out_dir / name for name in diagnose_files(ws)], force)    # after the inputs, before any work
     out_dir.mkdir(parents=True, exist_ok=True)
-    d = diagnose(model, teacher, n, int_list(nfe, "--nfe"), float_list(gamma, "--gamma"), grid, steps, seed,
-                 balanced_labels(model, n), exact=not isinstance(teacher, torch.nn.Module), progress=not quiet,
-                 jump_map=not no_map)
-    atomic_write_text(out_dir / "diagnose.json", json.dumps({"model": str(model_dir), "teacher": str(teacher_spec),
-                                                            **d.to_dict()}, indent=1))
-    for p in plot_diagnosis(d, out_dir, f"{model.card.data.spec}: CTM vs teacher ODE"):
-        click.echo(f"wrote {p}")
-    for (g, k), v in d.coupled.items():
-        click.echo(f"gamma={g:g} nfe={k:<2} coupled error {v:.4f}")
-    click.echo(f"teacher Heun on {grid} grid points: {d.floor:.4f}; wrote {out_dir / 'diagnose.json'}")
+    ds = [diagnose(model, teacher, n, int_list(nfe, "--nfe"), float_list(gamma, "--gamma"), grid, steps, seed,
+                   balanced_labels(model, n), exact=not isinstance(teacher, torch.nn.Module), progress=not quiet,
+                   jump_map=not no_map, guidance=w) for w in (ws or [None])]
+    write_diagnoses(ds, ws, out_dir, {"model": str(model_dir), "teacher": str(teacher_spec)},
+                    f"{model.card.data.spec}: CTM vs teacher ODE")
 
 
 @main.command("nll")

@@ -1,11 +1,13 @@
 """Diagnostics: how far a CTM's samples and jumps are from its teacher's accurate PF-ODE solution from the same
 noise (coupled errors: deterministic, far less noisy than a distance between sample sets), and from the exact flow
-map of a Gaussian mixture."""
+map of a Gaussian mixture. With classifier-free guidance at scale w (eval/guide.py) the reference is the *guided*
+PF-ODE: the teacher's accurate solve of D_w = D_null + w (D_c - D_null) with the same labels."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -14,6 +16,7 @@ from ..core.sampling import gamma_sample, per_sample_normal, sample_schedule
 from ..core.schedules import karras_between, karras_sigmas
 from ..core.solvers import flow_map, solve_pf_ode
 from ..progress import progress_bar
+from .guide import guided_callables, guided_jump, resolve_scale
 from .report import save_curves, save_heatmap
 
 
@@ -42,6 +45,14 @@ def _solve(teacher, x: Tensor, hi: float, lo: float, steps: int, labels: Tensor 
     return x if hi == lo else solve_pf_ode(teacher, x, _levels(hi, lo, steps), "heun", labels)
 
 
+def guided_pair(model, teacher, guidance: float | None = None, card=None) -> tuple:
+    """(the CTM's jump, the teacher's denoiser, w) at guidance scale w = `guidance` (None: the CTM's own, 1 for an
+    unguided one: then the model and the teacher themselves, unchanged); `card`: the CTM's, when `model` is None."""
+    w = resolve_scale(model if model is not None else SimpleNamespace(card=card), guidance)
+    jump = guided_jump(model, w) if model is not None else None
+    return jump, guided_callables(teacher, w, False)[1], w
+
+
 @dataclass
 class Diagnosis:
     """Errors of a CTM in final-sample space against its teacher's accurate ODE solution from the same noise.
@@ -49,7 +60,7 @@ class Diagnosis:
     coupled[(gamma, nfe)]: mean |x_NFE(z) - Phi(z)|; floor: the same for the teacher's own Heun solve on the
     `grid` Karras points; jump[i, j]: mean |Phi_{s_j -> sigma_min}(G(x_{t_i}, t_i, s_j)) - Phi(z)| for x_{t_i} on the
     teacher's trajectory from z (i < j; nan elsewhere): the error of one jump t -> s, charged in final-sample space;
-    None when the map was not computed."""
+    None when the map was not computed. `guidance`: the scale w of the guided CTM and teacher (None: unguided)."""
 
     levels: list[float]
     coupled: dict[tuple[float, int], float]
@@ -57,9 +68,11 @@ class Diagnosis:
     jump: list[list[float]] | None
     n: int
     steps: int
+    guidance: float | None = None
 
     def to_dict(self) -> dict:
-        return {"n": self.n, "accurate_steps": self.steps, "grid": self.levels, "teacher_grid_floor": self.floor,
+        w = {} if self.guidance is None else {"guidance": self.guidance}
+        return {"n": self.n, "accurate_steps": self.steps, "grid": self.levels, **w, "teacher_grid_floor": self.floor,
                 "coupled": [{"gamma": g, "nfe": k, "error": v} for (g, k), v in self.coupled.items()],
                 "jump_error": self.jump}
 
@@ -72,12 +85,14 @@ def _error(a: Tensor, b: Tensor) -> float:
 @torch.no_grad()
 def diagnose(model, teacher, n: int = 256, nfes=(1, 2, 3, 4, 5, 6, 7, 8), gammas=(0.0, 1.0), grid: int = 18,
              steps: int = 256, seed: int = 0, labels: Tensor | None = None, exact: bool = False,
-             progress: bool | None = False, jump_map: bool = True) -> Diagnosis:
+             progress: bool | None = False, jump_map: bool = True, guidance: float | None = None) -> Diagnosis:
     """Coupled errors per (gamma, NFE) and the (t, s) jump-error map of a CTM `model` against `teacher` (any
     denoiser), from n per-sample seeded noises. `steps`: Heun steps of the accurate solve sigma_max -> sigma_min
     (spread over the grid's intervals for the trajectory); `exact`: solve in float64 (an exact teacher);
-    `jump_map=False` skips the (t, s) map (its cost grows with grid^2)."""
+    `jump_map=False` skips the (t, s) map (its cost grows with grid^2). `guidance`: both guided at that scale w
+    (`guided_pair`; the labels are the condition; None: the CTM's own scale, the Diagnosis labelled only if not 1)."""
     card = model.card
+    jump_fn, teacher, w = guided_pair(model, teacher, guidance)      # unguided: the model and teacher themselves
     smin, smax = card.sigma_min, card.sigma_max
     device = next(model.parameters()).device
     z = per_sample_normal(n, (max(nfes),) + card.shape, seed).to(device)    # [n, K, ...]: start + re-noising
@@ -92,7 +107,7 @@ def diagnose(model, teacher, n: int = 256, nfes=(1, 2, 3, 4, 5, 6, 7, 8), gammas
     coupled = {}
     for gamma in gammas:
         for k in nfes:
-            x = gamma_sample(model, z[:, 0], sample_schedule(k, smin, smax), gamma, labels=labels,
+            x = gamma_sample(jump_fn, z[:, 0], sample_schedule(k, smin, smax), gamma, labels=labels,
                              step_noise=z[:, 1:k])
             coupled[(float(gamma), int(k))] = _error(x, ref)
     floor = _error(solve_pf_ode(teacher, z[:, 0].to(dtype) * smax, levels, "heun", labels), ref)
@@ -101,21 +116,22 @@ def diagnose(model, teacher, n: int = 256, nfes=(1, 2, 3, 4, 5, 6, 7, 8), gammas
         t = float(levels[i])
         for j in range(i + 1, grid):
             s = float(levels[j])
-            y = model(traj[i].float(), torch.full((n,), t, device=device), torch.full((n,), s, device=device),
-                      labels).to(dtype)
+            y = jump_fn(traj[i].float(), torch.full((n,), t, device=device), torch.full((n,), s, device=device),
+                        labels).to(dtype)
             jump[i][j] = _error(_solve(teacher, y, s, smin, per * (grid - 1 - j), labels), ref)
-    return Diagnosis([float(v) for v in levels], coupled, floor, jump, n, per * (grid - 1))
+    return Diagnosis([float(v) for v in levels], coupled, floor, jump, n, per * (grid - 1),
+                     w if guidance is not None or w != 1 else None)
 
 
-def plot_diagnosis(d: Diagnosis, out_dir: Path, title: str = "") -> list[Path]:
+def plot_diagnosis(d: Diagnosis, out_dir: Path, title: str = "", suffix: str = "") -> list[Path]:
     """coupled_error.png (error vs NFE per gamma on a log scale, the teacher-grid floor dashed) and, when computed,
-    jump_error.png (the (t, s) map)."""
+    jump_error.png (the (t, s) map); `suffix` goes before .png (e.g. _w2 for one guidance scale of several)."""
     series: dict[str, tuple[list, list]] = {}
     for (gamma, k), v in d.coupled.items():
         xs, ys = series.setdefault(f"CTM gamma={gamma:g}", ([], []))
         xs.append(k)
         ys.append(v)
-    paths = [Path(out_dir) / "coupled_error.png", Path(out_dir) / "jump_error.png"]
+    paths = [Path(out_dir) / f"coupled_error{suffix}.png", Path(out_dir) / f"jump_error{suffix}.png"]
     save_curves(series, paths[0], "NFE", "mean |x_NFE(z) - teacher ODE(z)|", title or "coupled error",
                 hline=(f"teacher Heun on {len(d.levels)} grid points", d.floor), logy=True)
     if d.jump is None:
@@ -127,13 +143,16 @@ def plot_diagnosis(d: Diagnosis, out_dir: Path, title: str = "") -> list[Path]:
 
 @torch.no_grad()
 def coupled_sweep(card, models, teacher, n: int = 256, nfes=(1, 2, 4), steps: int = 256, seed: int = 0,
-                  labels: Tensor | None = None, exact: bool = False) -> dict:
+                  labels: Tensor | None = None, exact: bool = False, guidance: float | None = None) -> dict:
     """{name: {nfe: coupled error at gamma 0}} for several weight choices of one CTM (e.g. post-hoc EMA widths):
     `models` yields (name, model) pairs, built one at a time if it is a generator; all are held against one accurate
-    teacher solve from the same n noises (`diagnose`'s coupled error, its solve shared)."""
+    teacher solve from the same n noises (`diagnose`'s coupled error, its solve shared). `guidance`: the CTMs and
+    the teacher guided at that scale (`guided_pair`; None: the CTM's own scale)."""
+    _, teacher, w = guided_pair(None, teacher, guidance, card)
     z = per_sample_normal(n, (max(nfes),) + card.shape, seed)
     ref = _solve(teacher, z[:, 0].to(torch.float64 if exact else torch.float32) * card.sigma_max, card.sigma_max,
                  card.sigma_min, steps, labels)
-    return {name: {k: _error(gamma_sample(model, z[:, 0], sample_schedule(k, card.sigma_min, card.sigma_max), 0.0,
-                                          labels=labels, step_noise=z[:, 1:k]), ref) for k in nfes}
+    return {name: {k: _error(gamma_sample(guided_jump(model, w), z[:, 0],
+                                          sample_schedule(k, card.sigma_min, card.sigma_max), 0.0, labels=labels,
+                                          step_noise=z[:, 1:k]), ref) for k in nfes}
             for name, model in models}

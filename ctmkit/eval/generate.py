@@ -16,6 +16,7 @@ from ..errors import UserError
 from ..io.atomic import atomic_file
 from ..io.card import ModelCard
 from ..progress import progress_bar
+from .guide import guided_callables
 from .report import save_image_grid, save_scatter
 
 
@@ -46,23 +47,30 @@ def check_two_jump(two_jump, is_ctm: bool, sampler: str, sigma_min: float, sigma
 
 
 def generate(model, n: int, nfe: int | None, gamma: float, seed: int, labels: Tensor | None, batch_size: int = 500,
-             sampler: str = "auto", progress: bool | None = True, ts=None, two_jump=None) -> Tensor:
+             sampler: str = "auto", progress: bool | None = True, ts=None, two_jump=None,
+             guidance: float | None = None) -> Tensor:
     """Model-space samples [n, ...] from a teacher (Heun) or a CTM (gamma-sampling, or Heun with its denoiser);
     noise is per-sample seeded, so it does not depend on batch_size (results agree to float round-off). `ts`:
     custom times t_0 > ... > t_K instead of the default schedule for `nfe` (gamma-sampling jumps between them; Heun
     steps along them).
-    `two_jump` (i1, i2, N): the reference's two-jump sampler on the N-point training grid (a CTM, NFE 2)."""
+    `two_jump` (i1, i2, N): the reference's two-jump sampler on the N-point training grid (a CTM, NFE 2).
+    `guidance`: the classifier-free guidance scale w (eval/guide.py; None: the model's own, 1 for an unguided one,
+    which samples it exactly as without guidance)."""
     lab = None if labels is None else (lambda start, b: labels[start:start + b])
-    out = list(generate_batches(model, n, nfe, gamma, seed, lab, batch_size, sampler, progress, ts, two_jump))
+    out = list(generate_batches(model, n, nfe, gamma, seed, lab, batch_size, sampler, progress, ts, two_jump,
+                                guidance=guidance))
     return torch.cat(out)
 
 
 def generate_batches(model, n: int, nfe: int | None, gamma: float, seed: int, labels=None, batch_size: int = 500,
-                     sampler: str = "auto", progress: bool | None = True, ts=None, two_jump=None, transform=None):
+                     sampler: str = "auto", progress: bool | None = True, ts=None, two_jump=None, transform=None,
+                     guidance: float | None = None):
     """`generate` one batch at a time (bounded memory): yields model-space batches on the CPU, in order.
     `labels(start, b)` gives the labels of samples start .. start + b - 1 (None: unconditional). `transform(x)`:
-    applied to each batch by the process that made it (under torchrun, before the gather), yielded instead."""
+    applied to each batch by the process that made it (under torchrun, before the gather), yielded instead.
+    `guidance`: see `generate` (a UserError, before any sampling, where the model cannot be guided at that scale)."""
     card = model.card
+    nets = guided_callables(model, guidance, card.is_ctm)     # (jump, denoiser): the model's own at w = 1
     sigmas = None if ts is None else check_times(ts, card.sigma_min, card.sigma_max)
     if sigmas is not None:
         nfe = len(sigmas) - 1
@@ -84,7 +92,7 @@ def generate_batches(model, n: int, nfe: int | None, gamma: float, seed: int, la
                 b = min(batch_size, n - start)
                 z = per_sample_normal(b, (nfe,) + shape, seed, start).to(device)  # [b, nfe, ...]: start + re-noise
                 lab = labels(start, b).to(device) if labels is not None else None
-                mine = _sample_batch(model, z, lab, sampler, nfe, gamma, sigmas, grid, two_jump).cpu()
+                mine = _sample_batch(model, nets, z, lab, sampler, nfe, gamma, sigmas, grid, two_jump).cpu()
                 mine = mine if transform is None else transform(mine)
             if world == 1:
                 yield mine
@@ -115,16 +123,18 @@ def _check_sampler(sampler: str, nfe: int | None, gamma: float, is_ctm: bool) ->
     return sampler, nfe
 
 
-def _sample_batch(model, z: Tensor, lab, sampler: str, nfe: int, gamma: float, sigmas, grid, two_jump) -> Tensor:
+def _sample_batch(model, nets: tuple, z: Tensor, lab, sampler: str, nfe: int, gamma: float, sigmas, grid,
+                  two_jump) -> Tensor:
+    """One batch; nets = (jump, denoiser) from guided_callables (the model and its denoiser when unguided)."""
     card = model.card
     smin, smax = card.sigma_min, card.sigma_max
+    jump, den = nets
     if sampler == "two_jump":
-        return two_jump_sample(model, z[:, 0], grid, two_jump[0], two_jump[1], lab, z[:, 1])
+        return two_jump_sample(jump, z[:, 0], grid, two_jump[0], two_jump[1], lab, z[:, 1])
     if sampler == "gamma":
         sched = sample_schedule(nfe, smin, smax) if sigmas is None else sigmas
-        return gamma_sample(model, z[:, 0], sched, gamma, labels=lab, step_noise=z[:, 1:],
+        return gamma_sample(jump, z[:, 0], sched, gamma, labels=lab, step_noise=z[:, 1:],
                             sigma_min=None if sigmas is None else smin)   # gamma's offset: the model's sigma_min
-    den = model.denoise if card.is_ctm else model
     return heun_sample(den, z[:, 0], sigmas, nfe=nfe, labels=lab, sigma_max=smax, sigma_min=smin)
 
 

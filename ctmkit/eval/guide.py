@@ -27,8 +27,7 @@ def null_branch(model) -> bool:
 
 def scale_of(model) -> tuple[float, ...]:
     """The scale(s) a CTM was distilled for ((1.0,): unguided)."""
-    card = getattr(model, "card", None)
-    return (1.0,) if card is None else card.guidance_scale
+    return tuple(getattr(getattr(model, "card", None), "guidance_scale", (1.0,)))
 
 
 def resolve_scale(model, w: float | None) -> float:
@@ -50,9 +49,20 @@ def resolve_scale(model, w: float | None) -> float:
         raise UserError(f"this CTM was distilled for guidance {trained[0]:g} only; --guidance {w:g} needs a CTM "
                         f"distilled for it (ctm.guidance={w:g}) or for a range (ctm.guidance=[lo, hi])")
     if len(trained) == 1 and trained[0] == 1 and w != 1 and not null_branch(model):
-        raise UserError(f"--guidance {w:g} needs a model with a null branch (trained with label_dropout > 0, see "
-                        "`ctmkit train-teacher --help`, or diffusers:DIR?null_class=K); this one has none")
+        raise UserError(no_null_branch(model, w))
     return w
+
+
+def no_null_branch(model, w: float) -> str:
+    """Why `model` cannot be guided at w: it is not class-conditional, or has no null branch (how to get one)."""
+    card = getattr(model, "card", None)
+    kind = {"ctm": "CTM"}.get(getattr(card, "kind", "teacher"), getattr(card, "kind", "teacher"))
+    if not (card.conditional if card is not None else getattr(model, "num_classes", 0) > 0):
+        return f"--guidance {w:g} needs a class-conditional model; this {kind} is unconditional"
+    how = ("distil it from a teacher that has one, with ctm.label_dropout > 0" if kind == "CTM" else
+           "train it with label_dropout > 0, see `ctmkit train-teacher --help`; a diffusers teacher: name its null "
+           "class, diffusers:DIR?null_class=K")
+    return f"--guidance {w:g} needs a null branch (the label -1): this {kind} has none ({how})"
 
 
 def guided_callables(model, w: float | None, is_ctm: bool) -> tuple[Callable | None, Callable]:
@@ -60,17 +70,25 @@ def guided_callables(model, w: float | None, is_ctm: bool) -> tuple[Callable | N
     w = resolve_scale(model, w)
     if not is_ctm:
         return None, guided(model, w)
+    return _ctm_callable(model, w, False), _ctm_callable(model, w, True)
+
+
+def guided_jump(model, w: float | None) -> Callable:
+    """A CTM's jump G(x, t, s, labels) at scale w (see resolve_scale): the model itself at w = 1 (unguided)."""
+    return _ctm_callable(model, resolve_scale(model, w), False)
+
+
+def _ctm_callable(model, w: float, denoise: bool) -> Callable:
+    """The jump (or the denoiser) of a CTM at the checked scale w."""
+    fn = model.denoise if denoise else model
     if len(scale_of(model)) == 2:
-        def jump(x, t, s, labels):
-            return model(x, t, s, labels, w=_full(w, x))
+        def fn_w(x, *args):
+            return fn(x, *args, w=_full(w, x))
 
-        def denoise(x, sigma, labels):
-            return model.denoise(x, sigma, labels, w=_full(w, x))
-
-        return jump, denoise
+        return fn_w
     if scale_of(model)[0] != 1:
-        return model, model.denoise
-    return guided(model, w), guided(model.denoise, w)
+        return fn
+    return guided(fn, w)
 
 
 def _full(w: float, x) -> torch.Tensor:

@@ -6,7 +6,9 @@
   (domain-specific: not FID, not comparable across data sets);
 - fid (images): Inception-v3 pool3 FID (the optional `fid` extra).
 
-Every metric is a `Quality`: `point(model, sampler, nfe, gamma) -> (value, extras, samples)`, lower is better.
+Every metric is a `Quality`: `point(model, sampler, nfe, gamma) -> (value, extras, samples)`, lower is better; a
+class-conditional model samples every class in turn, at the classifier-free guidance scale `guidance` when given
+(eval/guide.py; the value then measures the guided samples against the data).
 """
 
 from __future__ import annotations
@@ -83,8 +85,10 @@ class Quality:
     def __init__(self) -> None:
         self.info: dict = {}
 
-    def point(self, model, sampler: str, nfe: int, gamma: float, ts=None) -> tuple[float, dict, Tensor]:
-        """(value, extras, samples) of one sampling point; `ts`: custom times instead of the schedule for nfe."""
+    def point(self, model, sampler: str, nfe: int, gamma: float, ts=None, guidance: float | None = None
+              ) -> tuple[float, dict, Tensor]:
+        """(value, extras, samples) of one sampling point; `ts`: custom times instead of the schedule for nfe;
+        `guidance`: the guidance scale (None: the model's own)."""
         raise NotImplementedError
 
     def floor(self) -> tuple[str, float]:
@@ -106,9 +110,11 @@ class SWDQuality(Quality):
         return self.data.fresh(n, g)
 
     @torch.no_grad()
-    def point(self, model, sampler: str, nfe: int, gamma: float, ts=None) -> tuple[float, dict, Tensor]:
-        samples = [generate(model, self.n, nfe, gamma, 1000 + s, None, self.n, sampler, progress=False, ts=ts).float()
-                   for s in range(self.seeds)]
+    def point(self, model, sampler: str, nfe: int, gamma: float, ts=None, guidance: float | None = None
+              ) -> tuple[float, dict, Tensor]:
+        labels = balanced_labels(model, self.n)
+        samples = [generate(model, self.n, nfe, gamma, 1000 + s, labels, self.n, sampler, progress=False, ts=ts,
+                            guidance=guidance).float() for s in range(self.seeds)]
         r = swd_ratio(samples, self.true)
         m = min(self.n, 2000)
         r["mmd"] = mmd_rbf(samples[0][:m], self.true(m, torch.Generator().manual_seed(7000)))
@@ -130,14 +136,16 @@ class FeatureFD(Quality):
         raise NotImplementedError
 
     @torch.no_grad()
-    def point(self, model, sampler: str, nfe: int, gamma: float, ts=None, seed: int = 1) -> tuple[float, dict, Tensor]:
+    def point(self, model, sampler: str, nfe: int, gamma: float, ts=None, guidance: float | None = None,
+              seed: int = 1) -> tuple[float, dict, Tensor]:
         """Class-conditional models get balanced labels. Samples are featurised batch by batch, each by the process
         that made it (bounded memory; under torchrun the ranks share the feature work); the first KEEP are returned."""
         kept: list[Tensor] = []
 
         def features():
             for f, x in generate_batches(model, self.n, nfe, gamma, seed, balanced_label_batches(model), 500, sampler,
-                                         progress=False, ts=ts, transform=lambda x: (self.features(x), x[:KEEP])):
+                                         progress=False, ts=ts, transform=lambda x: (self.features(x), x[:KEEP]),
+                                         guidance=guidance):
                 kept.append(x[:KEEP - sum(len(k) for k in kept)])
                 yield f
 

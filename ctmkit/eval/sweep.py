@@ -24,7 +24,8 @@ def heun_nfes(max_nfe: int = 35) -> list[int]:
 @dataclass
 class Row:
     """One evaluated point: which network sampled (`model`: 'ctm' | 'teacher'), how, and the metric `value`
-    (lower is better); `extras` holds metric-specific figures (swd: swd, floor, ratio, mmd)."""
+    (lower is better); `extras` holds metric-specific figures (swd: swd, floor, ratio, mmd); `guidance`: the
+    classifier-free guidance scale w it sampled at (None: not asked for, the model's own)."""
 
     model: str
     sampler: str
@@ -32,9 +33,11 @@ class Row:
     gamma: float
     value: float
     extras: dict = field(default_factory=dict)
+    guidance: float | None = None
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "sampler": self.sampler, "nfe": self.nfe, "gamma": self.gamma,
+        w = {} if self.guidance is None else {"guidance": self.guidance}
+        return {"model": self.model, "sampler": self.sampler, "nfe": self.nfe, "gamma": self.gamma, **w,
                 "value": self.value, **self.extras}
 
 
@@ -50,15 +53,18 @@ class EvalResult:
     rows: list[Row]
     info: dict = field(default_factory=dict)
 
-    def value(self, model: str, sampler: str, nfe: int, gamma: float = 0.0) -> float | None:
+    def value(self, model: str, sampler: str, nfe: int, gamma: float = 0.0, guidance: float | None = None
+              ) -> float | None:
         for r in self.rows:
-            if (r.model, r.sampler, r.nfe, r.gamma) == (model, sampler, nfe, gamma):
+            if (r.model, r.sampler, r.nfe, r.gamma, r.guidance) == (model, sampler, nfe, gamma, guidance):
                 return r.value
         return None
 
     def headline(self) -> float | None:
-        """CTM NFE 1 (gamma 0) divided by the teacher's Heun 35 NFE, when both were evaluated."""
-        ctm, heun = self.value("ctm", "gamma", 1), self.value("teacher", "heun", 35)
+        """CTM NFE 1 (gamma 0) divided by the teacher's Heun 35 NFE, when both were evaluated (at the first
+        guidance scale evaluated)."""
+        w = self.rows[0].guidance if self.rows else None
+        ctm, heun = self.value("ctm", "gamma", 1, guidance=w), self.value("teacher", "heun", 35, guidance=w)
         return ctm / heun if ctm is not None and heun else None
 
     def to_dict(self) -> dict:
@@ -70,30 +76,33 @@ class EvalResult:
 
 
 def sweep(model, data, points: list[tuple], quality: Quality, teacher=None,
-          on_samples: Callable[[Row, Tensor], None] | None = None) -> EvalResult:
+          on_samples: Callable[[Row, Tensor], None] | None = None, guidance=None) -> EvalResult:
     """Evaluate each point (sampler, nfe, gamma) by `quality`; nfe may be a tuple of custom times t_0 > ... > t_K
     instead (the row then has nfe K and the times in `ts`). 'heun' points run on `teacher` when given, else on
     the model (a CTM as a denoiser); `on_samples(row, samples)` sees every point's samples (e.g. for grids; the
-    image metrics pass their first 256)."""
+    image metrics pass their first 256). `guidance`: classifier-free guidance scales w (eval/guide.py), every
+    point evaluated at each, its rows labelled with it; None: the models' own, rows unlabelled."""
     rows = []
-    for sampler, nfe, gamma in points:
-        net = teacher if teacher is not None and sampler == "heun" else model
-        ts = list(nfe) if isinstance(nfe, (tuple, list)) else None
-        value, extras, x = quality.point(net, sampler, nfe if ts is None else len(ts) - 1, gamma, ts)
-        rows.append(Row(net.card.kind, sampler, nfe if ts is None else len(ts) - 1, gamma, value,
-                        extras if ts is None else {**extras, "ts": ts}))
-        if on_samples is not None:
-            on_samples(rows[-1], x)
+    for w in [None] if guidance is None else list(guidance):
+        for sampler, nfe, gamma in points:
+            net = teacher if teacher is not None and sampler == "heun" else model
+            ts = list(nfe) if isinstance(nfe, (tuple, list)) else None
+            value, extras, x = quality.point(net, sampler, nfe if ts is None else len(ts) - 1, gamma, ts, guidance=w)
+            rows.append(Row(net.card.kind, sampler, nfe if ts is None else len(ts) - 1, gamma, value,
+                            extras if ts is None else {**extras, "ts": ts}, w))
+            if on_samples is not None:
+                on_samples(rows[-1], x)
     spec = data.spec if data is not None else f"reference statistics {quality.info.get('reference')}"
     return EvalResult(quality.name, quality.doc, quality.axis, spec, model.card.kind, rows, dict(quality.info))
 
 
-def series_name(model: str, sampler: str, gamma: float, ts: list | None = None) -> str:
+def series_name(model: str, sampler: str, gamma: float, ts: list | None = None, guidance: float | None = None) -> str:
+    w = "" if guidance is None else f", w={guidance:g}"
     if ts is not None:
-        return f"CTM gamma={gamma:g}, ts={','.join(f'{v:g}' for v in ts)}"
+        return f"CTM gamma={gamma:g}, ts={','.join(f'{v:g}' for v in ts)}{w}"
     if sampler == "gamma":
-        return f"CTM gamma={gamma:g}"
-    return "teacher Heun" if model == "teacher" else "Heun (CTM as denoiser)"
+        return f"CTM gamma={gamma:g}{w}"
+    return ("teacher Heun" if model == "teacher" else "Heun (CTM as denoiser)") + w
 
 
 def close_up(series: dict[str, tuple[list, list]], hline: tuple[str, float] | None = None) -> tuple[float, float]:
@@ -110,7 +119,7 @@ def plot_result(result: EvalResult, png: Path, title: str = "", hline: tuple[str
     linear close-up holds the CTM's points and the floor, so that its curves are not flattened."""
     series: dict[str, tuple[list, list]] = {}
     for r in result.rows:
-        xs, ys = series.setdefault(series_name(r.model, r.sampler, r.gamma, r.extras.get("ts")), ([], []))
+        xs, ys = series.setdefault(series_name(r.model, r.sampler, r.gamma, r.extras.get("ts"), r.guidance), ([], []))
         xs.append(r.nfe)
         ys.append(r.value)
     title = title or result.data
