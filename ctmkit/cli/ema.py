@@ -48,9 +48,10 @@ def _weights(run: Path, card, widths: list[float], step: int | None):
 
 
 def _sweep(run: Path, card, widths: list[float], against: tuple[str, str], nfes: list[int], n: int,
-           step: int | None) -> tuple[str, dict]:
+           step: int | None, guidance: float | None = None) -> tuple[str, dict]:
     """(what was measured, {weights: {nfe: value}}) at gamma 0: the coupled error against a teacher's accurate ODE
-    solution (against = ("teacher", SPEC)), or `ctmkit eval`'s metric against data (("data", SPEC))."""
+    solution (against = ("teacher", SPEC)), or `ctmkit eval`'s metric against data (("data", SPEC)); at guidance
+    scale `guidance` (None: the CTM's own)."""
     import torch
 
     from ..data import load_data
@@ -62,12 +63,12 @@ def _sweep(run: Path, card, widths: list[float], against: tuple[str, str], nfes:
         dataset = load_data(spec)
         card.check_data(dataset)
         quality = make_quality("auto", dataset, n)
-        return quality.name, {name: {k: quality.point(m, "gamma", k, 0.0, None)[0] for k in nfes}
+        return quality.name, {name: {k: quality.point(m, "gamma", k, 0.0, None, guidance)[0] for k in nfes}
                               for name, m in _weights(run, card, widths, step)}
     teacher = load_teacher(spec, load_data(card.data.spec) if spec == "exact" else None)
     labels = balanced_labels(SimpleNamespace(card=card), n)
     return "coupled error", coupled_sweep(card, _weights(run, card, widths, step), teacher, n, nfes, labels=labels,
-                                          exact=not isinstance(teacher, torch.nn.Module))
+                                          exact=not isinstance(teacher, torch.nn.Module), guidance=guidance)
 
 
 @main.command("ema")
@@ -86,10 +87,12 @@ def _sweep(run: Path, card, widths: list[float], against: tuple[str, str], nfes:
                    "edm:FILE.pkl, py:MODULE:ATTR).")
 @click.option("--data", default=None, help="For --sweep: data SPEC to measure against with `eval`'s metric instead.")
 @click.option("--nfe", default="1,2,4", show_default=True, help="For --sweep: NFE values (comma-separated).")
+@click.option("--guidance", type=float, default=None,
+              help="For --sweep: classifier-free guidance scale W (default: the CTM's own; a range student needs one).")
 @click.option("--num-samples", "--n", "n", type=int, default=256, show_default=True,
               help="For --sweep: samples per point (noise draws).")
 @user_errors
-def ema_cmd(run, sigma_rel, step, reset, sweep, teacher_spec, data, nfe, n):
+def ema_cmd(run, sigma_rel, step, reset, sweep, teacher_spec, data, nfe, guidance, n):
     """Post-hoc EMA (Karras et al. 2024): during training the EMAs of two power-function profiles are snapshotted
     into RUN/phema (train.phema, train.phema_every); from them the EMA of any width at any snapshot step is rebuilt
     by least squares, after training, without retraining.
@@ -116,7 +119,7 @@ def ema_cmd(run, sigma_rel, step, reset, sweep, teacher_spec, data, nfe, n):
             raise UserError("--n must be >= 2")
         nfes = int_list(nfe, "--nfe")
         what, vals = _sweep(run, card, _widths(sweep), ("teacher", teacher_spec) if data is None else ("data", data),
-                            nfes, n, step)
+                            nfes, n, step, guidance)
         click.echo(f"{what} (lower is better)".ljust(34) + "".join(f"NFE {k:<6}" for k in nfes))
         for name, row in vals.items():
             click.echo(name.ljust(34) + "".join(f"{row[k]:<10.4f}" for k in nfes))

@@ -18,10 +18,13 @@ from ..errors import UserError
 
 
 def null_branch(model) -> bool:
-    """The model has a null branch (label -1): a card that says so, or the exact labelled mixture."""
+    """The model has a null branch (label -1): a card that says so, a py: teacher's label_dropout > 0, or the exact
+    labelled mixture."""
     card = getattr(model, "card", None)
     if card is not None:
         return card.null_branch
+    if hasattr(model, "label_dropout"):               # a py: teacher without a card: its own attribute
+        return model.num_classes > 0 and model.label_dropout > 0
     return getattr(model, "num_classes", 0) > 0
 
 

@@ -13,7 +13,7 @@ becomes class K and the teacher can be guided (classifier-free guidance, ctmkit/
 `py:MODULE:ATTR`: a denoiser callable D(x, sigma, labels=None) in model space, or a zero-argument factory that
 returns one. This imports and runs the user's module: the one SPEC that runs code, by the user's explicit choice.
 Optional attributes of the denoiser: sigma_min, sigma_max (default EDM's 0.002 and 80), shape (default: the data's),
-num_classes (default 0).
+num_classes (default 0), label_dropout (default 0; > 0: it answers the null label -1 and can be guided).
 """
 
 from __future__ import annotations
@@ -144,6 +144,7 @@ class PyTeacher(torch.nn.Module):
         shape = getattr(fn, "shape", None)
         self.shape = tuple(int(v) for v in shape) if shape is not None else None
         self.num_classes = int(getattr(fn, "num_classes", 0))
+        self.label_dropout = float(getattr(fn, "label_dropout", 0.0))   # > 0: it answers the null label -1
         if not 0 < self.sigma_min < self.sigma_max:
             raise UserError(f"teacher '{spec}': needs 0 < sigma_min < sigma_max, got {self.sigma_min}, "
                             f"{self.sigma_max}")
@@ -152,8 +153,9 @@ class PyTeacher(torch.nn.Module):
             norm = (Normalizer("vector", "ND", "float32", shift=[0.0] * self.shape[0]) if kind == "vector" else
                     Normalizer("image", "NCHW", "float32", lo=-1.0, hi=1.0))
             data = DataCard(spec, kind, self.shape, self.num_classes, norm.to_dict())
+            guidance = {"label_dropout": self.label_dropout} if self.label_dropout > 0 else None
             self.card = ModelCard("teacher", data, BackboneSpec("py", {"spec": spec}), 0.5, self.sigma_min,
-                                  self.sigma_max)
+                                  self.sigma_max, guidance=guidance)
 
     def forward(self, x, sigma, labels=None):
         return self.fn(x, sigma, labels)
