@@ -158,3 +158,43 @@ def test_diagnose_writes_coupled_errors_per_scale_against_the_guided_ode(runs, t
     assert d["diagnoses"][1]["coupled"] != plain["coupled"] and d["diagnoses"][1]["teacher_grid_floor"] > 0
     assert {"coupled_error_w1.png", "jump_error_w2.png"} <= files_under(tmp_path / "guided")
     one_line_error([*args, "--model", runs["range"], "--out", tmp_path / "r"], "give --guidance W")
+
+
+# ---- edit and ema take the scale too -----------------------------------------------------------------------------
+def test_edit_guides_its_jumps_and_refuses_what_cannot_be_guided(runs, tmp_path):
+    pts = np.array([[1.0, 0.5], [-1.5, 0.0]], np.float32)
+    np.save(tmp_path / "pts.npy", pts)
+    np.save(tmp_path / "m.npy", np.array([1, 0]))
+    args = ["edit", "--task", "inpaint", "--input", tmp_path / "pts.npy", "--mask", tmp_path / "m.npy",
+            "--labels", "1", "--num-samples", 3, "--nfe", 2, "--quiet"]
+    cli_ok(*args, "--model", runs["null"], "--out", tmp_path / "plain.npz")
+    cli_ok(*args, "--model", runs["null"], "--out", tmp_path / "w1.npz", "--guidance", 1)
+    cli_ok(*args, "--model", runs["null"], "--out", tmp_path / "w3.npz", "--guidance", 3)
+    plain, w1, w3 = (np.load(tmp_path / f"{n}.npz")["samples"] for n in ("plain", "w1", "w3"))
+    assert np.array_equal(plain, w1) and not np.allclose(plain, w3)
+    assert np.allclose(w3[:, 0], np.repeat(pts[:, 0], 3), atol=1e-5)             # the known coordinate kept
+    out = tmp_path / "refused"
+    out.mkdir()
+    one_line_error([*args, "--model", runs["nonull"], "--out", out / "x.npz", "--guidance", 2], "null branch")
+    one_line_error([*args, "--model", runs["fixed"], "--out", out / "x.npz", "--guidance", 3], "distilled for")
+    assert files_under(out) == set()
+
+
+def test_ema_sweeps_a_range_student_at_a_scale(runs):
+    res = CliRunner().invoke(main, ["ema", str(runs["range"]), "--sweep", "0.05,0.1", "--teacher", "exact",
+                                    "--n", "16", "--nfe", "1", "--guidance", "2"])
+    assert res.exit_code == 0, res.output
+    assert "sigma_rel 0.05" in res.output and "coupled error" in res.output
+    one_line_error(["ema", runs["range"], "--sweep", "0.05", "--teacher", "exact", "--n", 16, "--nfe", 1],
+                   "--guidance")
+
+
+def test_conditional_image_networks_refuse_no_labels_and_take_the_null_label():
+    from ctmkit.nets.edm_unets import SongUNet
+    from ctmkit.nets.unet import UNet
+    for net in (UNet(1, 8, model_channels=8, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_classes=3),
+                SongUNet(8, 1, 1, label_dim=3, model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])):
+        x, nt = torch.randn(2, 1, 8, 8), torch.zeros(2)
+        with pytest.raises(ValueError, match="conditioned on 3 classes"):
+            net(x, nt)
+        assert net(x, nt, None, torch.tensor([2, -1])).shape[0] == 2
