@@ -49,7 +49,8 @@ def train_teacher(data, out, preset, config_file, steps, batch_size, seed, ckpt_
     """Train an EDM diffusion teacher (denoising score matching) on --data.
 
     Extra settings as key=value (e.g. lr=2e-4 model.hidden=512); `ctmkit config teacher` lists every key.
-    Writes config.yaml, model.json, checkpoints/ and stats.jsonl into --out.
+    Writes config.yaml, model.json, checkpoints/ and stats.jsonl into --out. label_dropout=0.1 trains the null label
+    -1 (labelled data): the teacher can then be guided (--guidance) and distilled guided (ctm.guidance).
 
     \b
     Several processes / GPUs (DDP; --batch-size stays the global batch):
@@ -85,6 +86,8 @@ def distill(teacher, data, out, preset, config_file, steps, batch_size, seed, ck
     The student starts from the teacher's weights and architecture (ctm.init_from_teacher), with the teacher's
     sigma range; a py: teacher is distilled into a ctmkit network (model.* settings). Switch terms with ctm.dsm=false,
     ctm.gan=false, start the GAN late with ctm.gan_start=N; ctm.teacher_free=true trains without a teacher.
+    Classifier-free guidance (a teacher with a null branch): ctm.guidance=2 distils the guided teacher D_2,
+    ctm.guidance=[1,4] one student for every scale in the range (docs/method.md section 8).
     `ctmkit config distill` lists every key. Writes config.yaml, model.json, checkpoints/, stats.jsonl.
 
     \b

@@ -13,8 +13,9 @@ import click
 from .. import __version__
 from ..errors import UserError, one_line
 
-DATA_HELP = ("data SPEC: a built-in 2-D set (ring, grid, moons, checkerboard, spiral), 'digits' (scikit-learn 8x8), "
-             "gmm:PATH.json (a Gaussian mixture: means [K][D], stds [K], weights [K]), a .npy/.npz file "
+DATA_HELP = ("data SPEC: a built-in 2-D set (ring, grid, moons, checkerboard, spiral; labelled_ring and "
+             "labelled_blobs have classes), 'digits' (scikit-learn 8x8), gmm:PATH.json (a Gaussian mixture: means "
+             "[K][D], stds [K], weights [K], optional classes [K]), a .npy/.npz file "
              "([N, D] vectors or [N, H, W(, C)] images; a .npy is read row by row), a folder of images (subfolders = "
              "classes) or an EDM dataset .zip (decoded per item; train.workers=N reads ahead in N processes), an "
              "MNIST idx folder or a CIFAR-10 python-batches folder")
