@@ -85,7 +85,7 @@ _SAMPLERS: dict[str, Callable[[int, torch.Generator | None], Tensor]] = {
     "moons": moons, "checkerboard": checkerboard, "spiral": spiral}
 _MIXTURES = {"ring": ring_params, "grid": grid_params, "labelled_ring": labelled_ring_params,
              "labelled_blobs": labelled_blobs_params}
-BUILTIN_NAMES = ["ring", "labelled_ring", "labelled_blobs", "grid", "moons", "checkerboard", "spiral", "digits"]
+BUILTIN_NAMES = ["ring", "grid", "moons", "checkerboard", "spiral", "digits", "labelled_ring", "labelled_blobs"]
 
 
 def builtin_names() -> list[str]:
