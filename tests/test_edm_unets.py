@@ -70,17 +70,22 @@ def test_a_single_noise_value_is_broadcast_over_the_batch():
 
 
 @pytest.mark.parametrize("name", ["ddpmpp", "adm"])
-def test_labels_none_is_the_zero_class_vector_and_indices_are_one_hot(name):
+def test_the_null_label_is_the_zero_class_vector_and_indices_are_one_hot(name):
     net = _build(name, label_dim=10)
     _perturb(net)
     x, t, _ = _inputs()
-    labels = torch.tensor([1, 0, 7])
+    labels, null = torch.tensor([1, 0, 7]), torch.full((3,), -1)
     with torch.no_grad():
-        assert torch.equal(net(x, t), net(x, t, None, torch.zeros(3, 10)))
+        assert torch.equal(net(x, t, None, null), net(x, t, None, torch.zeros(3, 10)))
         assert torch.equal(net(x, t, None, labels), net(x, t, None, torch.eye(10)[labels]))
-        assert not torch.equal(net(x, t, None, labels), net(x, t))
+        assert not torch.equal(net(x, t, None, labels), net(x, t, None, null))
+        mixed = torch.tensor([1, -1, 7])                          # per sample
+        assert torch.equal(net(x, t, None, mixed), net(x, t, None, torch.eye(10)[[1, 0, 7]] * torch.tensor(
+            [[1.0], [0.0], [1.0]])))
     with pytest.raises(ValueError, match="class vectors"):
         net(x, t, None, torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="conditioned on 10 classes"):     # labels=None: refused, not guessed
+        net(x, t)
 
 
 def test_label_dropout_only_in_training_mode():
@@ -90,8 +95,9 @@ def test_label_dropout_only_in_training_mode():
     labels = torch.tensor([1, 0, 7])
     with torch.no_grad():
         dropped = net.train()(x, t, None, labels)               # every label dropped: the zero class vector
-        assert torch.equal(dropped, net(x, t))
-        assert not torch.equal(net.eval()(x, t, None, labels), net(x, t))
+        null = torch.full((3,), -1)
+        assert torch.equal(dropped, net(x, t, None, null))
+        assert not torch.equal(net.eval()(x, t, None, labels), net(x, t, None, null))
 
 
 def test_edm_parameter_names():

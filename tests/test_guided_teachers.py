@@ -82,8 +82,8 @@ def test_an_edm_pickle_without_label_dropout_has_no_null_branch(tmp_path):
     assert teacher.card.conditional and not teacher.card.null_branch and teacher.card.guidance is None
     assert teacher_facts(teacher)["label_dropout"] == 0
     assert resolve_scale(teacher, 1.0) == 1.0
-    with pytest.raises(UserError, match=r"--guidance 2 needs a model with a null branch \(trained with label_dropout "
-                                        r"> 0.*this one has none"):
+    with pytest.raises(UserError, match=r"--guidance 2 needs a null branch \(the label -1\): this teacher has none "
+                                        r"\(train it with label_dropout > 0"):
         resolve_scale(teacher, 2.0)
 
 

@@ -93,9 +93,11 @@ def test_labels_change_output() -> None:
     with torch.no_grad():
         a = model(x, t, s, torch.tensor([0, 0]))
         b = model(x, t, s, torch.tensor([1, 1]))
-        none = model(x, t, s)
+        null = model(x, t, s, torch.tensor([-1, -1]))             # the null label: no class embedding
     assert not torch.allclose(a, b)
-    assert not torch.allclose(a, none)
+    assert not torch.allclose(a, null)
+    with pytest.raises(ValueError, match="conditioned on 4 classes"):
+        model(x, t, s)
 
 
 def test_cifar_sized_parameter_count() -> None:
