@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
+from converge_2d import train  # bench/: the same resumable one-thread distill
 
 from ctmkit import load_model
 from ctmkit.core.guidance import guided
@@ -31,23 +28,13 @@ from ctmkit.core.sampling import gamma_sample, per_sample_normal, sample_schedul
 from ctmkit.core.schedules import karras_sigmas
 from ctmkit.core.solvers import flow_map, solve_pf_ode
 from ctmkit.data import load_data
-from ctmkit.eval.guide import guided_callables, scale_of
+from ctmkit.errors import UserError
+from ctmkit.eval.guide import guided_callables, resolve_scale
 
 NFES = (1, 2, 4, 8)
 SCALES = (1.0, 2.0, 4.0)
 VARIANTS = {"unguided": [], "w2": ["ctm.guidance=2"], "w4": ["ctm.guidance=4"], "range": ["ctm.guidance=[1,4]"],
             "w2_gan": ["ctm.guidance=2", "ctm.gan_guided=true"]}
-
-
-def train(data: str, seed: int, steps: int, out: Path, overrides: list[str]) -> float:
-    """Distill (or resume) one run; the wall seconds this call took."""
-    cmd = [sys.executable, "-m", "ctmkit", "distill", "--teacher", "exact", "--data", data, "--out", str(out),
-           "--seed", str(seed), "--steps", str(steps), "--quiet", *overrides]
-    if (out / "checkpoints").exists():
-        cmd.append("--resume")
-    t0 = time.time()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return time.time() - t0
 
 
 def noises(n: int, seed: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,9 +65,12 @@ def errors(model, w: float, z, labels, ref) -> dict[str, float]:
 
 
 def can_sample(model, w: float) -> bool:
-    trained = scale_of(model)
-    return trained == (1.0,) or (len(trained) == 1 and trained[0] == w) or (len(trained) == 2
-                                                                            and trained[0] <= w <= trained[1])
+    """The model samples at w (eval/guide.py's rules; a refusal is False)."""
+    try:
+        resolve_scale(model, w)
+    except UserError:
+        return False
+    return True
 
 
 def measure(runs: dict[str, Path], data_name: str, n: int, seed: int) -> dict:
