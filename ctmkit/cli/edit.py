@@ -4,7 +4,6 @@ checked against the model before any work; every refusal is one line."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -64,18 +63,21 @@ def edit_cmd(model_dir, task, input_spec, mask_path, factor, t0, nfe, ts, gamma,
 
     OUT.npz holds `samples` [inputs x N, ...], `inputs` (as read), `labels` (conditional models), `noise` (invert,
     interpolate: model space, one per input) and `lambdas` (interpolate). An existing output is refused unless
-    --force."""
+    --force.
+
+    \b
+    Several processes (the batches split over the ranks; draw j of input i depends only on (seed, i N + j), so the
+    output is that of one process):
+      torchrun --nproc_per_node=8 -m ctmkit edit --model runs/ctm --task inpaint ... --out fill.npz"""
     opts = _check_options(task, mask_path, factor, t0, nfe, ts, gamma, inv_steps, n, batch_size, limit)
     out_path = Path(out)
     if out_path.suffix != ".npz":
         raise UserError(f"--out must end in .npz, got '{out_path.name}'")
     check_out_dir(out_path)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("ctmkit edit runs in one process; start it without torchrun")
     from .. import job as dist
     from ..eval.edit_inputs import edit_schedule, read_inputs, read_mask, resolve_labels
     from ..eval.editing import Edit, run_edit, write_edit
-    _, device = dist.setup("auto")
+    job, device = dist.setup("auto")     # under torchrun: the batches are split over the ranks, rank 0 writes
     model = load_model_spec(model_dir)
     card = model.card
     if guidance is not None:
@@ -88,8 +90,10 @@ def edit_cmd(model_dir, task, input_spec, mask_path, factor, t0, nfe, ts, gamma,
     sigmas = edit_schedule(task, card, opts["nfe"], opts["ts"], t0)
     edit = Edit(task, x, sigmas, opts["gamma"], opts["n"], seed, mask, factor or 1, lab, opts["inv_steps"], guidance)
     result = run_edit(model.to(device), edit, batch_size, progress=not quiet)
-    for p in write_edit(out_path, card, edit, result, raw):
-        click.echo(f"wrote {p}")
+    if job.main:
+        for p in write_edit(out_path, card, edit, result, raw):
+            click.echo(f"wrote {p}")
+    dist.teardown()
 
 
 def _check_options(task, mask_path, factor, t0, nfe, ts, gamma, inv_steps, n, batch_size, limit) -> dict:

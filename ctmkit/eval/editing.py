@@ -25,8 +25,7 @@ from ..core.editing import (
 )
 from ..core.sampling import gamma_sample
 from ..io.atomic import atomic_write_bytes
-from ..progress import progress_bar
-from .generate import model_device
+from .generate import model_device, sharded
 from .guide import guided_callables
 from .report import save_image_grid
 
@@ -67,22 +66,26 @@ def run_edit(model, edit: Edit, batch_size: int = 256, progress: bool | None = T
     starts = None
     if edit.task in ("invert", "interpolate"):
         inv = inversion_schedule(edit.inv_steps, card.sigma_min, card.sigma_max)
-        out["noise"] = torch.cat([invert(den, x.to(device), inv, None if lab is None else lab.to(device)).cpu()
-                                  for x, lab in _chunks(edit.inputs, edit.labels, batch_size)])
+        chunks = list(_chunks(edit.inputs, edit.labels, batch_size))
+        out["noise"] = torch.cat(list(sharded(chunks, lambda c: invert(den, c[0].to(device), inv, None if c[1] is None
+                                                                       else c[1].to(device)).cpu(),
+                                              f"inverting ({edit.inv_steps} Heun steps)", progress)))
     if edit.task == "interpolate":
         za, zb = out["noise"][0::2], out["noise"][1::2]
         starts = slerp(za, zb, torch.linspace(0, 1, edit.n)).flatten(0, 1)      # [pairs * n, ...]
     total = (len(edit.inputs) // 2 if edit.task == "interpolate" else len(edit.inputs)) * edit.n
     k = len(edit.sigmas) - 1
-    batches = []
-    with torch.no_grad():
-        for start in progress_bar(range(0, total, batch_size), desc=f"edit {edit.task} nfe={k}", enabled=progress):
-            b = min(batch_size, total - start)
-            z, step, obs = (v.to(device) for v in edit_noise(b, k, card.shape, edit.seed, start))
-            which = torch.arange(start, start + b) // edit.n
-            if starts is not None:
-                z, which = starts[start:start + b].to(device), which * 2     # the path's noise; labels of input a
-            batches.append(_edit_batch(jump, edit, card, which, z, step, obs, device, out.get("noise")).cpu())
+
+    def batch(start: int) -> Tensor:
+        b = min(batch_size, total - start)
+        z, step, obs = (v.to(device) for v in edit_noise(b, k, card.shape, edit.seed, start))
+        which = torch.arange(start, start + b) // edit.n
+        if starts is not None:
+            z, which = starts[start:start + b].to(device), which * 2     # the path's noise; labels of input a
+        return _edit_batch(jump, edit, card, which, z, step, obs, device, out.get("noise")).cpu()
+
+    with torch.no_grad():     # under torchrun batch j runs on rank j mod world; every rank gets every batch
+        batches = list(sharded(range(0, total, batch_size), batch, f"edit {edit.task} nfe={k}", progress))
     out["samples"] = torch.cat(batches) if batches else torch.zeros(0, *card.shape)
     if card.data.kind == "image":
         out["observation"] = observation(edit, out.get("noise"))

@@ -81,25 +81,30 @@ def generate_batches(model, n: int, nfe: int | None, gamma: float, seed: int, la
         sampler, nfe = "two_jump", 2
     sampler, nfe = _check_sampler(sampler, nfe, gamma, is_ctm)
     device = model_device(model)
-    rank, world = _shard()
-    starts = range(0, n, batch_size)
+
+    def batch(start: int) -> Tensor:
+        b = min(batch_size, n - start)
+        z = per_sample_normal(b, (nfe,) + shape, seed, start).to(device)  # [b, nfe, ...]: start + re-noise
+        lab = labels(start, b).to(device) if labels is not None else None
+        mine = _sample_batch(model, nets, z, lab, sampler, nfe, gamma, sigmas, grid, two_jump).cpu()
+        return mine if transform is None else transform(mine)
+
     with torch.no_grad():
-        for r in progress_bar(range(0, len(starts), world), desc=f"sampling {sampler} nfe={nfe}",
-                              enabled=progress and rank == 0):
-            mine = None
-            if r + rank < len(starts):       # batch k runs on rank k mod world, with the shapes one process uses
-                start = starts[r + rank]
-                b = min(batch_size, n - start)
-                z = per_sample_normal(b, (nfe,) + shape, seed, start).to(device)  # [b, nfe, ...]: start + re-noise
-                lab = labels(start, b).to(device) if labels is not None else None
-                mine = _sample_batch(model, nets, z, lab, sampler, nfe, gamma, sigmas, grid, two_jump).cpu()
-                mine = mine if transform is None else transform(mine)
-            if world == 1:
-                yield mine
-                continue
-            got = [None] * world
-            torch.distributed.all_gather_object(got, mine)     # every rank gets the round's batches, in order
-            yield from (x for x in got if x is not None)
+        yield from sharded(range(0, n, batch_size), batch, f"sampling {sampler} nfe={nfe}", progress)
+
+
+def sharded(items, fn, desc: str, progress: bool | None = True):
+    """fn(item) for each of `items`, yielded in order. Under torchrun item k runs on rank k mod world (with the
+    shapes one process uses) and every rank gets every result (one all_gather_object a round); alone, in turn."""
+    rank, world = _shard()
+    for r in progress_bar(range(0, len(items), world), desc=desc, enabled=progress and rank == 0):
+        mine = fn(items[r + rank]) if r + rank < len(items) else None
+        if world == 1:
+            yield mine
+            continue
+        got = [None] * world
+        torch.distributed.all_gather_object(got, mine)     # every rank gets the round's results, in order
+        yield from (x for x in got if x is not None)
 
 
 def _shard() -> tuple[int, int]:
