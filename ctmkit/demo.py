@@ -26,6 +26,7 @@ from .core.solvers import solve_pf_ode
 from .data import Dataset, load_data
 from .errors import UserError
 from .eval.diagnostics import diagnose, plot_diagnosis
+from .eval.editing import edit_examples
 from .eval.generate import generate
 from .eval.quality import balanced_labels, make_quality
 from .eval.report import pyplot, read_stats, save_fig, save_image_grid, save_loss_curves, save_scatter
@@ -313,6 +314,7 @@ def evaluate_demo(out: Path, data, teacher, ctm, n: int) -> dict:
     else:
         save_image_grid(real[:100], out / "samples_data.png", nrow=10)
         summary["data_vs_data"] = floor[1]
+        summary["editing"] = edit_examples(ctm, data, out, getattr(quality, "net", None))  # the classifier
     return summary
 
 
@@ -419,6 +421,7 @@ def report_md(summary: dict) -> str:
           f"{summary['eval_samples']} samples per evaluated point; the diagnosis from "
           f"{summary['diagnosis']['noises']} noises.", ""]
     md += _quality_md(summary)
+    md += _editing_md(summary.get("editing"))
     md += _diagnosis_md(summary)
     note = loss_note(summary)
     md += ["## Training", ""] + ([note, ""] if note else [])
@@ -447,6 +450,26 @@ def _quality_md(summary: dict) -> list[str]:
                "", "Teacher Heun 35: ![heun](samples_teacher_heun35.png) Data: ![data](samples_data.png)", ""]
     else:
         md += ["![samples](samples.png)", "", "![trajectories](trajectories.png)", ""]
+    return md
+
+
+def _editing_md(e: dict | None) -> list[str]:
+    """The "Editing" section (image data): the grids of eval/editing.py: edit_examples and their figures."""
+    if not e:
+        return []
+    tasks = [t for t in ("inpaint", "superres") if t in e]
+    what = {"inpaint": "inpainting (the bottom half unknown)",
+            "superres": "super-resolution x2 (2x2 block means given)"}
+    md = ["## Editing", "", f"Zero-shot edits by the distilled CTM (`ctmkit edit`, docs/method.md section 4.1): "
+          f"{e['inputs']} data items, NFE {e['nfe']}, gamma {e['gamma']:g}, {e['draws']} draws each (a "
+          "class-conditional CTM is given each item's label). Each row: the item, the observation, the draws. "
+          "RMS: the draws against the items over the pixels the observation hides (model space, [-1, 1]); class "
+          "agreement: the share of draws the feature classifier assigns to the item's class.", "",
+          "| task | RMS (hidden pixels) | class agreement |", "|---|---|---|"]
+    for t in tasks:
+        agree = e[t].get("class_agreement")
+        md.append(f"| {what[t]} | {e[t]['rms_hidden']:.3f} | {'-' if agree is None else f'{agree:.3f}'} |")
+    md += [""] + [f"{what[t][0].upper() + what[t][1:]}: ![{t}](edit_{t}.png)" for t in tasks] + [""]
     return md
 
 

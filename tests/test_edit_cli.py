@@ -198,3 +198,34 @@ def test_edit_under_torchrun_equals_one_process(tmp_path):
             assert np.array_equal(a[key], b[key]), (name, key)
     assert np.load(tmp_path / "fill_one.npz")["samples"].shape == (21, 2)
     assert np.load(tmp_path / "inv_one.npz")["noise"].shape == (6, 2)
+
+
+def test_the_demo_editing_examples_on_a_tiny_conditional_model(tmp_path):
+    """eval/editing.py: edit_examples (the image demo's "Editing" section): the two grids, the hidden-pixel RMS
+    and, with a classifier, its agreement with the items' classes; the report section that shows them."""
+    import torch
+
+    from ctmkit.data import load_data
+    from ctmkit.demo import _editing_md
+    from ctmkit.eval.editing import EXAMPLE_DRAWS, edit_examples
+    from ctmkit.io.runs import load_model
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, (20, 8, 8), dtype=np.uint8), labels=np.arange(20) % 3)
+    data = load_data(str(tmp_path / "d.npz"))
+    model = load_model(image_run(tmp_path / "run", channels=1, classes=3))
+    seen = []
+
+    def classifier(x):
+        seen.append(x.shape)
+        return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 3).float()   # always class 0
+
+    e = edit_examples(model, data, tmp_path, classifier)
+    assert (tmp_path / "edit_inpaint.png").is_file() and (tmp_path / "edit_superres.png").is_file()
+    assert seen == [(16 * EXAMPLE_DRAWS, 1, 8, 8)] * 2
+    idx = data.subset(16, torch.Generator().manual_seed(3))
+    share0 = float((data.labels[idx] == 0).float().mean())
+    for task in ("inpaint", "superres"):
+        assert e[task]["rms_hidden"] > 0 and abs(e[task]["class_agreement"] - share0) < 1e-6
+    md = "\n".join(_editing_md(e))
+    assert "## Editing" in md and "edit_inpaint.png" in md and "edit_superres.png" in md
+    assert _editing_md(None) == []
