@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench: does the code at revision NEW compute the same numbers as revision OLD for the same seeds?
-# Runs the same tiny commands (demo toy + digits, eval, sample, nll, distill with the exact teacher) with each
+# Runs the same tiny commands (demo toy + digits, eval, sample, nll, distill with the exact teacher, edit) with each
 # revision's code in its own git worktree and venv, then compares sample arrays, evaluation values and every
 # checkpoint tensor bitwise.   Usage: bench/same_numbers.sh OLD_REV NEW_REV [WORKDIR]
 set -euo pipefail
@@ -22,6 +22,10 @@ run() {  # $1 = revision, $2 = output folder
   $B/ctmkit sample --model "$O/digits/ctm" --n 20 --nfe 2 --out "$O/sd.npz" --quiet >/dev/null
   $B/ctmkit nll --model "$O/toy/ctm" --data moons --n 32 > "$O/nll.json"
   $B/ctmkit distill --teacher exact --data ring --out "$O/ex" --steps 30 --quiet >/dev/null
+  $B/python -c "import numpy; numpy.save('$O/m2.npy', numpy.array([1, 0])); m = numpy.zeros((8, 8)); m[:4] = 1; numpy.save('$O/m8.npy', m)"
+  $B/ctmkit edit --model "$O/toy/ctm" --task inpaint --input "$O/s.npz" --mask "$O/m2.npy" --n 3 --out "$O/e1.npz" --quiet >/dev/null
+  $B/ctmkit edit --model "$O/toy/ctm" --task interpolate --input "$O/s.npz" --limit 4 --steps 8 --n 4 --out "$O/e2.npz" --quiet >/dev/null
+  $B/ctmkit edit --model "$O/digits/ctm" --task inpaint --input "$O/sd.npz" --mask "$O/m8.npy" --out "$O/e3.npz" --quiet >/dev/null
   cd "$top"
 }
 run "$old" "$work/old"
@@ -34,7 +38,7 @@ import numpy as np
 from safetensors.numpy import load_file
 A, B = Path(sys.argv[1]), Path(sys.argv[2])
 same = {}
-for f in ["s.npz", "sd.npz"]:
+for f in ["s.npz", "sd.npz", "e1.npz", "e2.npz", "e3.npz"]:
     a, b = np.load(A / f), np.load(B / f)
     same[f] = all(np.array_equal(a[k], b[k]) for k in a.files)
 for f in ["toy/summary.json", "digits/summary.json", "ev.json", "evd.json"]:
