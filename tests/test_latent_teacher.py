@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ctmkit import load_teacher, solve_pf_ode
+from ctmkit.cli.base import load_model_spec
 from ctmkit.core.conditions import TextCond
 from ctmkit.core.guidance import guided
 from ctmkit.core.precond import CTM, vp_sigmas
@@ -194,6 +195,10 @@ def test_refusals_and_pixel_pipelines(saved, tmp_path):
     (folder / "model_index.json").write_text(json.dumps(sd3))
     with pytest.raises(UserError, match="not supported yet"):
         load_teacher(f"diffusers:{folder}")
+    with pytest.raises(UserError, match="not yet distilled"):        # the command line comes with issue 29's CLI
+        load_teacher(f"diffusers:{saved}", data=object())
+    with pytest.raises(UserError, match="command line does not sample"):
+        load_model_spec(f"diffusers:{saved}")
     torch.manual_seed(0)            # a pixel DDPMPipeline folder has a model_index.json too: still a pixel teacher
     unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
                                  layers_per_block=1, down_block_types=("DownBlock2D",) * 2,

@@ -60,6 +60,9 @@ def load_teacher(spec: str | Path, data=None):
         teacher = load_model(spec)
         if teacher.card.kind != "teacher":
             raise UserError(f"'{spec}' is a {teacher.card.kind} run, not a teacher")
+    if data is not None and teacher.card.text_conditioned:
+        raise UserError(f"teacher '{spec}' is a text-to-image pipeline: it is not yet distilled or evaluated on a "
+                        "data set (use it from Python: teacher.encode_prompt(prompts) as the condition)")
     if data is not None:
         teacher.card.check_data(data, f"teacher '{spec}'")
         _check_classes(spec, teacher.card.num_classes, data)
