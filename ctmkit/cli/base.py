@@ -136,6 +136,9 @@ def load_model_spec(spec: str):
         if getattr(teacher, "card", None) is None:
             raise UserError(f"teacher '{spec}' does not report its data shape: give the denoiser a `shape` "
                             "attribute (e.g. shape = (3, 32, 32)) to sample or evaluate it")
+        if teacher.card.text_conditioned:
+            raise UserError(f"'{spec}' is a text-to-image pipeline: the command line does not sample or evaluate it "
+                            "yet (use it from Python: teacher.encode_prompt(prompts) as the condition)")
         return teacher
     from ..io.runs import load_model
     return load_model(spec)

@@ -1,6 +1,7 @@
 """Classifier-free guidance (Ho & Salimans 2022; docs/method.md section 8).
 
-The guided denoiser, with the null condition c = -1 (NULL_LABEL, per sample):
+The guided denoiser, with the null condition: the label -1 (NULL_LABEL, per sample) for class labels, the empty
+(or negative) prompt's embedding for a text condition (core/conditions.py: TextCond.null):
     D_w(x, sigma, c) = D(x, sigma, null) + w (D(x, sigma, c) - D(x, sigma, null))
 w = 1 is plain conditional sampling (the null branch is skipped, so unguided numbers stay bitwise), w = 0
 unconditional (the diffusers `guidance_scale` convention).
@@ -18,13 +19,16 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .conditions import TextCond
 from .precond import bcast
 
 NULL_LABEL = -1
 
 
-def null_labels(labels: Tensor) -> Tensor:
-    """The null condition for every sample of a label batch [B]."""
+def null_labels(labels: Tensor | TextCond) -> Tensor | TextCond:
+    """The null condition for every sample of a condition batch: labels [B] -> -1s, a TextCond -> its null."""
+    if isinstance(labels, TextCond):
+        return labels.null()
     return torch.full_like(labels, NULL_LABEL)
 
 
@@ -50,7 +54,8 @@ def combine(out_c: Tensor, out_null: Tensor, w: float | Tensor) -> Tensor:
 
 def guided(fn: Callable, w: float | Tensor) -> Callable:
     """The guided version of fn(*args, labels) (a denoiser D(x, sigma, labels) or a CTM jump G(x, t, s, labels)):
-    fn itself at w = 1, else the two-branch combination above. Needs labels (class indices, -1 = null)."""
+    fn itself at w = 1, else the two-branch combination above. Needs a condition: labels (class indices, -1 = null)
+    or a TextCond."""
     if is_unguided(w):
         return fn
     if not torch.is_tensor(w):
@@ -59,7 +64,8 @@ def guided(fn: Callable, w: float | Tensor) -> Callable:
     def fn_w(*args):
         *head, labels = args
         if labels is None:
-            raise ValueError("guidance needs class labels (int64 [B]; -1 is the null label)")
+            raise ValueError("guidance needs a condition: class labels (int64 [B]; -1 is the null label) or a "
+                             "TextCond (a text teacher's encode_prompt)")
         return combine(fn(*head, labels), fn(*head, null_labels(labels)), w)
 
     return fn_w

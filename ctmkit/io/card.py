@@ -85,6 +85,9 @@ class ModelCard:
                                     # a class index named by the user (diffusers:DIR?null_class=K; the backbone maps
                                     # -1 to K), {"scale": [w] | [lo, hi]} for a CTM distilled from the guided
                                     # teacher (one scale, or a range through a w input)
+    latent: dict | None = None      # a latent text-to-image teacher's pipeline (docs/method.md section 9): the
+                                    # folder, its VAE (class, scaling_factor, shift_factor, downscale), the
+                                    # image shape, and `text` (encoders, tokenizers, embedding shape, null prompt)
 
     @property
     def is_ctm(self) -> bool:
@@ -100,11 +103,17 @@ class ModelCard:
         return self.num_classes > 0
 
     @property
+    def text_conditioned(self) -> bool:
+        """The network takes prompt embeddings (a TextCond, core/conditions.py) rather than class labels."""
+        return bool((self.latent or {}).get("text"))
+
+    @property
     def null_branch(self) -> bool:
-        """The network has a null branch (trained with label dropout > 0, or a named null class): it can be guided
-        by sampling."""
+        """The network has a null branch (trained with label dropout > 0, or a named null class; a text model's is
+        the empty prompt): it can be guided by sampling."""
         g = self.guidance or {}
-        return self.conditional and (float(g.get("label_dropout", 0)) > 0 or g.get("null_class") is not None)
+        return self.text_conditioned or (self.conditional and (float(g.get("label_dropout", 0)) > 0
+                                                               or g.get("null_class") is not None))
 
     @property
     def guidance_scale(self) -> tuple[float, ...]:
@@ -137,6 +146,8 @@ class ModelCard:
             d["sampled"] = self.sampled
         if self.guidance is not None:
             d["guidance"] = self.guidance
+        if self.latent is not None:
+            d["latent"] = self.latent
         return {**d, "ema": list(self.ema), "format_version": FORMAT_VERSION}
 
     @classmethod
@@ -162,9 +173,12 @@ class ModelCard:
         sampled = d.get("sampled")
         if sampled is not None and not (isinstance(sampled, dict) and isinstance(sampled.get("file"), str)):
             raise ValueError("its 'sampled' entry must be an object with a 'file'")
+        latent = d.get("latent")
+        if latent is not None and not (isinstance(latent, dict) and isinstance(latent.get("vae"), dict)):
+            raise ValueError("its 'latent' entry must be an object with a 'vae'")
         return cls(d["kind"], DataCard.from_dict(d["data"]), BackboneSpec(str(bb["arch"]), dict(bb["kwargs"])),
                    *sig, tuple(float(r) for r in d.get("ema", (0.999,))), d.get("teacher"), version, precond,
-                   sampled, _guidance(d.get("guidance")))
+                   sampled, _guidance(d.get("guidance")), latent)
 
     def write(self, run_dir: Path) -> None:
         atomic_write_text(Path(run_dir) / "model.json", json.dumps(self.to_dict(), indent=1))

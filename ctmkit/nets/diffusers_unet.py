@@ -18,6 +18,8 @@ diffusers is an optional extra (`pip install ctmkit[diffusers]`); it is imported
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -34,14 +36,46 @@ def import_diffusers():
     return diffusers
 
 
-class DiffusersUNet(nn.Module):
+class SEmbedded(nn.Module):
+    """A diffusers UNet (`self.unet`, with `time_proj` and `time_embedding`) plus the CTM's s input: a zero-initialised
+    `s_embed` whose output a forward hook adds to the UNet's time embedding while `s_input(noise_s)` is open."""
+
+    def attach_s_embedding(self, unet: nn.Module, cfg: dict) -> None:
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+        self.unet = unet
+        width = unet.time_proj.num_channels
+        emb_dim = unet.time_embedding.linear_2.out_features
+        self.s_proj = Timesteps(width, cfg.get("flip_sin_to_cos", True), cfg.get("freq_shift", 0))
+        self.s_embed = TimestepEmbedding(width, emb_dim)
+        nn.init.zeros_(self.s_embed.linear_2.weight)
+        nn.init.zeros_(self.s_embed.linear_2.bias)
+        self.channels = int(cfg.get("in_channels", 3))
+        self._s_emb: Tensor | None = None
+        unet.time_embedding.register_forward_hook(self._add_s)
+
+    def _add_s(self, module, inputs, output: Tensor) -> Tensor:
+        return output if self._s_emb is None else output + self._s_emb.to(output.dtype)
+
+    @contextlib.contextmanager
+    def s_input(self, noise_s: Tensor | None, dtype: torch.dtype):
+        """Within: the UNet's time embedding gets s_embed(noise_s) added (nothing for None)."""
+        self._s_emb = None if noise_s is None else self.s_embed(self.s_proj(noise_s.float()).to(dtype))
+        try:
+            yield
+        finally:
+            self._s_emb = None
+
+    def last_layer(self) -> nn.Parameter:
+        return self.unet.conv_out.weight
+
+
+class DiffusersUNet(SEmbedded):
     """forward(x_in [B, C, H, W], noise_t [B] (timesteps), noise_s [B] | None, labels [B] | None) -> [B, C, H, W].
     `null_class`: the class index that the null label -1 stands for (a class-conditional UNet trained with it)."""
 
     def __init__(self, config: dict, null_class: int | None = None) -> None:
         super().__init__()
         diffusers = import_diffusers()
-        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
         cfg = {k: v for k, v in config.items() if not k.startswith("_")}
         if cfg.get("time_embedding_type", "positional") != "positional":
             raise UserError(f"UNet2DModel with time_embedding_type={cfg['time_embedding_type']!r} is not supported "
@@ -52,27 +86,12 @@ class DiffusersUNet(nn.Module):
         self.config = cfg
         self.num_embeds = int(cfg.get("num_class_embeds") or 0)
         self.null_class = check_null_class(null_class, self.num_embeds)
-        self.unet = diffusers.UNet2DModel(**cfg)
-        width = self.unet.time_proj.num_channels
-        emb_dim = self.unet.time_embedding.linear_2.out_features
-        self.s_proj = Timesteps(width, cfg.get("flip_sin_to_cos", True), cfg.get("freq_shift", 0))
-        self.s_embed = TimestepEmbedding(width, emb_dim)
-        nn.init.zeros_(self.s_embed.linear_2.weight)
-        nn.init.zeros_(self.s_embed.linear_2.bias)
-        self.channels = int(cfg.get("in_channels", 3))
-        self._s_emb: Tensor | None = None
-        self.unet.time_embedding.register_forward_hook(self._add_s)
-
-    def _add_s(self, module, inputs, output: Tensor) -> Tensor:
-        return output if self._s_emb is None else output + self._s_emb.to(output.dtype)
+        self.attach_s_embedding(diffusers.UNet2DModel(**cfg), cfg)
 
     def forward(self, x: Tensor, noise_t: Tensor, noise_s: Tensor | None = None,
                 labels: Tensor | None = None) -> Tensor:
-        self._s_emb = None if noise_s is None else self.s_embed(self.s_proj(noise_s.float()).to(x.dtype))
-        try:
+        with self.s_input(noise_s, x.dtype):
             out = self.unet(x, noise_t.float(), class_labels=self.class_labels(labels)).sample
-        finally:
-            self._s_emb = None
         return out[:, :self.channels]
 
     def class_labels(self, labels: Tensor | None) -> Tensor | None:
@@ -91,9 +110,6 @@ class DiffusersUNet(nn.Module):
                              f"({self.num_classes} classes), which diffusers does not record: name it in the teacher "
                              "SPEC, diffusers:DIR?null_class=K (the class index its training used for dropped labels)")
         return labels
-
-    def last_layer(self) -> nn.Parameter:
-        return self.unet.conv_out.weight
 
     @property
     def num_classes(self) -> int:

@@ -13,11 +13,12 @@ from ..core.mixtures import EmpiricalDenoiser, GaussianMixture  # noqa: F401  (t
 from ..errors import UserError
 from ..io.runs import load_model
 from .edm import load_edm
-from .foreign import PyTeacher, load_diffusers, load_py
+from .foreign import PyTeacher, load_py
+from .latent import LatentTeacher, load_diffusers_folder
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_teacher", "teacher_facts", "PyTeacher", "SPEC_HELP", "EXACT_LABEL_DROPOUT"]
+__all__ = ["load_teacher", "teacher_facts", "PyTeacher", "LatentTeacher", "SPEC_HELP", "EXACT_LABEL_DROPOUT"]
 
 EXACT_LABEL_DROPOUT = 0.1   # the exact labelled mixture has its null branch (the whole mixture) built in; its
                             # students keep one by distilling this share of null labels (ctm.label_dropout=-1);
@@ -34,7 +35,8 @@ SPEC_HELP = ("a ctmkit teacher run folder, 'exact' (data with a known density), 
 def load_teacher(spec: str | Path, data=None):
     """The teacher denoiser of a SPEC (see SPEC_HELP), on the CPU in eval mode: 'exact' -> the exact mixture
     denoiser of `data` (a Dataset with a known density); a run folder or `diffusers:DIR` -> an EDMDenoiser with
-    `.card` (its sigma range, data shape and classes); `py:MODULE:ATTR` -> a PyTeacher. With `data`, the teacher is
+    `.card` (its sigma range, data shape and classes; a latent pipeline folder: a LatentTeacher, whose condition is
+    a TextCond from its encode_prompt); `py:MODULE:ATTR` -> a PyTeacher. With `data`, the teacher is
     checked against it (shape and classes; a differing normalisation is a warning)."""
     spec = str(spec)
     if spec == "exact":
@@ -53,11 +55,14 @@ def load_teacher(spec: str | Path, data=None):
     if spec.startswith("edm:"):
         teacher = load_edm(spec[len("edm:"):])
     elif spec.startswith("diffusers:"):
-        teacher = load_diffusers(spec[len("diffusers:"):])
+        teacher = load_diffusers_folder(spec[len("diffusers:"):])
     else:
         teacher = load_model(spec)
         if teacher.card.kind != "teacher":
             raise UserError(f"'{spec}' is a {teacher.card.kind} run, not a teacher")
+    if data is not None and teacher.card.text_conditioned:
+        raise UserError(f"teacher '{spec}' is a text-to-image pipeline: it is not yet distilled or evaluated on a "
+                        "data set (use it from Python: teacher.encode_prompt(prompts) as the condition)")
     if data is not None:
         teacher.card.check_data(data, f"teacher '{spec}'")
         _check_classes(spec, teacher.card.num_classes, data)

@@ -1,7 +1,8 @@
 """Foreign teachers behind the denoiser protocol (docs/method.md section 7): diffusers pipeline folders and the
 user's own Python denoisers.
 
-`diffusers:DIR`: a folder written by `save_pretrained` with `unet/` (a UNet2DModel, class-conditional ones
+`diffusers:DIR` (pixel folders; latent text-to-image pipelines are teachers/latent.py): a folder written by
+`save_pretrained` with `unet/` (a UNet2DModel, class-conditional ones
 included) and `scheduler/`: discrete-time VP schedulers with `alphas_cumprod` (DDPM, DDIM, ...) and prediction type
 epsilon, v_prediction or sample; or FlowMatchEulerDiscreteScheduler (rectified flow, velocity). Weights are read
 from the folder only (nothing downloads). The result is an EDMDenoiser around ctmkit's DiffusersUNet backbone with
@@ -36,7 +37,7 @@ from ..nets.registry import BackboneSpec
 FLOW_TAU_MAX = 0.995   # a rectified flow's tau = 1 is sigma = infinity: ctmkit starts at tau = 0.995 (sigma 199)
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
     try:
         d = json.loads(path.read_text())
     except FileNotFoundError:
@@ -50,7 +51,7 @@ def _read_json(path: Path, what: str) -> dict:
 
 def scheduler_precond(folder: Path):
     """The preconditioning and sigma range of a diffusers scheduler folder: (precond, sigma_min, sigma_max)."""
-    cfg = _read_json(folder / "scheduler_config.json", f"diffusers teacher '{folder.parent}'")
+    cfg = read_json(folder / "scheduler_config.json", f"diffusers teacher '{folder.parent}'")
     name = str(cfg.get("_class_name", ""))
     diffusers = import_diffusers()
     if name == "FlowMatchEulerDiscreteScheduler":
@@ -105,10 +106,11 @@ def load_diffusers(source: str | Path) -> EDMDenoiser:
     if not (folder / "unet").is_dir() or not (folder / "scheduler").is_dir():
         raise UserError(f"diffusers teacher '{folder}' must be a folder written by save_pretrained with unet/ and "
                         "scheduler/ inside")
-    cfg = _read_json(folder / "unet" / "config.json", f"diffusers teacher '{folder}'")
+    cfg = read_json(folder / "unet" / "config.json", f"diffusers teacher '{folder}'")
     if cfg.get("_class_name") != "UNet2DModel":
-        raise UserError(f"diffusers teacher '{folder}': its unet is a {cfg.get('_class_name')}; ctmkit takes "
-                        "UNet2DModel (UNet2DConditionModel / latent teachers are not supported yet)")
+        raise UserError(f"diffusers teacher '{folder}': its unet is a {cfg.get('_class_name')}; a pixel folder takes "
+                        "UNet2DModel (a latent text-to-image pipeline needs its whole save_pretrained folder, with "
+                        "model_index.json, vae/, text_encoder/ and tokenizer/)")
     precond, sigma_min, sigma_max = scheduler_precond(folder / "scheduler")
     diffusers = import_diffusers()
     try:
