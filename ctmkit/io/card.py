@@ -120,6 +120,12 @@ class ModelCard:
         as `ctmkit sample` writes them (e.g. uint8 [N, H, W, C] images; vectors shifted and scaled back)."""
         return Normalizer.from_dict(self.data.normalizer).to_data(x)
 
+    def to_unit(self, x: Tensor | np.ndarray) -> np.ndarray:
+        """Model-space images [N, C, H, W] -> float32 [N, H, W, C] in [0, 1] through the data's own space: equal, bit
+        for bit, to `ctmkit sample`'s samples s after (s - lo) / (hi - lo) (Normalizer.to_unit; lo, hi: the data's
+        value range in model.json, e.g. 0 and 255 for uint8 images)."""
+        return Normalizer.from_dict(self.data.normalizer).to_unit(self.to_data(x))
+
     def check_data(self, data, what: str = "the model") -> None:
         """UserError unless `data` (a Dataset) has the per-sample shape this model was trained on."""
         if tuple(data.shape) != self.shape:

@@ -30,6 +30,7 @@ from ..core.schedules import SIGMA_MAX, SIGMA_MIN
 from ..data.normalize import Normalizer, uint8_image_normalizer
 from ..errors import UserError
 from ..io.card import DataCard, ModelCard
+from ..io.export import is_export
 from ..nets.diffusers_unet import DiffusersUNet, import_diffusers, load_unet_weights, unet_config_from
 from ..nets.registry import BackboneSpec
 
@@ -102,6 +103,9 @@ def load_diffusers(source: str | Path) -> EDMDenoiser:
     """A diffusers pipeline folder, with its settings ('DIR' or 'DIR?null_class=K', see diffusers_source) -> its
     denoiser (CPU, eval mode, `.card`)."""
     folder, settings = diffusers_source(source)
+    if is_export(folder):
+        raise UserError(f"'{folder}' is a ctmkit export (a CTM, not a diffusers teacher): use --model {folder}, "
+                        "without diffusers:")
     if not (folder / "unet").is_dir() or not (folder / "scheduler").is_dir():
         raise UserError(f"diffusers teacher '{folder}' must be a folder written by save_pretrained with unet/ and "
                         "scheduler/ inside")
