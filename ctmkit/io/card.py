@@ -24,6 +24,19 @@ FORMAT_VERSION = 1
 KINDS = ("ctm", "teacher")
 
 
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON file holding an object; one UserError, prefixed by `what`, when it is missing, unreadable or not one."""
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what}: '{path}' is missing") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{what}: cannot read '{path}' ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{what}: '{path}' must hold a JSON object")
+    return d
+
+
 def malformed(path: Path | str, e: Exception) -> UserError:
     """The one message for a model.json whose content does not describe a network ctmkit can build."""
     return UserError(f"'{path}' is malformed ({type(e).__name__}: {e}); it was not written by this version of ctmkit")

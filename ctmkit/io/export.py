@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import UserError
-from .card import ModelCard, malformed
+from .card import ModelCard, malformed, read_json_object
 
 PIPELINE_CLASS = "CTMPipeline"
 NET_DIR = "unet"
@@ -38,13 +38,8 @@ def is_export(path: str | Path) -> bool:
 def read_export_card(path: str | Path) -> ModelCard:
     """The ModelCard stored in an export's unet/config.json; one UserError when it is missing or malformed."""
     cfg = Path(path) / NET_DIR / NET_CONFIG
-    try:
-        d = json.loads(cfg.read_text())
-    except FileNotFoundError:
-        raise UserError(f"'{path}' is an incomplete ctmkit export: '{cfg}' is missing") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read '{cfg}' ({type(e).__name__}); export the run again") from None
-    if not isinstance(d, dict) or not isinstance(d.get("card"), dict):
+    d = read_json_object(cfg, f"ctmkit export '{path}'")
+    if not isinstance(d.get("card"), dict):
         raise UserError(f"'{cfg}' has no 'card' object; it was not written by `ctmkit export`")
     try:
         return ModelCard.from_dict(d["card"])
