@@ -47,8 +47,8 @@ def _facts(card: ModelCard, scheduler: dict) -> str:
                 "has a null branch: guidance_scale=W samples guided" if card.null_branch else "unguided")
     rows = [("teacher", f"`{card.teacher}`"), ("data", f"`{data.spec}`, {data.kind}s of shape {list(data.shape)}, "
                                                           f"{classes}"),
-            ("value range", f"[{data.normalizer.get('lo', 0):g}, {data.normalizer.get('hi', 1):g}] "
-                            f"({data.normalizer.get('dtype')}), the images' [0, 1]"),
+            ("value range", f"{data.normalizer.get('dtype')} data in [{data.normalizer.get('lo', 0):g}, "
+                            f"{data.normalizer.get('hi', 1):g}], the pipeline's [0, 1]"),
             ("network", f"`{card.backbone.arch}` backbone"
                         + (f", {card.precond['kind']} preconditioning" if card.precond else ", EDM preconditioning")),
             ("sigma range", f"{card.sigma_min:g} .. {card.sigma_max:g} (EDM sigmas), sigma_data {card.sigma_data:g}"),
