@@ -179,7 +179,7 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
 
 
 LAYERS = ["errors progress config job", "core", "nets", "data", "io", "metrics", "teachers", "train eval",
-          "cli demo __main__ __init__"]
+          "cli demo __main__ __init__ diffusers"]
 
 
 def _top(module: str) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
-from . import edit, ema, evaluate, prepare, sample  # noqa: F401  (each registers its commands on `main`)
+from . import edit, ema, evaluate, export, prepare, sample  # noqa: F401  (each registers its commands on `main`)
 from .base import DATA_HELP, done, main, user_errors
 
 __all__ = ["main"]

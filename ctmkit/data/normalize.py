@@ -120,6 +120,15 @@ class Normalizer:
         parts = [self._backward(a[i:i + k].astype(np.float64)) for i in range(0, n, k)]
         return np.concatenate(parts) if parts else self._backward(a.astype(np.float64))
 
+    def to_unit(self, data: np.ndarray) -> np.ndarray:
+        """Images in the data's own space and layout (what to_data gives) -> float32 [N, H, W, C] in [0, 1]:
+        (data - lo) / (hi - lo) in float64, a channel axis for grey images (diffusers' numpy image convention)."""
+        if self.kind != "image":
+            raise UserError("only images map to [0, 1] pictures; these are vectors")
+        a = (np.asarray(data, dtype=np.float64) - self.lo) / (self.hi - self.lo)
+        a = a[..., None] if self.layout == "NHW" else a.transpose(0, 2, 3, 1) if self.layout == "NCHW" else a
+        return np.ascontiguousarray(a, dtype=np.float32)
+
     # ---- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """Plain JSON types."""

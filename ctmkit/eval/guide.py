@@ -73,17 +73,22 @@ def guided_callables(model, w: float | None, is_ctm: bool) -> tuple[Callable | N
     w = resolve_scale(model, w)
     if not is_ctm:
         return None, guided(model, w)
-    return _ctm_callable(model, w, False), _ctm_callable(model, w, True)
+    return _ctm_callable(model, w, model), _ctm_callable(model, w, model.denoise)
 
 
 def guided_jump(model, w: float | None) -> Callable:
     """A CTM's jump G(x, t, s, labels) at scale w (see resolve_scale): the model itself at w = 1 (unguided)."""
-    return _ctm_callable(model, resolve_scale(model, w), False)
+    return _ctm_callable(model, resolve_scale(model, w), model)
 
 
-def _ctm_callable(model, w: float, denoise: bool) -> Callable:
-    """The jump (or the denoiser) of a CTM at the checked scale w."""
-    fn = model.denoise if denoise else model
+def guided_part(model, w: float | None, fn: Callable) -> Callable:
+    """A part of a CTM, fn(x, ..., labels, w=None) (its jump, denoiser or g), at scale w (see resolve_scale): fn
+    itself, fed w (a range student), or the two-branch combination (a CTM with a null branch)."""
+    return _ctm_callable(model, resolve_scale(model, w), fn)
+
+
+def _ctm_callable(model, w: float, fn: Callable) -> Callable:
+    """fn, a part of the CTM `model`, at the checked scale w."""
     if len(scale_of(model)) == 2:
         def fn_w(x, *args):
             return fn(x, *args, w=_full(w, x))

@@ -9,11 +9,12 @@ import tempfile
 from pathlib import Path
 
 
-def plain_mode() -> int:
-    """The mode a plain open() gives a new file: 0666 less the umask (mkstemp's files are a private 0600)."""
+def plain_mode(folder: bool = False) -> int:
+    """The mode a plain open() gives a new file, 0666 less the umask (mkstemp's files are a private 0600); with
+    `folder`, that of a plain mkdir(), 0777 less the umask (mkdtemp's folders are a private 0700)."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return (0o777 if folder else 0o666) & ~umask
 
 
 def temp_beside(path: Path) -> tuple[int, str]:

@@ -24,6 +24,19 @@ FORMAT_VERSION = 1
 KINDS = ("ctm", "teacher")
 
 
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON file holding an object; one UserError, prefixed by `what`, when it is missing, unreadable or not one."""
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what}: '{path}' is missing") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{what}: cannot read '{path}' ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{what}: '{path}' must hold a JSON object")
+    return d
+
+
 def malformed(path: Path | str, e: Exception) -> UserError:
     """The one message for a model.json whose content does not describe a network ctmkit can build."""
     return UserError(f"'{path}' is malformed ({type(e).__name__}: {e}); it was not written by this version of ctmkit")
@@ -128,6 +141,12 @@ class ModelCard:
         """Model-space samples [N, ...] (from gamma_sample, heun_sample, ...) -> the data's own space, dtype and layout,
         as `ctmkit sample` writes them (e.g. uint8 [N, H, W, C] images; vectors shifted and scaled back)."""
         return Normalizer.from_dict(self.data.normalizer).to_data(x)
+
+    def to_unit(self, x: Tensor | np.ndarray) -> np.ndarray:
+        """Model-space images [N, C, H, W] -> float32 [N, H, W, C] in [0, 1] through the data's own space: equal, bit
+        for bit, to `ctmkit sample`'s samples s after (s - lo) / (hi - lo) (Normalizer.to_unit; lo, hi: the data's
+        value range in model.json, e.g. 0 and 255 for uint8 images)."""
+        return Normalizer.from_dict(self.data.normalizer).to_unit(self.to_data(x))
 
     def check_data(self, data, what: str = "the model") -> None:
         """UserError unless `data` (a Dataset) has the per-sample shape this model was trained on."""

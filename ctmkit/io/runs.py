@@ -15,6 +15,7 @@ from ..core.precond import CTM, EDMDenoiser, make_precond
 from ..errors import UserError
 from .card import ModelCard, malformed
 from .checkpoint import load_checkpoint, newest_intact
+from .export import is_export, read_export_card, read_export_weights
 
 
 def newest_state(run_dir: Path) -> dict:
@@ -46,13 +47,19 @@ def build_model(card: ModelCard, where: str = "model.json") -> nn.Module:
 
 
 def load_model(path: str | Path, ema: int | None = None) -> nn.Module:
-    """The model of a run folder or checkpoint file: an EDMDenoiser (teacher) or a CTM, on the CPU in eval mode,
-    with its ModelCard as `.card` (and `.info`, the card as a model.json dict of the current format, kept for
-    scripts written against ctmkit 0.1). Weights: EMA number `ema` of the newest checkpoint; by default the run's
-    choice, the post-hoc EMA that `ctmkit ema` recorded in the card if any (run folders), else the first EMA."""
+    """The model of a run folder, checkpoint file or `ctmkit export` folder: an EDMDenoiser (teacher) or a CTM, on
+    the CPU in eval mode, with its ModelCard as `.card` (and `.info`, the card as a model.json dict of the current
+    format, kept for scripts written against ctmkit 0.1). Weights: EMA number `ema` of the newest checkpoint; by
+    default the run's choice, the post-hoc EMA that `ctmkit ema` recorded in the card if any (run folders), else
+    the first EMA; an export holds one set of weights (`ema` is refused)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"model path '{path}' does not exist")
+    if path.is_dir() and is_export(path):
+        if ema is not None:
+            raise UserError(f"'{path}' is a ctmkit export, which holds one set of weights: no EMA number to choose")
+        card = read_export_card(path)
+        return _ready(build_model(card, str(path / "unet" / "config.json")), card, read_export_weights(path))
     run_dir = path.parent.parent if path.is_file() else path
     state = load_checkpoint(path) if path.is_file() else None
     card = ModelCard.read(run_dir)  # before the checkpoints: a folder that is not a run gets that message
@@ -60,7 +67,11 @@ def load_model(path: str | Path, ema: int | None = None) -> nn.Module:
         weights = _sampled_weights(run_dir, card.sampled["file"])
     else:
         weights = _ema_weights(state if state is not None else newest_state(path), 0 if ema is None else ema)
-    model = build_model(card, str(Path(run_dir) / "model.json"))
+    return _ready(build_model(card, str(Path(run_dir) / "model.json")), card, weights)
+
+
+def _ready(model: nn.Module, card: ModelCard, weights: dict) -> nn.Module:
+    """The model with its weights and card, frozen, in eval mode."""
     try:
         model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as e:

@@ -20,7 +20,6 @@ num_classes (default 0), label_dropout (default 0; > 0: it answers the null labe
 from __future__ import annotations
 
 import importlib
-import json
 import sys
 from pathlib import Path
 
@@ -30,28 +29,17 @@ from ..core.precond import EDMDenoiser, FlowPrecond, VPPrecond
 from ..core.schedules import SIGMA_MAX, SIGMA_MIN
 from ..data.normalize import Normalizer, uint8_image_normalizer
 from ..errors import UserError
-from ..io.card import DataCard, ModelCard
+from ..io.card import DataCard, ModelCard, read_json_object
+from ..io.export import is_export
 from ..nets.diffusers_unet import DiffusersUNet, import_diffusers, load_unet_weights, unet_config_from
 from ..nets.registry import BackboneSpec
 
 FLOW_TAU_MAX = 0.995   # a rectified flow's tau = 1 is sigma = infinity: ctmkit starts at tau = 0.995 (sigma 199)
 
 
-def read_json(path: Path, what: str) -> dict:
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{what}: '{path}' is missing") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{what}: cannot read '{path}' ({e})") from None
-    if not isinstance(d, dict):
-        raise UserError(f"{what}: '{path}' must hold a JSON object")
-    return d
-
-
 def scheduler_precond(folder: Path):
     """The preconditioning and sigma range of a diffusers scheduler folder: (precond, sigma_min, sigma_max)."""
-    cfg = read_json(folder / "scheduler_config.json", f"diffusers teacher '{folder.parent}'")
+    cfg = read_json_object(folder / "scheduler_config.json", f"diffusers teacher '{folder.parent}'")
     name = str(cfg.get("_class_name", ""))
     diffusers = import_diffusers()
     if name == "FlowMatchEulerDiscreteScheduler":
@@ -103,10 +91,13 @@ def load_diffusers(source: str | Path) -> EDMDenoiser:
     """A diffusers pipeline folder, with its settings ('DIR' or 'DIR?null_class=K', see diffusers_source) -> its
     denoiser (CPU, eval mode, `.card`)."""
     folder, settings = diffusers_source(source)
+    if is_export(folder):
+        raise UserError(f"'{folder}' is a ctmkit export (a CTM, not a diffusers teacher): use --model {folder}, "
+                        "without diffusers:")
     if not (folder / "unet").is_dir() or not (folder / "scheduler").is_dir():
         raise UserError(f"diffusers teacher '{folder}' must be a folder written by save_pretrained with unet/ and "
                         "scheduler/ inside")
-    cfg = read_json(folder / "unet" / "config.json", f"diffusers teacher '{folder}'")
+    cfg = read_json_object(folder / "unet" / "config.json", f"diffusers teacher '{folder}'")
     if cfg.get("_class_name") != "UNet2DModel":
         raise UserError(f"diffusers teacher '{folder}': its unet is a {cfg.get('_class_name')}; a pixel folder takes "
                         "UNet2DModel (a latent text-to-image pipeline needs its whole save_pretrained folder, with "

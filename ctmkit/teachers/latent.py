@@ -20,16 +20,16 @@ from ..core.conditions import TextCond
 from ..core.precond import EDMDenoiser
 from ..data.normalize import Normalizer
 from ..errors import UserError
-from ..io.card import DataCard, ModelCard
+from ..io.card import DataCard, ModelCard, read_json_object
+from ..io.export import is_export
 from ..nets.diffusers_cond import DiffusersCondUNet, check_cond_config
 from ..nets.diffusers_unet import import_diffusers, unet_config_from
 from ..nets.registry import BackboneSpec
 from ..nets.text_encoders import PromptEncoder
-from .foreign import diffusers_source, load_diffusers, read_json, scheduler_precond
+from .foreign import diffusers_source, load_diffusers, scheduler_precond
 
 COMPONENTS = {"unet": "the denoising UNet2DConditionModel", "vae": "the AutoencoderKL", "scheduler": "its scheduler",
               "text_encoder": "the CLIP text encoder", "tokenizer": "the CLIP tokenizer"}
-EXPORT_CLASS = "CTMPipeline"     # ctmkit's own exported pipeline (ctmkit/diffusers/)
 
 
 class LatentTeacher(EDMDenoiser):
@@ -53,12 +53,9 @@ def load_diffusers_folder(source: str | Path):
     """The part of a SPEC after 'diffusers:' -> its teacher: a latent pipeline (model_index.json naming a vae) ->
     LatentTeacher; a pixel folder -> teachers/foreign.py: load_diffusers; ctmkit's own export -> UserError."""
     folder, settings = diffusers_source(source)
-    if not (folder / "model_index.json").is_file():
-        return load_diffusers(source)
-    index = read_json(folder / "model_index.json", f"diffusers teacher '{folder}'")
-    if index.get("_class_name") == EXPORT_CLASS:
-        raise UserError(f"'{folder}' is a CTM exported by ctmkit, not a diffusers teacher: load it with --model "
-                        f"{folder} (or ctmkit.load_model)")
+    if not (folder / "model_index.json").is_file() or is_export(folder):
+        return load_diffusers(source)          # a pixel folder, or ctmkit's own export (refused there)
+    index = read_json_object(folder / "model_index.json", f"diffusers teacher '{folder}'")
     if not _names(index, "vae"):
         return load_diffusers(source)
     if settings:
@@ -87,7 +84,7 @@ def check_components(folder: Path, index: dict) -> None:
 def vae_facts(folder: Path) -> dict:
     """What the card keeps of vae/: class, scaling_factor, shift_factor (z = (latent - shift) * scaling) and the
     downscale factor from image to latent pixels (2 ^ (number of blocks - 1))."""
-    cfg = read_json(folder / "vae" / "config.json", f"diffusers teacher '{folder}'")
+    cfg = read_json_object(folder / "vae" / "config.json", f"diffusers teacher '{folder}'")
     if cfg.get("_class_name") != "AutoencoderKL":
         raise UserError(f"diffusers teacher '{folder}': its vae is a {cfg.get('_class_name')}; ctmkit takes "
                         "AutoencoderKL")
@@ -101,8 +98,8 @@ def text_facts(folder: Path, index: dict) -> dict:
     """What the card keeps of the text conditioning: encoder and tokenizer classes, the embedding shape [L, D] (L =
     the tokenizer's model_max_length, D = the encoder's hidden_size) and the null prompt."""
     where = f"diffusers teacher '{folder}'"
-    enc = read_json(folder / "text_encoder" / "config.json", where)
-    tok = read_json(folder / "tokenizer" / "tokenizer_config.json", where)
+    enc = read_json_object(folder / "text_encoder" / "config.json", where)
+    tok = read_json_object(folder / "tokenizer" / "tokenizer_config.json", where)
     if "hidden_size" not in enc or "model_max_length" not in tok:
         raise UserError(f"{where}: text_encoder/config.json needs hidden_size and tokenizer/tokenizer_config.json "
                         "model_max_length")
@@ -114,7 +111,7 @@ def load_latent(folder: Path, index: dict) -> LatentTeacher:
     """A latent pipeline folder (model_index.json read as `index`) -> its LatentTeacher (CPU, eval mode, `.card`)."""
     where = f"diffusers teacher '{folder}'"
     check_components(folder, index)
-    cfg = read_json(folder / "unet" / "config.json", where)
+    cfg = read_json_object(folder / "unet" / "config.json", where)
     if cfg.get("_class_name") != "UNet2DConditionModel":
         raise UserError(f"{where}: its unet is a {cfg.get('_class_name')}; a text-to-image pipeline needs a "
                         "UNet2DConditionModel")
