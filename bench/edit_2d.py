@@ -57,9 +57,9 @@ def ratio(samples, gmm, y, known, n_proj=128, pairs=4) -> float:
     return sliced_w1(samples[:, u], ex[-1], n_proj, g()) / floor
 
 
-def bench_case(gmm, known, nfes, gammas, n, seeds, n_obs, steps) -> dict:
+def bench_case(jump, gmm, known, nfes, gammas, n, seeds, n_obs) -> dict:
+    """Inpainting ratios of `jump` (model(x, t, s, labels) in float64) on `n_obs` observations drawn from gmm."""
     ys = gmm.sample(n_obs, torch.Generator().manual_seed(7), torch.float64)
-    jump = exact_jump(gmm, steps)
     rows = []
     for gamma in gammas:
         for nfe in nfes:
@@ -95,7 +95,7 @@ def main() -> None:
     for name in a.cases.split(","):
         gmm, known = mixtures()[name]
         print(name, flush=True)
-        res = bench_case(gmm, known, nfes, gammas, a.n, a.seeds, a.obs, a.steps)
+        res = bench_case(exact_jump(gmm, a.steps), gmm, known, nfes, gammas, a.n, a.seeds, a.obs)
         x = gmm.sample(256, torch.Generator().manual_seed(1), torch.float64)
         back = flow_map(gmm, invert(gmm, x, inversion_schedule(256)) * 80.0, 80.0, 0.002, 256)
         res["invert_rel_err_max"] = float(((back - x).norm(dim=1) / x.norm(dim=1)).max())
