@@ -11,12 +11,14 @@ import numpy as np
 from ctmkit.data import readers
 from ctmkit.data.dataset import Dataset, check_n, from_array, from_mixture
 from ctmkit.data.images import is_edm_dataset, labels_path, read_images
+from ctmkit.data.latents import is_latent_folder, load_latents
 from ctmkit.data.toy import DEFAULT_POOL, builtin_names, load_builtin
 from ctmkit.errors import UserError
 
 
 def load_data(spec: str, n: int | None = None, seed: int = 0) -> Dataset:
-    """Load a data SPEC (built-in name, gmm:PATH.json, .npy/.npz, image folder, MNIST idx or CIFAR-10 folder).
+    """Load a data SPEC (built-in name, gmm:PATH.json, .npy/.npz, image folder, MNIST idx or CIFAR-10 folder, or a
+    prepared latent folder: data/latents.py, a LatentData).
 
     n caps finite sets (first n items) and sets the pool size of generated ones; seed fixes that pool."""
     if isinstance(spec, os.PathLike):
@@ -39,6 +41,8 @@ def load_data(spec: str, n: int | None = None, seed: int = 0) -> Dataset:
             raise UserError(f"data path '{spec}' does not exist")
         raise UserError(f"unknown data set '{spec}': not a built-in ({', '.join(builtin_names())}) "
                         "and no such file or folder")
+    if is_latent_folder(path):     # before any image folder: `ctmkit prepare --pipeline` wrote it
+        return load_latents(path, n)
     raw = read_raw(path, n)   # a .npy's rows and image files are read per item, when used
     return from_array(raw.data, spec=spec, labels=raw.labels, num_classes=raw.num_classes, n=n,
                       layout=raw.layout)
@@ -49,6 +53,8 @@ def read_raw(path: Path, n: int | None = None) -> readers.Raw:
     dataset zip or folder (dataset.json), an MNIST idx folder, a CIFAR-10 batches folder or a folder of images (zips
     and image folders as LazyImages, decoded per item). Only the first `n` items are read when given."""
     spec = str(path)
+    if is_latent_folder(path):
+        raise UserError(f"'{spec}' is a prepared latent folder: use it as --data {spec} with its pipeline's teacher")
     if is_edm_dataset(path):
         try:
             return read_images(path, n=n)
