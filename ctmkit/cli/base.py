@@ -128,17 +128,18 @@ def two_jump_request(text: str, grid_n: int | None, model_dir) -> tuple[int, int
     return jumps[0], jumps[1], grid_n
 
 
-def load_model_spec(spec: str):
-    """A run folder or checkpoint file (load_model), or a foreign teacher SPEC (diffusers:DIR, py:MODULE:ATTR)."""
+def load_model_spec(spec: str, text: bool = False):
+    """A run folder or checkpoint file (load_model), or a foreign teacher SPEC (diffusers:DIR, py:MODULE:ATTR);
+    a text-to-image pipeline only where the command takes prompts (`text`: `ctmkit sample`)."""
     if str(spec).startswith(("diffusers:", "py:", "edm:")):
         from ..teachers import load_teacher
         teacher = load_teacher(spec)
         if getattr(teacher, "card", None) is None:
             raise UserError(f"teacher '{spec}' does not report its data shape: give the denoiser a `shape` "
                             "attribute (e.g. shape = (3, 32, 32)) to sample or evaluate it")
-        if teacher.card.text_conditioned:
-            raise UserError(f"'{spec}' is a text-to-image pipeline: the command line does not sample or evaluate it "
-                            "yet (use it from Python: teacher.encode_prompt(prompts) as the condition)")
+        if teacher.card.text_conditioned and not text:
+            raise UserError(f"'{spec}' is a text-to-image pipeline: this command does not take it yet (`ctmkit "
+                            "sample --prompt` does; from Python: teacher.encode_prompt(prompts) as the condition)")
         return teacher
     from ..io.runs import load_model
     return load_model(spec)
