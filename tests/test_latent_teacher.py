@@ -197,7 +197,7 @@ def test_refusals_and_pixel_pipelines(saved, tmp_path):
         load_teacher(f"diffusers:{folder}")
     with pytest.raises(UserError, match="not yet distilled"):        # the command line comes with issue 29's CLI
         load_teacher(f"diffusers:{saved}", data=object())
-    with pytest.raises(UserError, match="command line does not sample"):
+    with pytest.raises(UserError, match="does not take it yet"):
         load_model_spec(f"diffusers:{saved}")
     torch.manual_seed(0)            # a pixel DDPMPipeline folder has a model_index.json too: still a pixel teacher
     unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
