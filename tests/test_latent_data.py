@@ -202,6 +202,9 @@ def test_a_failure_midway_leaves_nothing_and_a_folder_of_another_pipeline_is_ref
     image_folder(tmp_path / "src")
     cli_ok("prepare", "--pipeline", folder, tmp_path / "src", tmp_path / "lat", "--quiet")
     refused("already exists; pass --force", "prepare", "--pipeline", folder, tmp_path / "src", tmp_path / "lat")
+    refused("is not a prepared latent folder", "prepare", "--pipeline", folder, tmp_path / "src", tmp_path / "src",
+            "--force")
+    cli_ok("prepare", "--pipeline", folder, tmp_path / "src", tmp_path / "lat", "--force", "--quiet")   # replaced
     calls = []
 
     def encode(self, images):

@@ -79,12 +79,13 @@ def prepare_latents(paths, pipeline, prompts_file, resolution, n, nfe, guidance,
         raise UserError("--resolution does not apply with --pipeline: give images of the pipeline's size")
     if n < 1 or batch_size < 1 or (nfe is not None and nfe < 1):
         raise UserError("--num-samples, --batch-size and --nfe must be >= 1")
+    from ..data.latents import is_latent_folder
     out = Path(paths[-1])
     check_out_dir(out)
     if (out.exists() or out.is_symlink()) and not force:
         raise UserError(f"'{out}' already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output '{out}' is a file; a prepared latent folder is written there")
+    if out.exists() and not is_latent_folder(out):      # --force replaces an earlier preparation, nothing else
+        raise UserError(f"output '{out}' exists and is not a prepared latent folder; give a new OUT")
     import torch
 
     from ..eval.prompts import prepare_prompts, read_prompt_file
@@ -131,7 +132,7 @@ def fid_ref(data, out, n, force, quiet):
     check_out_dir(out)
     dataset = load_data(data)
     if dataset.kind != "image":
-        raise UserError(f"'{data}' holds vectors; FID statistics need images")
+        raise UserError(f"'{data}' holds {dataset.kind}s; FID statistics need images")
     if n is not None and n < 2:
         raise UserError("--num-samples must be >= 2")
     check_new_outputs([out], force)     # after the inputs, before any work

@@ -42,12 +42,14 @@ def fingerprint(folder: Path) -> str:
 
 def pipeline_record(teacher) -> dict:
     """What a prepared folder records of its pipeline (and what `check_latent_data` compares): the folder, the latent
-    and image shapes, the VAE (its factors and fingerprint) and the text conditioning (with the text encoder's)."""
+    and image shapes, the VAE (its factors and fingerprint) and the text conditioning (with the fingerprints of its
+    text encoders: text_encoder/, text_encoder_2/ ...)."""
     lat, folder = teacher.card.latent, Path(teacher.folder)
+    encoders = ",".join(fingerprint(p) for p in sorted(folder.glob("text_encoder*")) if p.is_dir())
     return {"pipeline": {"folder": str(folder), "class": lat.get("pipeline")},
             "image_shape": list(lat["image_shape"]), "latent_shape": list(teacher.card.shape),
             "vae": {**lat["vae"], "fingerprint": fingerprint(folder / "vae")},
-            "text": {**lat["text"], "fingerprint": fingerprint(folder / "text_encoder")}}
+            "text": {**lat["text"], "fingerprint": encoders}}
 
 
 def check_latent_data(data, teacher) -> None:
