@@ -128,9 +128,10 @@ def sample_prompts(model, job, texts, negative_prompt, n, seed, guidance, batch_
 @click.option("--guidance", type=float, default=None, metavar="W",
               help="Classifier-free guidance scale (diffusers' guidance_scale convention): D_null + W (D_label - "
                    "D_null); 1 = plain conditional sampling (an unguided model's default), 0 = unconditional, > 1 "
-                   "sharper classes. Any W >= 0 for a class-conditional teacher or unguided CTM trained with a null "
-                   "branch (label_dropout > 0); a CTM distilled with ctm.guidance=W samples at that W only, one "
-                   "distilled for a range ctm.guidance=[lo, hi] needs a W in it.")
+                   "sharper classes (a text-to-image teacher's default: the pipeline's 7.5). Any W >= 0 for a "
+                   "class-conditional teacher or unguided CTM trained with a null branch (label_dropout > 0); a "
+                   "CTM distilled with ctm.guidance=W samples at that W only, one distilled for a range "
+                   "ctm.guidance=[lo, hi] needs a W in it.")
 @click.option("--prompt", "prompt", multiple=True, metavar="TEXT",
               help="A text-to-image model's prompt (repeat for several): --num-samples images each, prompt-major.")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",

@@ -57,7 +57,7 @@ def read_manifest(folder: Path) -> dict:
     keys = ("format", "version", "pipeline", "latent_shape", "count", "prompts", "shard_size", "vae", "text")
     if not isinstance(m, dict) or m.get("format") != FORMAT or any(k not in m for k in keys):
         raise UserError(f"'{path}' is not a ctmkit latent manifest; prepare the folder again with ctmkit prepare")
-    if m["version"] > VERSION:
+    if not isinstance(m["version"], int) or m["version"] > VERSION:
         raise UserError(f"'{folder}' was prepared by a newer ctmkit (format version {m['version']}); upgrade ctmkit")
     return m
 
