@@ -191,9 +191,9 @@ def test_refusals_and_pixel_pipelines(saved, tmp_path):
     (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "CTMPipeline"}))
     with pytest.raises(UserError, match=f"--model {folder}"):
         load_teacher(f"diffusers:{folder}")
-    sd3 = {**index, "transformer": ["diffusers", "SD3Transformer2DModel"]}
-    (folder / "model_index.json").write_text(json.dumps(sd3))
-    with pytest.raises(UserError, match="not supported yet"):
+    flux = {**index, "transformer": ["diffusers", "FluxTransformer2DModel"]}
+    (folder / "model_index.json").write_text(json.dumps(flux))
+    with pytest.raises(UserError, match="FluxTransformer2DModel, which ctmkit does not support yet"):
         load_teacher(f"diffusers:{folder}")
     with pytest.raises(UserError, match="not yet distilled"):        # the command line comes with issue 29's CLI
         load_teacher(f"diffusers:{saved}", data=object())

@@ -37,21 +37,27 @@ def import_diffusers():
 
 
 class SEmbedded(nn.Module):
-    """A diffusers UNet (`self.unet`, with `time_proj` and `time_embedding`) plus the CTM's s input: a zero-initialised
-    `s_embed` whose output a forward hook adds to the UNet's time embedding while `s_input(noise_s)` is open."""
+    """A diffusers denoiser (a UNet: `self.unet`, with `time_proj` and `time_embedding`; or a transformer, see
+    nets/diffusers_sd3.py) plus the CTM's s input: a zero-initialised `s_embed` whose output a forward hook adds to
+    the network's time embedding while `s_input(noise_s)` is open."""
 
     def attach_s_embedding(self, unet: nn.Module, cfg: dict) -> None:
-        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+        """A UNet's: its time_proj and time_embedding (and `channels` from the config)."""
         self.unet = unet
-        width = unet.time_proj.num_channels
-        emb_dim = unet.time_embedding.linear_2.out_features
-        self.s_proj = Timesteps(width, cfg.get("flip_sin_to_cos", True), cfg.get("freq_shift", 0))
-        self.s_embed = TimestepEmbedding(width, emb_dim)
+        self.channels = int(cfg.get("in_channels", 3))
+        self.hook_s_embedding(unet.time_proj, unet.time_embedding)
+
+    def hook_s_embedding(self, time_proj: nn.Module, time_embedding: nn.Module) -> None:
+        """s_embed: a sinusoidal projection like `time_proj` (a diffusers Timesteps) and a TimestepEmbedding as wide
+        as `time_embedding`'s output, whose last layer starts at zero; hooked onto `time_embedding`."""
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+        width = time_proj.num_channels
+        self.s_proj = Timesteps(width, time_proj.flip_sin_to_cos, time_proj.downscale_freq_shift)
+        self.s_embed = TimestepEmbedding(width, time_embedding.linear_2.out_features)
         nn.init.zeros_(self.s_embed.linear_2.weight)
         nn.init.zeros_(self.s_embed.linear_2.bias)
-        self.channels = int(cfg.get("in_channels", 3))
         self._s_emb: Tensor | None = None
-        unet.time_embedding.register_forward_hook(self._add_s)
+        time_embedding.register_forward_hook(self._add_s)
 
     def _add_s(self, module, inputs, output: Tensor) -> Tensor:
         return output if self._s_emb is None else output + self._s_emb.to(output.dtype)

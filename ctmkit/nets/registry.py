@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import UserError
 from .diffusers_cond import DiffusersCondUNet
+from .diffusers_sd3 import DiffusersSD3
 from .diffusers_unet import DiffusersUNet, label_count
 from .edm_unets import DhariwalUNet, SongUNet
 from .mlp import MLP
@@ -23,10 +24,11 @@ def _unet(**kw) -> UNet:
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "unet": _unet, "diffusers_unet2d": DiffusersUNet,
                                                   "diffusers_unet2d_cond": DiffusersCondUNet,
+                                                  "diffusers_sd3": DiffusersSD3,
                                                   "edm_songunet": SongUNet, "edm_dhariwalunet": DhariwalUNet}
 DATA_KIND = {"mlp": "vector", "unet": "image", "diffusers_unet2d": "image", "edm_songunet": "image",
              "edm_dhariwalunet": "image", "songunet": "image", "dhariwalunet": "image",
-             "diffusers_unet2d_cond": "latent"}   # data kind per arch
+             "diffusers_unet2d_cond": "latent", "diffusers_sd3": "latent"}   # data kind per arch
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ Stable Diffusion 1.x / 2.x (StableDiffusionPipeline.encode_prompt with clip_skip
 padded and truncated to the tokenizer's model_max_length, and its embedding is the CLIP text model's last hidden
 state [L, D]; the null condition is the same for the negative prompt, the empty prompt by default. Each distinct
 prompt of a call runs through the encoder once, and each negative prompt's embedding is kept after its first use, so
-a sampler or a data preparation encodes once and reuses the TextCond at every step.
+a sampler or a data preparation encodes once and reuses the TextCond at every step. Stable Diffusion 3 (three
+encoders, pooled embeddings, StableDiffusion3Pipeline.encode_prompt): SD3PromptEncoder, with the same caching.
 
 transformers is part of the `diffusers` optional extra; it is imported only here, when a prompt encoder is loaded.
 Weights are read from the folder only (local_files_only; no remote code).
@@ -25,6 +26,9 @@ INSTALL_HINT = ("text-conditioned (latent) teachers need transformers: pip insta
                 "(or pip install transformers)")
 ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")     # the text encoder classes a folder may name
 TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
+SD3_CLIPS = ("CLIPTextModelWithProjection",)                    # SD3's CLIP-L and CLIP-G
+T5_ENCODERS, T5_TOKENIZERS = ("T5EncoderModel",), ("T5TokenizerFast", "T5Tokenizer")
+MAX_SEQUENCE_LENGTH = 256      # StableDiffusion3Pipeline's default T5 token count
 
 
 def import_transformers():
@@ -48,11 +52,12 @@ def load_component(folder: Path, name: str, allowed: tuple[str, ...], class_name
 
 
 class PromptEncoder:
-    """A CLIP text encoder + tokenizer: `encoder(prompts, negative_prompt="") -> TextCond` (CPU, float32)."""
+    """A CLIP text encoder + tokenizer: `encoder(prompts, negative_prompt="") -> TextCond` (CPU, float32).
+    Subclasses (SD3PromptEncoder) redefine `embed` and `options`; the caching in __call__ is shared."""
 
     def __init__(self, tokenizer, encoder) -> None:
         self.tokenizer, self.encoder = tokenizer, encoder.eval().requires_grad_(False)
-        self.nulls: dict[str, Tensor] = {}     # negative prompt -> its embedding [L, D]
+        self.nulls: dict[tuple, tuple[Tensor, Tensor | None]] = {}    # (negative prompt, options) -> its embeddings
 
     @classmethod
     def from_pipeline(cls, folder: Path, index: dict) -> PromptEncoder:
@@ -60,21 +65,95 @@ class PromptEncoder:
         tokenizer = load_component(folder, "tokenizer", TOKENIZERS, index["tokenizer"][1])
         return cls(tokenizer, load_component(folder, "text_encoder", ENCODERS, index["text_encoder"][1]))
 
+    def options(self) -> tuple:
+        """The encoding options of a call, checked (UserError), as a tuple for `embed` (none here)."""
+        return ()
+
     @torch.no_grad()
-    def embed(self, prompts: list[str]) -> Tensor:
-        """Prompts [N] -> the last hidden state [N, L, D], L = the tokenizer's model_max_length."""
+    def embed(self, prompts: list[str]) -> tuple[Tensor, None]:
+        """Prompts [N] -> (the last hidden state [N, L, D], L = the tokenizer's model_max_length; no pooled)."""
         tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt")
         mask = tokens.attention_mask if getattr(self.encoder.config, "use_attention_mask", False) else None
-        return self.encoder(tokens.input_ids, attention_mask=mask)[0].float()
+        return self.encoder(tokens.input_ids, attention_mask=mask)[0].float(), None
 
-    def __call__(self, prompts: str | list[str], negative_prompt: str = "") -> TextCond:
+    def __call__(self, prompts: str | list[str], negative_prompt: str = "", **options) -> TextCond:
         """Prompts [B] -> TextCond [B] whose null is the negative prompt's embedding."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise UserError("encode_prompt needs one or more prompts (strings)")
+        try:
+            key = self.options(**options)
+        except TypeError:
+            raise UserError(f"encode_prompt of this teacher takes no option {', '.join(options)}") from None
         rows = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
-        embeds = self.embed(list(rows))[torch.tensor([rows[p] for p in prompts])]
-        if negative_prompt not in self.nulls:
-            self.nulls[negative_prompt] = self.embed([negative_prompt])[0]
-        return TextCond(embeds, self.nulls[negative_prompt])
+        embeds, pooled = self.embed(list(rows), *key)
+        idx = torch.tensor([rows[p] for p in prompts])
+        if (negative_prompt, key) not in self.nulls:
+            null, null_pooled = self.embed([negative_prompt], *key)
+            self.nulls[negative_prompt, key] = null[0], None if null_pooled is None else null_pooled[0]
+        null, null_pooled = self.nulls[negative_prompt, key]
+        return TextCond(embeds[idx], null, None if pooled is None else pooled[idx], null_pooled)
+
+
+class SD3PromptEncoder(PromptEncoder):
+    """Stable Diffusion 3's three text encoders (StableDiffusion3Pipeline.encode_prompt with clip_skip None, the same
+    prompt for all three): `encoder(prompts, negative_prompt="", max_sequence_length=256) -> TextCond` with pooled
+    embeddings (CPU, float32).
+
+    CLIP-L and CLIP-G (CLIPTextModelWithProjection; both tokenised to the first tokenizer's model_max_length, as the
+    pipeline does) give their penultimate hidden states, concatenated along features and zero-padded to T5's width
+    D, and their projections, concatenated into the pooled embedding [P]; T5's last hidden state (its tokenizer padded
+    and truncated to max_sequence_length, at most 512) follows the CLIP tokens: embeds [77 + max_sequence_length, D].
+    A pipeline saved without T5 (text_encoder_3 None) has zeros in its place, D = the transformer's
+    joint_attention_dim."""
+
+    def __init__(self, clips: list[tuple], t5: tuple | None, joint_dim: int) -> None:
+        self.clips = [(tok, enc.eval().requires_grad_(False)) for tok, enc in clips]
+        self.t5 = None if t5 is None else (t5[0], t5[1].eval().requires_grad_(False))
+        self.joint_dim = int(joint_dim)
+        self.nulls = {}
+
+    @classmethod
+    def from_pipeline(cls, folder: Path, index: dict, joint_dim: int = 4096) -> SD3PromptEncoder:
+        """The text encoders and tokenizers of an SD3 pipeline folder whose model_index.json is `index`."""
+        clips = [(load_component(folder, f"tokenizer{n}", TOKENIZERS, index[f"tokenizer{n}"][1]),
+                  load_component(folder, f"text_encoder{n}", SD3_CLIPS, index[f"text_encoder{n}"][1]))
+                 for n in ("", "_2")]
+        t5 = None
+        if (index.get("text_encoder_3") or [None, None])[1] is not None:
+            t5 = (load_component(folder, "tokenizer_3", T5_TOKENIZERS, index["tokenizer_3"][1]),
+                  load_component(folder, "text_encoder_3", T5_ENCODERS, index["text_encoder_3"][1]))
+        return cls(clips, t5, joint_dim)
+
+    def options(self, max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> tuple[int]:
+        """max_sequence_length: T5's token count (1 to 512, the pipeline's bound; default 256, the pipeline's)."""
+        n = max_sequence_length
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 512:
+            raise UserError(f"max_sequence_length must be a whole number from 1 to 512, got {n!r}")
+        return (n,)
+
+    @torch.no_grad()
+    def embed(self, prompts: list[str], max_sequence_length: int) -> tuple[Tensor, Tensor]:
+        """Prompts [N] -> (embeds [N, 77 + max_sequence_length, D], pooled [N, P])."""
+        length = self.clips[0][0].model_max_length
+        states, pooled = [], []
+        for tokenizer, encoder in self.clips:
+            ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                            return_tensors="pt").input_ids
+            out = encoder(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])        # the penultimate layer
+            pooled.append(out[0])                       # the projection of the end-of-text token
+        t5 = self.embed_t5(prompts, max_sequence_length)
+        clip = torch.cat(states, -1)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip.float(), t5.float()], -2), torch.cat(pooled, -1).float()
+
+    def embed_t5(self, prompts: list[str], length: int) -> Tensor:
+        """T5's last hidden state [N, length, D] (zeros [N, length, joint_dim] without a T5)."""
+        if self.t5 is None:
+            return torch.zeros(len(prompts), length, self.joint_dim)
+        tokenizer, encoder = self.t5
+        ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
+                        return_tensors="pt").input_ids
+        return encoder(ids)[0]

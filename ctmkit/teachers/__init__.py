@@ -14,7 +14,8 @@ from ..errors import UserError
 from ..io.runs import load_model
 from .edm import load_edm
 from .foreign import PyTeacher, load_py
-from .latent import LatentTeacher, load_diffusers_folder
+from .latent import LatentTeacher
+from .pipelines import load_diffusers_folder
 
 log = logging.getLogger(__name__)
 

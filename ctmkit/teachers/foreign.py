@@ -1,7 +1,7 @@
 """Foreign teachers behind the denoiser protocol (docs/method.md section 7): diffusers pipeline folders and the
 user's own Python denoisers.
 
-`diffusers:DIR` (pixel folders; latent text-to-image pipelines are teachers/latent.py): a folder written by
+`diffusers:DIR` (pixel folders; latent pipelines: see teachers/pipelines.py): a folder written by
 `save_pretrained` with `unet/` (a UNet2DModel, class-conditional ones
 included) and `scheduler/`: discrete-time VP schedulers with `alphas_cumprod` (DDPM, DDIM, ...) and prediction type
 epsilon, v_prediction or sample; or FlowMatchEulerDiscreteScheduler (rectified flow, velocity). Weights are read

@@ -1,32 +1,33 @@
 """Latent text-to-image teachers (docs/method.md section 9): `diffusers:DIR` for a whole pipeline folder as
 `save_pretrained` writes it, with `model_index.json`, `unet/` (a UNet2DConditionModel: Stable Diffusion 1.x / 2.x,
-epsilon or v prediction), `vae/` (AutoencoderKL), `scheduler/`, `text_encoder/` (CLIP) and `tokenizer/`.
+epsilon or v prediction), `vae/` (AutoencoderKL), `scheduler/`, `text_encoder/` (CLIP) and `tokenizer/`; and what
+every latent teacher shares (LatentTeacher, the component and VAE checks, the card), which teachers/sd3.py builds on.
 
 The teacher is the denoiser D(z, sigma, cond) on the VAE's scaled latents z (what the pipeline's UNet sees), in the
 EDM convention z = z0 + sigma n through the scheduler's own preconditioning (core/precond.py: VPPrecond, shared with
 the pixel teachers of teachers/foreign.py); `cond` is a TextCond (core/conditions.py) from `teacher.encode_prompt`,
 whose null is the empty prompt's embedding. The card records the latent shape, the VAE's scaling and shift and the
 text conditioning. Weights are read from the folder only; the text encoder is loaded on the first encode_prompt.
-
-Pixel folders (`unet/` UNet2DModel + `scheduler/`; a model_index.json without a vae) go to teachers/foreign.py. A
-folder holding ctmkit's own export (`_class_name` CTMPipeline) is refused with a pointer to `--model`.
+Which loader a folder goes to is teachers/pipelines.py's choice.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
+
+from torch import nn
 
 from ..core.conditions import TextCond
 from ..core.precond import EDMDenoiser
 from ..data.normalize import Normalizer
 from ..errors import UserError
 from ..io.card import DataCard, ModelCard, read_json_object
-from ..io.export import is_export
 from ..nets.diffusers_cond import DiffusersCondUNet, check_cond_config
 from ..nets.diffusers_unet import import_diffusers, unet_config_from
 from ..nets.registry import BackboneSpec
 from ..nets.text_encoders import PromptEncoder
-from .foreign import diffusers_source, load_diffusers, scheduler_precond
+from .foreign import scheduler_precond
 
 COMPONENTS = {"unet": "the denoising UNet2DConditionModel", "vae": "the AutoencoderKL", "scheduler": "its scheduler",
               "text_encoder": "the CLIP text encoder", "tokenizer": "the CLIP tokenizer"}
@@ -36,47 +37,32 @@ class LatentTeacher(EDMDenoiser):
     """D(z, sigma, cond) of a latent pipeline (the denoiser protocol with a TextCond as condition), with `.card`,
     `.folder` and `encode_prompt`."""
 
-    def __init__(self, backbone: DiffusersCondUNet, precond, folder: Path, index: dict) -> None:
+    def __init__(self, backbone: nn.Module, precond, folder: Path, index: dict,
+                 encoder: Callable[[Path, dict], PromptEncoder] = PromptEncoder.from_pipeline) -> None:
         super().__init__(backbone, 0.5, precond)
-        self.folder, self.index = folder, index
+        self.folder, self.index, self.load_encoder = folder, index, encoder
         self.prompt_encoder: PromptEncoder | None = None     # loaded on the first encode_prompt
 
-    def encode_prompt(self, prompts: str | list[str], negative_prompt: str = "") -> TextCond:
+    def encode_prompt(self, prompts: str | list[str], negative_prompt: str = "", **options) -> TextCond:
         """Prompts [B] -> TextCond [B] (CPU): the pipeline's own prompt embeddings, with the negative prompt's (the
-        empty prompt by default) as the null condition. Encode once, then pass the TextCond to every step."""
+        empty prompt by default) as the null condition. Encode once, then pass the TextCond to every step.
+        `options`: the pipeline's encoding options (SD3: max_sequence_length)."""
         if self.prompt_encoder is None:
-            self.prompt_encoder = PromptEncoder.from_pipeline(self.folder, self.index)
-        return self.prompt_encoder(prompts, negative_prompt)
+            self.prompt_encoder = self.load_encoder(self.folder, self.index)
+        return self.prompt_encoder(prompts, negative_prompt, **options)
 
 
-def load_diffusers_folder(source: str | Path):
-    """The part of a SPEC after 'diffusers:' -> its teacher: a latent pipeline (model_index.json naming a vae) ->
-    LatentTeacher; a pixel folder -> teachers/foreign.py: load_diffusers; ctmkit's own export -> UserError."""
-    folder, settings = diffusers_source(source)
-    if not (folder / "model_index.json").is_file() or is_export(folder):
-        return load_diffusers(source)          # a pixel folder, or ctmkit's own export (refused there)
-    index = read_json_object(folder / "model_index.json", f"diffusers teacher '{folder}'")
-    if not _names(index, "vae"):
-        return load_diffusers(source)
-    if settings:
-        raise UserError(f"diffusers teacher '{source}': a text-conditioned pipeline takes no settings (its null "
-                        "condition is the empty prompt)")
-    return load_latent(folder, index)
-
-
-def _names(index: dict, name: str) -> bool:
+def listed(index: dict, name: str) -> bool:
     """model_index.json lists component `name` (["library", "Class"], not [null, null])."""
     entry = index.get(name)
     return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
 
 
-def check_components(folder: Path, index: dict) -> None:
-    """One line for the first component a latent pipeline folder lacks (listed and present as a folder)."""
-    if _names(index, "transformer"):
-        raise UserError(f"diffusers teacher '{folder}': flow-matching transformer pipelines (SD3, Flux) are not "
-                        "supported yet; ctmkit takes UNet2DConditionModel pipelines (Stable Diffusion 1.x / 2.x)")
-    for name, what in COMPONENTS.items():
-        if not _names(index, name) or not (folder / name).is_dir():
+def check_components(folder: Path, index: dict, components: dict[str, str]) -> None:
+    """One line for the first of `components` (name -> what it is) that a latent pipeline folder lacks (listed in
+    model_index.json and present as a folder)."""
+    for name, what in components.items():
+        if not listed(index, name) or not (folder / name).is_dir():
             raise UserError(f"diffusers teacher '{folder}': the pipeline has no {name}/ ({what}); save the whole "
                             "pipeline with save_pretrained")
 
@@ -108,9 +94,10 @@ def text_facts(folder: Path, index: dict) -> dict:
 
 
 def load_latent(folder: Path, index: dict) -> LatentTeacher:
-    """A latent pipeline folder (model_index.json read as `index`) -> its LatentTeacher (CPU, eval mode, `.card`)."""
+    """A latent pipeline folder (model_index.json read as `index`) -> its LatentTeacher (CPU, eval mode, `.card`):
+    a UNet2DConditionModel one (a transformer one: teachers/sd3.py)."""
     where = f"diffusers teacher '{folder}'"
-    check_components(folder, index)
+    check_components(folder, index, COMPONENTS)
     cfg = read_json_object(folder / "unet" / "config.json", where)
     if cfg.get("_class_name") != "UNet2DConditionModel":
         raise UserError(f"{where}: its unet is a {cfg.get('_class_name')}; a text-to-image pipeline needs a "
@@ -120,27 +107,44 @@ def load_latent(folder: Path, index: dict) -> LatentTeacher:
         check_cond_config(cfg)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
-    if int(cfg.get("in_channels", 4)) != vae["latent_channels"]:
-        raise UserError(f"{where}: its unet takes {cfg.get('in_channels')} channels but the vae makes "
-                        f"{vae['latent_channels']} (an inpainting or image-conditioned UNet is not supported)")
+    check_channels(where, "unet", cfg, vae)
     if int(cfg.get("cross_attention_dim") or 0) != text["embeds"][1]:
         raise UserError(f"{where}: its unet attends to {cfg.get('cross_attention_dim')}-dimensional text but the "
                         f"text encoder gives {text['embeds'][1]}")
     precond, sigma_min, sigma_max = scheduler_precond(folder / "scheduler")
-    try:
-        unet = import_diffusers().UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
-    except Exception as e:    # corrupt or missing weights: one line naming the folder
-        raise UserError(f"{where}: cannot load unet/ ({str(e).splitlines()[0]})") from None
+    unet = load_model(folder, "unet", "UNet2DConditionModel")
     config = unet_config_from(unet)
     teacher = LatentTeacher(DiffusersCondUNet(config, unet), precond, folder, index)
-    size = config.get("sample_size") or 64
+    facts = {"denoiser": "UNet2DConditionModel", "vae": vae, "text": text}
+    return with_card(teacher, BackboneSpec("diffusers_unet2d_cond", {"config": config}), (sigma_min, sigma_max),
+                     facts, config.get("sample_size") or 64)
+
+
+def check_channels(where: str, name: str, cfg: dict, vae: dict) -> None:
+    """One line when the denoiser `name` (its config `cfg`) does not take the VAE's latent channels."""
+    if int(cfg.get("in_channels", 4)) != vae["latent_channels"]:
+        raise UserError(f"{where}: its {name} takes {cfg.get('in_channels')} channels but the vae makes "
+                        f"{vae['latent_channels']} (an inpainting or image-conditioned {name} is not supported)")
+
+
+def load_model(folder: Path, name: str, class_name: str) -> nn.Module:
+    """The diffusers model `folder/name` of class `class_name` (local files only); one line when it cannot load."""
+    try:
+        return getattr(import_diffusers(), class_name).from_pretrained(folder / name, local_files_only=True)
+    except Exception as e:    # corrupt or missing weights: one line naming the folder
+        raise UserError(f"diffusers teacher '{folder}': cannot load {name}/ ({str(e).splitlines()[0]})") from None
+
+
+def with_card(teacher: LatentTeacher, spec: BackboneSpec, sigma_range: tuple, facts: dict, size) -> LatentTeacher:
+    """The teacher with its `.card` (the latent shape from the denoiser's sample_size, `facts` with "vae" and "text"
+    as the card's `latent` record), frozen and in eval mode."""
+    vae, folder = facts["vae"], teacher.folder
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     image = [vae["image_channels"], h * vae["downscale"], w * vae["downscale"]]
     data = DataCard(f"diffusers:{folder}", "latent", (vae["latent_channels"], h, w), 0,
                     Normalizer("image", "NCHW", "float32", lo=-1.0, hi=1.0).to_dict())   # latents as they are
-    latent = {"folder": str(folder), "pipeline": index.get("_class_name"), "denoiser": "UNet2DConditionModel",
-              "vae": vae, "image_shape": image, "text": text}
-    teacher.card = ModelCard("teacher", data, BackboneSpec("diffusers_unet2d_cond", {"config": config}), 0.5,
-                             float(sigma_min), float(sigma_max), precond=precond.spec, latent=latent)
+    latent = {"folder": str(folder), "pipeline": teacher.index.get("_class_name"), **facts, "image_shape": image}
+    teacher.card = ModelCard("teacher", data, spec, 0.5, float(sigma_range[0]), float(sigma_range[1]),
+                             precond=teacher.precond.spec, latent=latent)
     teacher.requires_grad_(False)
     return teacher.eval()

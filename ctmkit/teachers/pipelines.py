@@ -1,0 +1,34 @@
+"""`diffusers:DIR`: which loader a diffusers folder goes to (docs/method.md sections 7 and 9).
+
+Pixel folders (`unet/` UNet2DModel + `scheduler/`, with no model_index.json or one naming no vae) go to
+teachers/foreign.py; latent text-to-image pipelines (model_index.json naming a vae) to teachers/sd3.py when they
+name a transformer (SD3; others refused there) and to teachers/latent.py otherwise (a UNet2DConditionModel). A folder
+holding ctmkit's own export (`_class_name` CTMPipeline) is refused with a pointer to `--model`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+from ..io.card import read_json_object
+from ..io.export import is_export
+from .foreign import diffusers_source, load_diffusers
+from .latent import listed, load_latent
+from .sd3 import load_sd3
+
+
+def load_diffusers_folder(source: str | Path):
+    """The part of a SPEC after 'diffusers:' -> its teacher: a latent pipeline (model_index.json naming a vae) ->
+    LatentTeacher (a transformer: load_sd3, else load_latent); a pixel folder -> teachers/foreign.py:
+    load_diffusers; ctmkit's own export -> UserError."""
+    folder, settings = diffusers_source(source)
+    if not (folder / "model_index.json").is_file() or is_export(folder):
+        return load_diffusers(source)          # a pixel folder, or ctmkit's own export (refused there)
+    index = read_json_object(folder / "model_index.json", f"diffusers teacher '{folder}'")
+    if not listed(index, "vae"):
+        return load_diffusers(source)
+    if settings:
+        raise UserError(f"diffusers teacher '{source}': a text-conditioned pipeline takes no settings (its null "
+                        "condition is the empty prompt)")
+    return load_sd3(folder, index) if listed(index, "transformer") else load_latent(folder, index)
