@@ -99,6 +99,9 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile the backbone (state dicts unchanged)")
     workers: int = opt(0, "DataLoader processes reading and decoding the next batches ahead (0: in the training "
                        "process); the items of a step never depend on it")
+    grad_checkpointing: bool = opt(False, "a diffusers student (ctmkit distill with a diffusers:DIR teacher): "
+                                   "recompute activations in the backward pass (diffusers' enable_gradient_"
+                                   "checkpointing), less memory for more time; other networks refuse it")
 
     def validate(self) -> None:
         _check([
@@ -152,6 +155,7 @@ class TeacherConfig:
 
 
 PAIR_DRAWS = ("reference", "uniform", "all_the_way", "mixed")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -218,6 +222,16 @@ class CTMConfig:
                                "the teacher), \"edm\" (EDM's, weights still copied: the reference's CIFAR-10 student "
                                "of EDM's VP teacher) or \"auto\": edm for teachers that predict the noise (diffusers "
                                "epsilon, EDM VP / VE / iDDPM pickles), else the teacher's form")
+    lora_rank: int = opt(0, "latent text-to-image teachers: 0 = train the whole student; R > 0 = train rank-R LoRA "
+                         "adapters (peft) on the UNet's to_q, to_k, to_v, to_out.0, proj_in, proj_out and ff layers "
+                         "plus the s embedding; the teacher is the same module with the adapters off, and the target "
+                         "network, EMAs and checkpoints hold only the trained tensors")
+    teacher_dtype: str = opt("auto", "the frozen teacher's weights: \"float32\", \"bfloat16\" or \"auto\" (bfloat16 "
+                             "on a CUDA device that supports it, else float32); latent teachers only. Trained "
+                             "weights stay float32 (a LoRA student's frozen base shares the teacher's dtype)")
+    gan_latent: bool = opt(False, "latent students run without the GAN term (no discriminator is defined on VAE "
+                           "latents; docs/method.md section 9) unless true: then the small conv discriminator on "
+                           "latents")
 
     def validate(self) -> None:
         _check([
@@ -250,7 +264,10 @@ class CTMConfig:
             (len(self.guidance) in (1, 2) and min(self.guidance) >= 0
              and (len(self.guidance) == 1 or self.guidance[0] < self.guidance[1]),
              f"ctm.guidance must be [w] or [lo, hi] with 0 <= lo < hi (w >= 0), got {self.guidance}"),
-            (self.label_dropout < 1, "ctm.label_dropout must be < 1 (-1 = the teacher's)")])
+            (self.label_dropout < 1, "ctm.label_dropout must be < 1 (-1 = the teacher's)"),
+            (0 <= self.lora_rank <= 4096, "ctm.lora_rank must be in 0..4096 (0 = train the whole student)"),
+            (self.teacher_dtype in TEACHER_DTYPES,
+             f"ctm.teacher_dtype must be one of {', '.join(TEACHER_DTYPES)}, got '{self.teacher_dtype}'")])
 
     @property
     def guided(self) -> bool:

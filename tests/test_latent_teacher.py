@@ -17,6 +17,7 @@ from ctmkit.cli.base import load_model_spec
 from ctmkit.core.conditions import TextCond
 from ctmkit.core.guidance import guided
 from ctmkit.core.precond import CTM, vp_sigmas
+from ctmkit.data import load_data
 from ctmkit.errors import UserError
 from ctmkit.io.card import ModelCard
 
@@ -195,8 +196,8 @@ def test_refusals_and_pixel_pipelines(saved, tmp_path):
     (folder / "model_index.json").write_text(json.dumps(flux))
     with pytest.raises(UserError, match="FluxTransformer2DModel, which ctmkit does not support yet"):
         load_teacher(f"diffusers:{folder}")
-    with pytest.raises(UserError, match="not yet distilled"):        # the command line comes with issue 29's CLI
-        load_teacher(f"diffusers:{saved}", data=object())
+    with pytest.raises(UserError, match="must be a prepared latent folder"):     # its data: check_latent_data
+        load_teacher(f"diffusers:{saved}", data=load_data("ring"))
     with pytest.raises(UserError, match="does not take it yet"):
         load_model_spec(f"diffusers:{saved}")
     torch.manual_seed(0)            # a pixel DDPMPipeline folder has a model_index.json too: still a pixel teacher

@@ -74,7 +74,8 @@ def train_teacher(data, out, preset, config_file, steps, batch_size, seed, ckpt_
 @click.option("--teacher", default=None,
               help="Teacher SPEC: a ctmkit teacher run folder; 'exact' for data with a known density (gmm:PATH.json, "
                    "ring, grid); diffusers:DIR (a diffusers pipeline folder: UNet2DModel + a DDPM/DDIM-style or "
-                   "flow-matching scheduler; pip install 'ctmkit[diffusers]'; DIR?null_class=K names its null class "
+                   "flow-matching scheduler, or a text-to-image pipeline with model_index.json such as Stable "
+                   "Diffusion; pip install 'ctmkit[diffusers]'; DIR?null_class=K names its null class "
                    "for guidance); edm:FILE.pkl (an NVIDIA EDM network pickle such as edm-cifar10-32x32-uncond-vp.pkl, "
                    "read without running its code); py:MODULE:ATTR (your own denoiser "
                    "D(x, sigma, labels) or a factory of one: this imports and runs your module).")
@@ -88,6 +89,10 @@ def distill(teacher, data, out, preset, config_file, steps, batch_size, seed, ck
     ctm.gan=false, start the GAN late with ctm.gan_start=N; ctm.teacher_free=true trains without a teacher.
     Classifier-free guidance (a teacher with a null branch): ctm.guidance=2 distils the guided teacher D_2,
     ctm.guidance=[1,4] one student for every scale in the range (docs/method.md section 8).
+    A latent text-to-image pipeline (diffusers:DIR with model_index.json) distils on a folder from `ctmkit prepare
+    --pipeline DIR`: prompts as conditions, the empty prompt as null, no GAN by default; ctm.lora_rank=R trains LoRA
+    adapters only, ctm.teacher_dtype=bfloat16 and train.grad_checkpointing=true save memory (section 9); sample the
+    student with `ctmkit sample --model OUT --prompt TEXT`.
     `ctmkit config distill` lists every key. Writes config.yaml, model.json, checkpoints/, stats.jsonl.
 
     \b

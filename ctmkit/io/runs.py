@@ -13,6 +13,7 @@ from torch import nn
 
 from ..core.precond import CTM, EDMDenoiser, make_precond
 from ..errors import UserError
+from ..nets.lora import is_trained, lora_backbone
 from .card import ModelCard, malformed
 from .checkpoint import load_checkpoint, newest_intact
 from .export import is_export, read_export_card, read_export_weights
@@ -40,8 +41,10 @@ def training_grid_size(run_dir: str | Path) -> int | None:
 def build_model(card: ModelCard, where: str = "model.json") -> nn.Module:
     """The untrained network a card describes: a CTM or an EDMDenoiser (teacher) around its backbone."""
     wrapper = CTM if card.is_ctm else EDMDenoiser
+    lora = lora_rank(card)
     try:
-        return wrapper(card.backbone.build(), card.sigma_data, make_precond(card.precond, card.sigma_data))
+        backbone = card.backbone.build() if lora is None else lora_backbone(card.backbone, card.latent["folder"], lora)
+        return wrapper(backbone, card.sigma_data, make_precond(card.precond, card.sigma_data))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise malformed(where, e) from None
 
@@ -70,10 +73,23 @@ def load_model(path: str | Path, ema: int | None = None) -> nn.Module:
     return _ready(build_model(card, str(Path(run_dir) / "model.json")), card, weights)
 
 
+def lora_rank(card: ModelCard) -> int | None:
+    """The adapter rank of a LoRA student (its card's latent.lora, docs/method.md section 9), else None."""
+    lora = (card.latent or {}).get("lora")
+    return None if lora is None else int(lora["rank"])
+
+
 def _ready(model: nn.Module, card: ModelCard, weights: dict) -> nn.Module:
-    """The model with its weights and card, frozen, in eval mode."""
+    """The model with its weights and card, frozen, in eval mode. A LoRA student's weights are its trained tensors
+    alone (adapters and s embedding); the rest is the teacher's, already loaded."""
     try:
-        model.load_state_dict(weights)
+        if lora_rank(card) is None:
+            model.load_state_dict(weights)
+        else:
+            want = sorted(k for k in model.state_dict() if is_trained(k))
+            if sorted(weights) != want:
+                raise RuntimeError(f"{len(weights)} tensors for the {len(want)} trained ones of this LoRA student")
+            model.load_state_dict(weights, strict=False)
     except (RuntimeError, TypeError, AttributeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"the checkpoint's weights do not fit the network described in model.json ({first}); "

@@ -41,9 +41,10 @@ class DiffusersCondUNet(SEmbedded):
         if not isinstance(labels, TextCond):
             raise ValueError("this network is text-conditioned: pass a TextCond (teacher.encode_prompt(prompts)) "
                              f"as its condition, not {type(labels).__name__}")
+        dtype = self.unet.conv_in.weight.dtype          # a frozen teacher may sit in bf16 (ctm.teacher_dtype)
         with self.s_input(noise_s, x.dtype):
-            out = self.unet(x, noise_t.float(), encoder_hidden_states=labels.embeds.to(x.dtype)).sample
-        return out[:, :self.channels]
+            out = self.unet(x.to(dtype), noise_t.float(), encoder_hidden_states=labels.embeds.to(dtype)).sample
+        return out[:, :self.channels].to(x.dtype)
 
 
 def check_cond_config(cfg: dict) -> None:

@@ -10,11 +10,13 @@ import logging
 from pathlib import Path
 
 from ..core.mixtures import EmpiricalDenoiser, GaussianMixture  # noqa: F401  (their home in ctmkit 0.1.0)
+from ..data.latents import LatentData
 from ..errors import UserError
 from ..io.runs import load_model
 from .edm import load_edm
 from .foreign import PyTeacher, load_py
 from .latent import LatentTeacher
+from .latent_data import check_latent_data
 from .pipelines import load_diffusers_folder
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,8 @@ def load_teacher(spec: str | Path, data=None):
     denoiser of `data` (a Dataset with a known density); a run folder or `diffusers:DIR` -> an EDMDenoiser with
     `.card` (its sigma range, data shape and classes; a latent pipeline folder: a LatentTeacher, whose condition is
     a TextCond from its encode_prompt); `py:MODULE:ATTR` -> a PyTeacher. With `data`, the teacher is
-    checked against it (shape and classes; a differing normalisation is a warning)."""
+    checked against it (shape and classes; a differing normalisation is a warning; a latent teacher's data must be
+    a folder prepared with its VAE and text encoder: teachers/latent_data.py: check_latent_data)."""
     spec = str(spec)
     if spec == "exact":
         if data is None or data.mixture is None:
@@ -62,8 +65,11 @@ def load_teacher(spec: str | Path, data=None):
         if teacher.card.kind != "teacher":
             raise UserError(f"'{spec}' is a {teacher.card.kind} run, not a teacher")
     if data is not None and teacher.card.text_conditioned:
-        raise UserError(f"teacher '{spec}' is a text-to-image pipeline: it is not yet distilled or evaluated on a "
-                        "data set (use it from Python: teacher.encode_prompt(prompts) as the condition)")
+        check_latent_data(data, teacher)            # a prepared latent folder of this pipeline's VAE and text encoder
+        return teacher
+    if isinstance(data, LatentData):
+        raise UserError(f"'{data.spec}' is a prepared latent folder: distil it with the pipeline it was prepared "
+                        f"with, --teacher diffusers:{data.manifest['pipeline'].get('folder')}")
     if data is not None:
         teacher.card.check_data(data, f"teacher '{spec}'")
         _check_classes(spec, teacher.card.num_classes, data)

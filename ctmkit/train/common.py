@@ -104,6 +104,10 @@ class Run:
     def train_step(self) -> dict:
         raise NotImplementedError
 
+    def trained_module(self) -> nn.Module:
+        """What the EMAs average: the network (a LoRA student: its trained tensors alone, train/latent.py)."""
+        return self.net
+
     # -- helpers for subclasses ------------------------------------------------------------------------
     def autocast(self):
         p = self.tcfg.precision
@@ -121,8 +125,8 @@ class Run:
     def add_emas(self) -> None:
         """The evaluation EMAs (train.ema) and the post-hoc EMA profiles (train.phema) of self.net, checkpointed
         with the other networks."""
-        self.emas = [frozen_copy(self.net) for _ in self.tcfg.ema]
-        self.phemas = [frozen_copy(self.net) for _ in self.tcfg.phema]
+        self.emas = [frozen_copy(self.trained_module()) for _ in self.tcfg.ema]
+        self.phemas = [frozen_copy(self.trained_module()) for _ in self.tcfg.phema]
         self.phema_gammas = [sigma_rel_to_gamma(s) for s in self.tcfg.phema]
         self.nets.update({f"ema{i}": e for i, e in enumerate(self.emas)})
         self.nets.update({f"phema{i}": e for i, e in enumerate(self.phemas)})
@@ -131,9 +135,9 @@ class Run:
         """After an optimiser step: theta_ema <- rate theta_ema + (1 - rate) theta for each fixed rate, and each
         power-function profile with its rate beta_t = (1 - 1/t)^(gamma + 1) at this step t = 1, 2, ..."""
         for e, rate in zip(self.emas, self.tcfg.ema):
-            ema_update(e, self.net, rate)
+            ema_update(e, self.trained_module(), rate)
         for e, gamma in zip(self.phemas, self.phema_gammas):
-            ema_update(e, self.net, power_beta(self.step + 1, gamma))
+            ema_update(e, self.trained_module(), power_beta(self.step + 1, gamma))
 
     def phema_snapshots(self) -> None:
         """Every train.phema_every steps (default train.steps / 16) and at the end: each profile's weights to

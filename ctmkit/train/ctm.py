@@ -58,6 +58,7 @@ from ..nets.augment import diff_augment
 from ..nets.disc import ImageDiscriminator, VectorDiscriminator
 from ..nets.dropout import set_dropout
 from ..nets.feature_nets import DEIT_WEIGHTS, EFFNET_WEIGHTS, reference_feature_nets
+from ..nets.lora import LORA_TARGETS
 from ..nets.lpips import LPIPS, VGG_WEIGHTS
 from ..nets.projected import ProjectedDiscriminator
 from ..nets.registry import BackboneSpec, backbone_spec
@@ -65,6 +66,7 @@ from ..teachers import PyTeacher, load_teacher, teacher_facts
 from . import dist
 from .common import Run, make_optimizer
 from .ema import ema_update, frozen_copy
+from .latent import TargetNet, latent_student, lora_last_layer
 
 if typing.TYPE_CHECKING:
     from ..data import Dataset
@@ -98,6 +100,8 @@ class CTMRun(Run):
 
     def __init__(self, cfg: DistillConfig, out, data: Dataset, resume: bool = False):
         super().__init__(cfg, out, data, resume)
+        self.latent = data.kind == "latent"                              # a latent text-to-image teacher's data
+        self.check_latent_settings()
         self.check_split("ctm.gan_batch_size", cfg.ctm.gan_batch_size)
         self.check_weight_files()                                          # before the slow parts
         if cfg.ctm.gan and cfg.ctm.gan_start >= cfg.train.steps and self.dist.main:
@@ -116,19 +120,26 @@ class CTMRun(Run):
         keep = init and self.student_form(tcard.precond) == "teacher"
         self.precond = tcard.precond if keep else None        # a foreign teacher's form, kept by its student
         self.check_resumed_form()
-        self.net = CTM(self.spec.build(), cfg.model.sigma_data, make_precond(self.precond, cfg.model.sigma_data))
-        if init:  # weight for weight: every shared layer copied; the s-embedding (unused by teachers) starts at 0
+        if self.latent:   # the teacher's UNet (copied, or shared with LoRA adapters: train/latent.py)
+            self.net, self.trained, self.teacher = latent_student(self, init)
+        else:
+            self.net = CTM(self.spec.build(), cfg.model.sigma_data, make_precond(self.precond, cfg.model.sigma_data))
+            self.trained = self.net
+        if init and not self.latent:  # weight for weight: every shared layer copied; the s-embedding starts at 0
             missing = self.net.load_state_dict(self.teacher.state_dict(), strict=False)
             assert not missing.unexpected_keys, missing
         elif isinstance(self.teacher, PyTeacher) and self.dist.main:
             log.warning("teacher '%s' is a Python callable whose architecture ctmkit cannot extend: distilling into "
                         "a ctmkit %s (model.* settings) trained from scratch", cfg.teacher, self.spec.arch)
         self.net.to(self.device)
-        self.target = frozen_copy(self.net)                                # theta^-: EMA rate ctm.target_ema
+        self.grad_checkpointing()
+        self.target = frozen_copy(self.trained)                            # theta^-: EMA rate ctm.target_ema
+        self.G_target = self.target if self.trained is self.net else TargetNet(self.net, self.target)
         set_dropout(self.target, cfg.ctm.target_dropout)                   # explicit, not by train()/eval()
-        self.nets = {"net": self.net, "target": self.target}
+        self.nets = {"net": self.trained, "target": self.target}
         self.add_emas()                                                    # evaluation and post-hoc EMAs
-        self.add_optimizer("opt", make_optimizer(self.net.parameters(), cfg.train))
+        self.add_optimizer("opt", make_optimizer(self.trained.parameters(), cfg.train))
+        self.last_layer = self.net.last_layer() if self.trained is self.net else lora_last_layer(self.net)
         self.maybe_compile(self.net.backbone)
         self.ddp = dist.wrap(self.net, self.dist, self.device)
         if cfg.ctm.gan:
@@ -140,6 +151,49 @@ class CTMRun(Run):
         self.distance = self.make_ctm_distance()
         self.grid = karras_sigmas(cfg.ctm.num_scales, cfg.sigma_min, cfg.sigma_max)   # t_0 > ... > t_{N-1}
         self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.train.seed + 7)
+
+    def check_latent_settings(self) -> None:
+        """ctm.lora_rank needs a latent teacher; a latent student has its teacher and runs without the GAN term
+        unless ctm.gan_latent (docs/method.md section 9)."""
+        c = self.cfg.ctm
+        if c.lora_rank and not self.latent:
+            raise UserError(f"ctm.lora_rank={c.lora_rank} trains adapters on a latent text-to-image pipeline's UNet "
+                            "(--teacher diffusers:DIR with --data from `ctmkit prepare --pipeline`); this student "
+                            f"is not one ('{self.data.spec}'): use ctm.lora_rank=0")
+        if self.latent and c.teacher_free:
+            raise UserError("ctm.teacher_free=true has no network to start from on latent data: distil the "
+                            "pipeline (--teacher diffusers:DIR)")
+        if self.latent and c.gan and not c.gan_latent:
+            c.gan = False
+            if self.dist.main:
+                log.warning("a latent student runs without the GAN term (ctm.gan_latent=true keeps it): ctm.gan=false "
+                            "in config.yaml")
+
+    def grad_checkpointing(self) -> None:
+        """train.grad_checkpointing: diffusers' gradient checkpointing in the student's UNet (diffusers only)."""
+        if not self.tcfg.grad_checkpointing:
+            return
+        unet = getattr(self.net.backbone, "unet", None)
+        if not hasattr(unet, "enable_gradient_checkpointing"):
+            raise UserError("train.grad_checkpointing=true needs a diffusers student (a diffusers:DIR teacher); "
+                            f"this one is a ctmkit {self.spec.arch}")
+        unet.enable_gradient_checkpointing()
+
+    def trained_module(self) -> torch.nn.Module:
+        return self.trained
+
+    @property
+    def use_labels(self) -> bool:
+        """A latent run's items carry their prompt indices (the TextCond comes from the prepared folder's table)."""
+        return self.latent or super().use_labels
+
+    def condition(self, labels: Tensor | None):
+        """The networks' condition of a micro-batch: class labels as they are; a latent run's prompt indices [B']
+        (-1: dropped) -> their prompts' TextCond, with the empty prompt's embedding where -1 (cond.drop)."""
+        if not self.latent or labels is None:
+            return labels
+        idx = labels.cpu()
+        return self.data.prompt_embeds(idx.clamp(min=0)).drop(idx < 0).to(self.device)
 
     def adopt_teacher_range(self) -> None:
         """The teacher's sigma range replaces EDM's default one (0.002, 80) in the config (and so in the run's
@@ -278,8 +332,12 @@ class CTMRun(Run):
         guidance = {"label_dropout": self.label_dropout} if self.label_dropout > 0 else {}
         if self.cfg.ctm.guided:
             guidance["scale"] = list(self.cfg.ctm.guidance)
+        latent = None
+        if self.latent:     # the pipeline's facts, for sampling from prompts; a LoRA student: its adapters' rank
+            lora = {"lora": {"rank": self.cfg.ctm.lora_rank, "targets": LORA_TARGETS}} if self.cfg.ctm.lora_rank else {}
+            latent = {**self.teacher.card.latent, **lora}
         return ModelCard("ctm", backbone=self.spec, teacher=self.cfg.teacher, precond=self.precond,
-                         guidance=guidance or None, **self.card_fields())
+                         guidance=guidance or None, latent=latent, **self.card_fields())
 
     def state(self) -> dict:
         return {**super().state(), "aug_gen": self.aug_gen.get_state()}
@@ -360,10 +418,10 @@ class CTMRun(Run):
     def ctm_losses(self, d: CTMDraw) -> dict:
         """The loss terms of one micro-batch (graphs attached)."""
         cfg = self.cfg
-        x0, labels, n, w = d.x0, d.labels, d.n.cpu(), d.w
+        x0, labels, n, w = d.x0, self.condition(d.labels), d.n.cpu(), d.w
         x_t, t, t_u, s, s_min = self.levels(d)
         wk = () if w is None else (w,)                 # a range student's scale input
-        target = self.target if w is None else (lambda *a: self.target(*a, w))   # noqa: E731
+        target = self.G_target if w is None else (lambda *a: self.G_target(*a, w))   # noqa: E731
         with torch.no_grad():
             if cfg.ctm.teacher_free:  # self-learn: x_u from the target network's own jump
                 x_u = target(x_t, t, t_u, labels)
@@ -377,7 +435,7 @@ class CTMRun(Run):
                 out["dsm"] = dsm_loss(lambda *a: self.ddp("denoise", *a, *wk), x0, d.sig, d.z_dsm,
                                       cfg.model.sigma_data, labels, self.dsm_target(w))
             if self.gan_active():
-                out["gan_g"] = gan_g_loss(self.disc(self.disc_in(estimate), labels, **self.disc_kw()))
+                out["gan_g"] = gan_g_loss(self.disc(self.disc_in(estimate), d.labels, **self.disc_kw()))
         return out
 
     def dsm_target(self, w: Tensor | None):
@@ -390,7 +448,7 @@ class CTMRun(Run):
         """A fixed weight (>= 0), or the adaptive one from last-layer gradient norms averaged over ranks."""
         if fixed >= 0:
             return torch.tensor(fixed, device=self.device)
-        last = self.net.last_layer()
+        last = self.last_layer
         if "_g_ctm" not in losses:
             losses["_g_ctm"] = last_layer_grad(losses["ctm"], last)
         grads = dist.all_mean_(torch.stack([losses["_g_ctm"], last_layer_grad(losses[key], last)]), self.dist)
@@ -445,9 +503,9 @@ class CTMRun(Run):
             fakes.append((losses["estimate"].detach(), labels))
             reals.append((x0, labels))
         stats = self.reduce_stats(stats)
-        ok = self.apply("opt", self.net.parameters(), torch.tensor(stats["loss"]))
+        ok = self.apply("opt", self.trained.parameters(), torch.tensor(stats["loss"]))
         if ok:
-            ema_update(self.target, self.net, cfg.ctm.target_ema)
+            ema_update(self.target, self.trained, cfg.ctm.target_ema)
             self.update_emas()
         return stats, fakes, reals, ok
 
@@ -458,10 +516,9 @@ class CTMRun(Run):
         out = []
         for part in self.micro_batches(draw):
             x_t, t, _, s, s_min = self.levels(part)
-            wk = () if part.w is None else (part.w,)
+            wk, cond = () if part.w is None else (part.w,), self.condition(part.labels)
             with self.autocast():
-                out.append((self.target(self.net(x_t, t, s, part.labels, *wk), s, s_min, part.labels, *wk),
-                            part.labels))
+                out.append((self.G_target(self.net(x_t, t, s, cond, *wk), s, s_min, cond, *wk), part.labels))
         return out
 
     def discriminator_step(self, fakes: list, reals: list | None, draw: CTMDraw) -> tuple[dict, bool]:

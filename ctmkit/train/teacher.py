@@ -29,6 +29,9 @@ class TeacherRun(Run):
         if cfg.label_dropout > 0 and not self.use_labels:
             raise UserError(f"label_dropout={cfg.label_dropout:g} needs labelled data and model.conditional=true; "
                             f"'{data.spec}' gives the network no labels")
+        if cfg.train.grad_checkpointing:
+            raise UserError("train.grad_checkpointing=true applies to diffusers students (ctmkit distill with a "
+                            "diffusers:DIR teacher); ctmkit's own networks do not have it")
         self.spec = backbone_spec(cfg.model, data.kind, data.shape, data.num_classes, data.spec)
         torch.manual_seed(cfg.train.seed)
         self.net = EDMDenoiser(self.spec.build(), cfg.model.sigma_data).to(self.device)
