@@ -14,15 +14,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ctmkit import load_teacher
+from ctmkit import load_model, load_teacher
 from ctmkit.cli import main
 from ctmkit.core.guidance import guided
-from ctmkit.core.sampling import heun_sample
+from ctmkit.core.sampling import heun_sample, per_sample_normal
 from ctmkit.data import latents as latents_mod
 from ctmkit.data import load_data
 from ctmkit.data.latents import LatentData
 from ctmkit.data.readers import NpyRows
 from ctmkit.errors import UserError
+from ctmkit.eval.prompts import encode_prompts
 from ctmkit.nets.vae import LatentVAE
 from ctmkit.teachers.latent_data import check_latent_data
 from tests.test_latent_teacher import tiny_pipeline
@@ -59,6 +60,20 @@ def refused(match: str, *args) -> None:
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal to float round-off relative to the latents' size (batches of another size: other kernels)."""
     return float((a - b).abs().max()) <= 1e-4 * float(b.abs().max())
+
+
+def check_one_jump(run, npz):
+    """The latents of `sample --model RUN --prompt "a cat" --prompt "a red dog" --n 2 --seed 4 --nfe 1` (in `npz`)
+    are one jump sigma_max -> sigma_min of the loaded model on the prompts' TextCond; returns the .npz."""
+    model = load_model(run)
+    cond = encode_prompts(model, ["a cat", "a red dog"])[torch.tensor([0, 0, 1, 1])]
+    z = per_sample_normal(4, (4, 8, 8), 4) * model.card.sigma_max
+    ones = lambda v: torch.full((4,), v)                                   # noqa: E731
+    with torch.no_grad():
+        want = model(z, ones(model.card.sigma_max), ones(model.card.sigma_min), cond)
+    one = np.load(npz)
+    assert np.allclose(one["latents"], want.numpy(), atol=1e-5 * float(want.abs().max()))
+    return one
 
 
 def image_folder(path, texts=TEXTS, size=16, seed=0):

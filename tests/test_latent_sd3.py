@@ -4,7 +4,8 @@ projection (CLIP-L, CLIP-G) sharing a CLIP tokenizer whose vocab.json / merges.t
 writes, and a T5 encoder with a Unigram T5 tokenizer built from a word list, saved with save_pretrained (also
 without T5). Euler on ctmkit's teacher with classifier-free guidance must reproduce StableDiffusion3Pipeline's own
 flow-matching Euler loop on latents, for a shifted and a dynamically shifted schedule; encode_prompt must be the
-pipeline's; a student starts as the teacher; a bad folder is one line."""
+pipeline's; a student starts as the teacher; a bad folder is one line. `prepare --pipeline` stores the pooled
+embeddings (= encoding by hand); prepare -> distill -> sample --prompt runs end to end (full and LoRA students)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,18 @@ import numpy as np
 import pytest
 import torch
 
-from ctmkit import load_teacher, solve_pf_ode
+from ctmkit import load_model, load_teacher, solve_pf_ode
+from ctmkit.config import DistillConfig, load_config
 from ctmkit.core.guidance import guided
 from ctmkit.core.precond import CTM
+from ctmkit.data import load_data
 from ctmkit.errors import UserError
+from ctmkit.eval.prompts import encode_prompts
 from ctmkit.io.card import ModelCard
+from ctmkit.nets.lora import is_trained
+from ctmkit.train.ctm import CTMRun
 
+from .test_latent_data import TEXTS, check_one_jump, cli_ok, image_folder, refused
 from .test_latent_teacher import WORDS, write_clip_tokenizer
 
 diffusers = pytest.importorskip("diffusers")
@@ -198,3 +205,111 @@ def test_refusals(sd3, tmp_path):
     one_line(lambda: teacher.encode_prompt("a cat", clip_skip=1), "no option clip_skip")
     with pytest.raises(ValueError, match="pooled"):
         teacher(torch.randn(1, 4, 8, 8), torch.ones(1), torch.tensor([0]))
+
+
+# --- prepare -> distill -> sample (ctmkit prepare --pipeline, train/latent.py, eval/prompts.py) -----------------------
+
+QUICK = ["--steps", 2, "--batch-size", 2, "ctm.num_scales=6", "ctm.max_k=2", "train.phema=[]", "train.ema=[0.9]",
+         "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def prepared(sd3, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd3data")
+    images = image_folder(root / "src")
+    cli_ok("prepare", "--pipeline", sd3[2] / "pipe", root / "src", root / "lat", "--quiet")
+    return sd3[2] / "pipe", root / "lat", images
+
+
+def test_prepare_stores_pooled_embeddings_and_equals_encoding_by_hand(prepared):
+    pipe, lat, images = prepared
+    data = load_data(lat)
+    teacher = load_teacher(f"diffusers:{pipe}")
+    prompts = list(dict.fromkeys(TEXTS))
+    assert data.prompts == prompts and data.manifest["version"] == 2 and data.manifest["text"]["pooled"] == 32
+    cond = teacher.encode_prompt(prompts)                  # the same batch of distinct prompts, the default 256 tokens
+    assert data.pooled.shape == (len(prompts), 32) and torch.equal(data.pooled, cond.pooled)
+    assert torch.equal(data.null_pooled, cond.null_pooled) and torch.equal(data.null_embeds, cond.null_embeds)
+    assert torch.equal(torch.from_numpy(np.asarray(data.embeds)), cond.embeds)
+    got = data.text_cond([1, 2, 4])
+    assert torch.equal(got.pooled, cond.pooled[[1, 0, 3]]) and torch.equal(got.embeds, cond.embeds[[1, 0, 3]])
+    vae = diffusers.AutoencoderKL.from_pretrained(pipe / "vae")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():                                   # z = (mean - shift) * scaling, shift 0.1, scaling 1.5
+        want = (vae.encode(x).latent_dist.mean - 0.1) * 1.5
+    assert torch.allclose(data[np.arange(len(TEXTS))], want, rtol=0, atol=1e-5)
+
+
+def test_a_folder_without_pooled_embeddings(prepared, tmp_path):
+    pipe, lat, _ = prepared
+    old = shutil.copytree(lat, tmp_path / "old")           # as ctmkit's format version 1 wrote it
+    (old / "pooled.npy").unlink()
+    (old / "null_pooled.npy").unlink()
+    m = json.loads((old / "ctmkit_latents.json").read_text())
+    (old / "ctmkit_latents.json").write_text(json.dumps({**m, "version": 1}))
+    data = load_data(old)
+    assert data.pooled is None and data.text_cond([0]).pooled is None
+    refused("holds no pooled prompt embeddings", "distill", "--teacher", f"diffusers:{pipe}", "--data", old,
+            "--out", tmp_path / "run", "--steps", 1, "--quiet")
+
+
+def sd3_run(pipe, lat, out, *overrides):
+    cfg = load_config(DistillConfig, None, None, ["train.steps=2", "train.batch_size=2", "ctm.num_scales=6",
+                                                  "ctm.max_k=2", "train.phema=[]", *overrides],
+                      data=str(lat), teacher=f"diffusers:{pipe}")
+    return CTMRun(cfg, out, load_data(lat))
+
+
+@pytest.mark.parametrize("lora", [0, 2])
+def test_a_distilled_student_starts_as_its_teacher(prepared, tmp_path, lora):
+    pytest.importorskip("peft")
+    pipe, lat, _ = prepared
+    run = sd3_run(pipe, lat, tmp_path / "r", f"ctm.lora_rank={lora}")         # student_precond auto: the flow form
+    assert run.net.precond.spec == {"kind": "flow", "num_train_timesteps": 1000}
+    teacher = load_teacher(f"diffusers:{pipe}")                                 # loaded apart
+    cond = teacher.encode_prompt(["a cat", "the dog", "", "red"], max_sequence_length=SEQ)
+    z, t = torch.randn(4, 4, 8, 8), torch.tensor([0.05, 0.5, 3.0, 150.0])
+    with torch.no_grad():
+        want = teacher(z, t, cond)
+        assert torch.equal(run.teacher(z, t, cond), want)
+        for s in (t, t / 2, torch.full_like(t, 0.03)):
+            assert torch.equal(run.net.g(z, t, s, cond), want)
+    if lora:    # adapters on the joint attention of both streams and the feed-forward layers, B at zero
+        names = run.trained.names
+        assert all(is_trained(n) for n in names) and any("s_embed" in n for n in names)
+        for layer in ("attn.to_q", "attn.add_k_proj", "attn.to_add_out", "ff.net.2", "ff_context.net.0.proj"):
+            assert any(f".{layer}.lora_A" in n for n in names), layer
+        assert {n for n in names if "lora_" not in n} == {f"backbone.s_embed.linear_{i}.{w}" for i in (1, 2)
+                                                          for w in ("weight", "bias")}      # not pos_embed
+        assert not any("proj_out" in n or "norm" in n or "embedder" in n for n in names)
+        assert all(not p.any() for n, p in run.trained.tensors().items() if "lora_B" in n)
+        assert "transformer_blocks.1.ff.net.2.lora_B" in next(
+            n for n, p in run.net.named_parameters() if p is run.last_layer)
+
+
+@pytest.mark.parametrize("lora", [0, 2])
+def test_prepare_distill_sample_end_to_end(prepared, tmp_path, lora):
+    if lora:
+        pytest.importorskip("peft")
+    pipe, lat, _ = prepared
+    run = tmp_path / "run"
+    assert "CTM distilled" in cli_ok("distill", "--teacher", f"diffusers:{pipe}", "--data", lat, "--out", run,
+                                     *QUICK, f"ctm.lora_rank={lora}")
+    card = json.loads((run / "model.json").read_text())
+    assert card["latent"]["denoiser"] == "SD3Transformer2DModel" and ("lora" in card["latent"]) == bool(lora)
+    assert card["precond"]["kind"] == "flow"
+    args = ["sample", "--prompt", "a cat", "--prompt", "a red dog", "--n", 2, "--seed", 4, "--quiet"]
+    cli_ok(*args, "--model", run, "--nfe", 1, "--out", tmp_path / "one.npz")
+    assert encode_prompts(load_model(run), ["a cat"]).pooled.shape == (1, 32)     # SD3's encoders, from the card
+    one = check_one_jump(run, tmp_path / "one.npz")                       # NFE 1: one jump sigma_max -> sigma_min
+    assert one["samples"].shape == (4, 16, 16, 3) and np.isfinite(one["latents"]).all()
+    teacher = load_teacher(f"diffusers:{pipe}")
+    with torch.no_grad():                     # decoded with the VAE's factors: z / 1.5 + 0.1
+        vae = diffusers.AutoencoderKL.from_pretrained(pipe / "vae")
+        x = vae.decode(torch.from_numpy(one["latents"]) / 1.5 + 0.1).sample
+    pixels = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert (np.abs(pixels.astype(int) - one["samples"].astype(int)) <= 1).all()
+    if not lora:       # the teacher itself samples from prompts too (Heun on the flow, guided)
+        cli_ok(*args, "--model", f"diffusers:{pipe}", "--nfe", 3, "--out", tmp_path / "teacher.npz")
+        assert np.isfinite(np.load(tmp_path / "teacher.npz")["latents"]).all()
+        assert teacher.card.latent["vae"]["shift_factor"] == pytest.approx(0.1)

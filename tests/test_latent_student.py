@@ -15,13 +15,11 @@ import torch
 
 from ctmkit import load_model, load_teacher
 from ctmkit.config import DistillConfig, load_config
-from ctmkit.core.sampling import per_sample_normal
 from ctmkit.data import load_data
-from ctmkit.eval.prompts import encode_prompts
 from ctmkit.io.checkpoint import load_latest
 from ctmkit.nets.lora import is_trained
 from ctmkit.train.ctm import CTMRun
-from tests.test_latent_data import cli, cli_ok, image_folder, refused
+from tests.test_latent_data import check_one_jump, cli, cli_ok, image_folder, refused
 from tests.test_latent_teacher import tiny_pipeline
 
 diffusers = pytest.importorskip("diffusers")
@@ -121,14 +119,7 @@ def test_prepare_distill_sample_end_to_end(eps, tmp_path, lora):
     assert "gan: false" in cfg and "distance: huber" in cfg                # the latent defaults
     args = ["sample", "--model", run, "--prompt", "a cat", "--prompt", "a red dog", "--n", 2, "--seed", 4, "--quiet"]
     cli_ok(*args, "--nfe", 1, "--out", tmp_path / "one.npz")
-    model = load_model(run)
-    cond = encode_prompts(model, ["a cat", "a red dog"])[torch.tensor([0, 0, 1, 1])]
-    z = per_sample_normal(4, (4, 8, 8), 4) * model.card.sigma_max
-    ones = lambda v: torch.full((4,), v)                                   # noqa: E731
-    with torch.no_grad():                                                  # NFE 1: one jump sigma_max -> sigma_min
-        want = model(z, ones(model.card.sigma_max), ones(model.card.sigma_min), cond)
-    one = np.load(tmp_path / "one.npz")
-    assert np.allclose(one["latents"], want.numpy(), atol=1e-5 * float(want.abs().max()))
+    one = check_one_jump(run, tmp_path / "one.npz")
     assert one["samples"].shape == (4, 16, 16, 3) and one["prompts"].tolist() == ["a cat"] * 2 + ["a red dog"] * 2
     cli_ok(*args, "--nfe", 3, "--gamma", 0.5, "--batch-size", 3, "--out", tmp_path / "a.npz")
     cli_ok(*args, "--nfe", 3, "--gamma", 0.5, "--batch-size", 1, "--out", tmp_path / "b.npz")

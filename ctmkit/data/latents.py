@@ -9,9 +9,14 @@
     prompts.json            the P distinct prompts, in order of first appearance
     embeds.npy              float32 [P, L, D]: each distinct prompt's embedding, stored once
     null_embeds.npy         float32 [L, D]: the empty prompt's embedding (the null condition)
+    pooled.npy              float32 [P, Dp]: each prompt's pooled embedding, when the pipeline's denoiser takes one
+                            (Stable Diffusion 3; the manifest's text["pooled"] = Dp, None for a UNet pipeline)
+    null_pooled.npy         float32 [Dp]: the empty prompt's pooled embedding (with pooled.npy)
 and `load_data(OUT)` reads it as a `LatentData`: items are the latents (read per batch with positioned reads:
 nothing is loaded up front, memory stays bounded), the condition of an item is its prompt index (`labels`), and
-`text_cond(idx)` gives the TextCond of some items from the embeddings table. The folder is written into a temp folder
+`text_cond(idx)` gives the TextCond of some items from the embeddings table (with pooled embeddings when stored).
+Format version 2 added the pooled files; version 1 folders (UNet pipelines, no pooled) are read as they are. The
+folder is written into a temp folder
 beside OUT and renamed into place when complete: a failed preparation leaves nothing behind.
 """
 
@@ -34,7 +39,7 @@ from .normalize import Normalizer
 from .readers import NpyRows, read_npy
 
 MANIFEST = "ctmkit_latents.json"
-FORMAT, VERSION = "ctmkit-latents", 1
+FORMAT, VERSION = "ctmkit-latents", 2     # 2: pooled.npy / null_pooled.npy (SD3); 1 is read
 SHARD_SIZE = 4096            # items per latents shard (SD 1.x at 512 px: 64 KB an item, 256 MB a shard)
 
 
@@ -104,11 +109,14 @@ class LatentRows:
 class LatentData(Dataset):
     """A prepared latent folder as a Dataset: items = latents (model space as stored), labels = each item's prompt
     index (int64 [N]; num_classes 0: the condition is text, not a class), `prompts` (the P texts), `embeds` (the
-    table [P, L, D], read per row), `null_embeds` [L, D], the `manifest` and the `folder`."""
+    table [P, L, D], read per row), `null_embeds` [L, D], the pooled embeddings `pooled` [P, Dp] and `null_pooled`
+    [Dp] (None when the pipeline takes none), the `manifest` and the `folder`."""
 
     prompts: list = field(default_factory=list)
     embeds: object = None
     null_embeds: Tensor | None = None
+    pooled: Tensor | None = None
+    null_pooled: Tensor | None = None
     manifest: dict = field(default_factory=dict)
     folder: Path | None = None
 
@@ -121,9 +129,12 @@ class LatentData(Dataset):
         return self.raw(idx).float()
 
     def prompt_embeds(self, prompt_idx) -> TextCond:
-        """The TextCond of prompt rows `prompt_idx` [B] (rows of the table, read on access)."""
+        """The TextCond of prompt rows `prompt_idx` [B] (rows of the table, read on access; with their pooled
+        embeddings when the folder has them)."""
         rows = np.asarray(prompt_idx, dtype=np.int64).reshape(-1)
-        return TextCond(torch.from_numpy(np.ascontiguousarray(self.embeds[rows])), self.null_embeds)
+        pooled = None if self.pooled is None else self.pooled[torch.from_numpy(rows)]
+        return TextCond(torch.from_numpy(np.ascontiguousarray(self.embeds[rows])), self.null_embeds, pooled,
+                        self.null_pooled)
 
     def text_cond(self, idx) -> TextCond:
         """The TextCond of items `idx` [B]: their prompts' embeddings, with the null (empty prompt) embedding."""
@@ -148,12 +159,28 @@ def load_latents(folder: Path, n: int | None = None) -> LatentData:
             or null.shape != table[1:] or (count and not 0 <= index.min() <= index.max() < table[0])):
         raise UserError(f"'{folder}' is inconsistent with its manifest ({count} items, {table[0]} prompts, "
                         f"embeddings {list(table[1:])}); prepare it again")
+    pooled = read_pooled(folder, m)
     if n is not None:
         rows, index = rows if n >= count else _first(rows, n), index[:n]
     norm = Normalizer("image", "NCHW", "float32", lo=-1.0, hi=1.0)       # the identity: latents as they are
     return LatentData(items=rows, labels=torch.from_numpy(index.copy()), num_classes=0, normalizer=norm,
                       spec=str(folder), prompts=list(prompts), embeds=embeds,
-                      null_embeds=torch.from_numpy(null.astype(np.float32)), manifest=m, folder=folder)
+                      null_embeds=torch.from_numpy(null.astype(np.float32)), manifest=m, folder=folder, **pooled)
+
+
+def read_pooled(folder: Path, m: dict) -> dict:
+    """{"pooled": [P, Dp], "null_pooled": [Dp]} of a folder whose pipeline takes pooled embeddings (the manifest's
+    text["pooled"] = Dp), {} for one without or prepared before they were stored (version 1: its teacher refuses
+    it, teachers/latent_data.py); shapes against the manifest, one line otherwise."""
+    width = m["text"].get("pooled") if isinstance(m["text"], dict) else None
+    if not width or not (folder / "pooled.npy").is_file():
+        return {}
+    pooled, null = read_npy(folder / "pooled.npy").data, read_npy(folder / "null_pooled.npy").data
+    if pooled.shape != (int(m["prompts"]), int(width)) or null.shape != (int(width),):
+        raise UserError(f"'{folder}' is inconsistent with its manifest ({m['prompts']} prompts, pooled embeddings "
+                        f"of width {width}); prepare it again")
+    return {"pooled": torch.from_numpy(pooled.astype(np.float32)),
+            "null_pooled": torch.from_numpy(null.astype(np.float32))}
 
 
 def _first(rows: LatentRows, n: int) -> LatentRows:
@@ -216,6 +243,11 @@ class LatentWriter:
             table[i:i + len(chunk)] = chunk
             i += len(chunk)
         table.flush()
+
+    def set_pooled(self, pooled, null_pooled) -> None:
+        """The prompts' pooled embeddings [P, Dp] (rows as in set_prompts) and the null one [Dp]."""
+        np.save(self.tmp / "pooled.npy", np.asarray(pooled, dtype=np.float32))
+        np.save(self.tmp / "null_pooled.npy", np.asarray(null_pooled, dtype=np.float32))
 
     def finish(self, manifest: dict) -> None:
         """Write the manifest (with the counts) and move the folder to OUT (an existing OUT is replaced)."""

@@ -24,6 +24,8 @@ class DiffusersSD3(SEmbedded):
     -> the velocity [B, C, h, w]. `transformer`: a loaded SD3Transformer2DModel of this config to wrap (a teacher's);
     None builds a fresh one (a run folder's network, whose weights load afterwards)."""
 
+    MODEL = "transformer"
+
     def __init__(self, config: dict, transformer=None) -> None:
         super().__init__()
         cfg = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -38,10 +40,12 @@ class DiffusersSD3(SEmbedded):
         if not isinstance(labels, TextCond) or labels.pooled is None:
             raise ValueError("this network is text-conditioned with pooled embeddings: pass the TextCond of "
                              f"teacher.encode_prompt(prompts) as its condition, not {type(labels).__name__}")
+        dtype = self.transformer.pos_embed.proj.weight.dtype     # a frozen teacher may sit in bf16 (teacher_dtype)
         with self.s_input(noise_s, x.dtype):
-            return self.transformer(hidden_states=x, timestep=noise_t.float(),
-                                    encoder_hidden_states=labels.embeds.to(x.dtype),
-                                    pooled_projections=labels.pooled.to(x.dtype), return_dict=False)[0]
+            out = self.transformer(hidden_states=x.to(dtype), timestep=noise_t.float(),
+                                   encoder_hidden_states=labels.embeds.to(dtype),
+                                   pooled_projections=labels.pooled.to(dtype), return_dict=False)[0]
+        return out.to(x.dtype)
 
     def last_layer(self) -> nn.Parameter:
         return self.transformer.proj_out.weight

@@ -39,7 +39,13 @@ def import_diffusers():
 class SEmbedded(nn.Module):
     """A diffusers denoiser (a UNet: `self.unet`, with `time_proj` and `time_embedding`; or a transformer, see
     nets/diffusers_sd3.py) plus the CTM's s input: a zero-initialised `s_embed` whose output a forward hook adds to
-    the network's time embedding while `s_input(noise_s)` is open."""
+    the network's time embedding while `s_input(noise_s)` is open. `denoiser`: the wrapped diffusers model."""
+
+    MODEL = "unet"             # the attribute that holds the diffusers model
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return getattr(self, self.MODEL)
 
     def attach_s_embedding(self, unet: nn.Module, cfg: dict) -> None:
         """A UNet's: its time_proj and time_embedding (and `channels` from the config)."""

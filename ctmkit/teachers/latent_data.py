@@ -64,6 +64,10 @@ def check_latent_data(data, teacher) -> None:
             raise UserError(f"'{data.spec}' was prepared with pipeline '{have['pipeline'].get('folder')}', whose "
                             f"{what} differs from that of '{teacher.folder}'; prepare it again with --pipeline "
                             f"{teacher.folder}")
+    if want["text"].get("pooled") and data.pooled is None:
+        raise UserError(f"'{data.spec}' holds no pooled prompt embeddings, which the transformer of "
+                        f"'{teacher.folder}' takes (prepared by an older ctmkit); prepare it again with --pipeline "
+                        f"{teacher.folder}")
 
 
 def read_metadata(src: Path) -> tuple[list[Path], list[str]]:
@@ -122,17 +126,25 @@ def prompt_table(texts: list[str]) -> tuple[list[str], np.ndarray]:
     return list(rows), index
 
 
-def embed_chunks(teacher, prompts: list[str]):
-    """The embeddings [k, L, D] of `prompts`, PROMPT_CHUNK prompts at a time (each distinct prompt encoded once)."""
+def embed_chunks(teacher, prompts: list[str], pooled: list):
+    """The embeddings [k, L, D] of `prompts`, PROMPT_CHUNK prompts at a time (each distinct prompt encoded once);
+    their pooled embeddings [k, Dp], when the teacher's condition has them, are appended to `pooled`."""
     for i in range(0, len(prompts), PROMPT_CHUNK):
-        yield teacher.encode_prompt(prompts[i:i + PROMPT_CHUNK]).embeds.numpy()
+        cond = teacher.encode_prompt(prompts[i:i + PROMPT_CHUNK])
+        if cond.pooled is not None:
+            pooled.append(cond.pooled.numpy())
+        yield cond.embeds.numpy()
 
 
 def write_prompts(writer: LatentWriter, teacher, texts: list[str]) -> int:
-    """The prompt table of items whose prompts are `texts` [N] into `writer`; returns P (distinct prompts)."""
+    """The prompt table of items whose prompts are `texts` [N] into `writer` (with the pooled embeddings of a
+    teacher that takes them); returns P (distinct prompts)."""
     prompts, index = prompt_table(texts)
-    null = teacher.encode_prompt([""]).null_embeds.numpy()      # the empty prompt: the null condition
-    writer.set_prompts(prompts, index, embed_chunks(teacher, prompts), null)
+    null = teacher.encode_prompt([""])                        # the empty prompt: the null condition
+    pooled = []
+    writer.set_prompts(prompts, index, embed_chunks(teacher, prompts, pooled), null.null_embeds.numpy())
+    if null.null_pooled is not None:
+        writer.set_pooled(np.concatenate(pooled), null.null_pooled.numpy())
     return len(prompts)
 
 

@@ -58,7 +58,7 @@ from ..nets.augment import diff_augment
 from ..nets.disc import ImageDiscriminator, VectorDiscriminator
 from ..nets.dropout import set_dropout
 from ..nets.feature_nets import DEIT_WEIGHTS, EFFNET_WEIGHTS, reference_feature_nets
-from ..nets.lora import LORA_TARGETS
+from ..nets.lora import lora_targets
 from ..nets.lpips import LPIPS, VGG_WEIGHTS
 from ..nets.projected import ProjectedDiscriminator
 from ..nets.registry import BackboneSpec, backbone_spec
@@ -173,7 +173,7 @@ class CTMRun(Run):
         """train.grad_checkpointing: diffusers' gradient checkpointing in the student's UNet (diffusers only)."""
         if not self.tcfg.grad_checkpointing:
             return
-        unet = getattr(self.net.backbone, "unet", None)
+        unet = getattr(self.net.backbone, "denoiser", None)
         if not hasattr(unet, "enable_gradient_checkpointing"):
             raise UserError("train.grad_checkpointing=true needs a diffusers student (a diffusers:DIR teacher); "
                             f"this one is a ctmkit {self.spec.arch}")
@@ -334,7 +334,8 @@ class CTMRun(Run):
             guidance["scale"] = list(self.cfg.ctm.guidance)
         latent = None
         if self.latent:     # the pipeline's facts, for sampling from prompts; a LoRA student: its adapters' rank
-            lora = {"lora": {"rank": self.cfg.ctm.lora_rank, "targets": LORA_TARGETS}} if self.cfg.ctm.lora_rank else {}
+            lora = {"lora": {"rank": self.cfg.ctm.lora_rank, "targets": lora_targets(self.net.backbone)}} \
+                if self.cfg.ctm.lora_rank else {}
             latent = {**self.teacher.card.latent, **lora}
         return ModelCard("ctm", backbone=self.spec, teacher=self.cfg.teacher, precond=self.precond,
                          guidance=guidance or None, latent=latent, **self.card_fields())

@@ -2,12 +2,13 @@
 module with when it is a LoRA student, and the trained tensors that such a student's target network, EMAs and
 checkpoints hold.
 
-A full student is the teacher's UNet (weights copied) plus the zero-initialised s embedding, drawn from train.seed,
-so it starts as the teacher in the form ctm.student_precond picks. A LoRA student (ctm.lora_rank=R, nets/lora.py)
-is the teacher's own module with adapters injected: only the adapters and the s embedding train; the teacher is the
-same module with the adapters off (and no s), so the UNet's weights sit in memory once. Its target network theta^-
-and EMAs are copies of the trained tensors alone (`Trained`), run on the shared module by torch.func.functional_call
-(`TargetNet`). The frozen weights take ctm.teacher_dtype (bf16 on CUDA devices that support it by default).
+A full student is the teacher's UNet or SD3 transformer (weights copied) plus the zero-initialised s embedding,
+drawn from train.seed, so it starts as the teacher in the form ctm.student_precond picks. A LoRA student
+(ctm.lora_rank=R, nets/lora.py) is the teacher's own module with adapters injected: only the adapters and the s
+embedding train; the teacher is the same module with the adapters off (and no s), so the denoiser's weights sit in
+memory once. Its target network theta^- and EMAs are copies of the trained tensors alone (`Trained`), run on the
+shared module by torch.func.functional_call (`TargetNet`). The frozen weights take ctm.teacher_dtype (bf16 on CUDA
+devices that support it by default).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class TargetNet:
         self.net, self.target = net, target
 
     def __call__(self, *args) -> Tensor:
-        with checkpointing_off(self.net.backbone.unet):
+        with checkpointing_off(self.net.backbone.denoiser):
             return functional_call(self.net, self.target.tensors(), args)
 
 
@@ -101,7 +102,7 @@ def latent_student(run, init: bool) -> tuple[CTM, nn.Module, object]:
         shared = {k: v for k, v in teacher.state_dict().items() if ".s_embed." not in k}   # s: drawn from the seed
         missing = net.load_state_dict(shared, strict=False)
         assert not missing.unexpected_keys and all(".s_embed." in k for k in missing.missing_keys), missing
-        teacher.backbone.unet.to(dtype)
+        teacher.backbone.denoiser.to(dtype)
         return net, net, teacher
     backbone = teacher.backbone
     for m in backbone.s_embed.modules():                          # the s embedding from train.seed, last layer 0
@@ -117,8 +118,9 @@ def latent_student(run, init: bool) -> tuple[CTM, nn.Module, object]:
 
 
 def lora_last_layer(net: CTM) -> nn.Parameter:
-    """The adaptive weights' reference layer of a LoRA student (its UNet's output conv is frozen): the last adapter
-    B matrix of the UNet's decoder (up_blocks), else the s embedding's last layer."""
-    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-    up = [p for n, p in named if ".up_blocks." in n and "lora_B" in n]
+    """The adaptive weights' reference layer of a LoRA student (its denoiser's output layer is frozen): the last
+    adapter B matrix of a UNet's decoder (up_blocks), of a transformer's last block, else the s embedding's last
+    layer."""
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad and "lora_B" in n]
+    up = [p for n, p in named if ".up_blocks." in n] or [p for n, p in named if ".transformer_blocks." in n]
     return up[-1] if up else net.backbone.s_embed.linear_2.weight
