@@ -7,6 +7,7 @@ with nothing written."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -284,3 +285,110 @@ def test_a_missing_or_truncated_weight_file_is_refused_in_one_line(tmp_path, exp
 def test_importing_ctmkit_and_its_cli_does_not_import_diffusers():
     code = "import sys, ctmkit, ctmkit.cli, ctmkit.diffusers; assert 'diffusers' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+
+
+@pytest.fixture(scope="module")
+def latent_run(tmp_path_factory):
+    """A full latent text-to-image CTM student (tests/test_latent_student.py's tiny pipeline, 2 steps), exported;
+    (root, teacher pipeline, prepared data, run, export)."""
+    from tests.test_latent_data import image_folder
+    from tests.test_latent_teacher import tiny_pipeline
+    root = tmp_path_factory.mktemp("latent")
+    tiny_pipeline(root)
+    image_folder(root / "src")
+    cli_ok("prepare", "--pipeline", root / "pipe", root / "src", root / "lat", "--quiet")
+    cli_ok("distill", "--teacher", f"diffusers:{root / 'pipe'}", "--data", root / "lat", "--out", root / "run",
+           "--steps", 2, "--batch-size", 2, "ctm.num_scales=6", "ctm.max_k=2", "train.phema=[]", "train.ema=[0.9]",
+           "train.lr=0.05", "--quiet")
+    cli_ok("export", root / "run", root / "out")
+    return root, root / "pipe", root / "lat", root / "run", root / "out"
+
+
+PROMPTS = ["a cat", "a red dog"]
+
+
+def prompt_sample(model, tmp_path, *args) -> dict:
+    """`ctmkit sample --model MODEL --prompt a cat --prompt a red dog --n 2 ARGS` (one batch) as its .npz arrays."""
+    out = tmp_path / f"p{len(list(tmp_path.glob('p*.npz')))}.npz"
+    cli_ok("sample", "--model", model, *[a for p in PROMPTS for a in ("--prompt", p)], "--n", 2, "--batch-size", 8,
+           *args, "--out", out, "--quiet")
+    return dict(np.load(out))
+
+
+def prompt_pipe(pipe, output_type: str, **kw):
+    return pipe(prompt=PROMPTS, num_images_per_prompt=2, num_inference_steps=3, gamma=0.5,
+                generator=torch.Generator().manual_seed(4), output_type=output_type, **kw).images
+
+
+def test_a_latent_student_exports_and_samples_ctmkit_sample_bit_for_bit(latent_run, tmp_path):
+    root, teacher, _, run, out = latent_run
+    names = set(files_under(out))
+    assert {"vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+            "tokenizer/tokenizer_config.json"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pkl", ".pth", ".ckpt"))]          # no pickle
+    card = json.loads((out / "unet" / "config.json").read_text())["card"]
+    assert card["latent"]["folder"] == "." and str(teacher) not in json.dumps(card["latent"])
+    assert card.pop("teacher") == f"diffusers:{teacher}" and str(teacher) not in json.dumps(card)   # provenance only
+    want = prompt_sample(run, tmp_path, "--nfe", 3, "--gamma", 0.5, "--seed", 4)
+    shutil.move(teacher, root / "gone")            # the export stands alone: the teacher's folder is not read
+    try:
+        pipe = pipeline(out)
+        assert type(pipe.vae).__name__ == "AutoencoderKL" and type(pipe.text_encoder).__name__ == "CLIPTextModel"
+        latents = prompt_pipe(pipe, "latent")
+        assert latents.shape == (4, 4, 8, 8) and torch.equal(latents, torch.from_numpy(want["latents"]))  # bitwise
+        images = prompt_pipe(pipe, "np")
+        assert images.dtype == np.float32 and images.shape == (4, 16, 16, 3)
+        assert np.array_equal(images, want["samples"] / np.float32(255))          # uint8 / 255, exactly
+        pil = prompt_pipe(pipe, "pil")
+        assert np.array_equal(np.stack([np.asarray(p) for p in pil]), want["samples"])
+        pt = prompt_pipe(pipe, "pt")
+        assert pt.shape == (4, 3, 16, 16) and np.array_equal(pt.permute(0, 2, 3, 1).numpy(), images)
+        neg = prompt_pipe(pipe, "latent", negative_prompt="blurry", guidance_scale=2.0)
+        again = prompt_sample(out, tmp_path, "--nfe", 3, "--gamma", 0.5, "--seed", 4, "--negative-prompt", "blurry",
+                              "--guidance", 2.0)                      # ctmkit sample reads the export alone too
+        err = (neg - torch.from_numpy(again["latents"])).abs().max().item()
+        # guided: the pipeline combines g, ctmkit sample the jumps (test_guidance_scale_is_ctmkit_sample_guidance)
+        assert err < 1e-5 and (neg - latents).abs().max() > 1e-3, err
+        print(f"guided latent export: max |diff| = {err:.2e}")
+        mine = prompt_sample(out, tmp_path, "--nfe", 3, "--gamma", 0.5, "--seed", 4)
+        assert np.array_equal(mine["samples"], want["samples"]) and np.array_equal(mine["latents"], want["latents"])
+        assert load_model(out).card.latent["folder"] == str(out.resolve())
+        one = pipe(prompt="a cat", generator=torch.Generator().manual_seed(4), output_type="latent").images
+        assert one.shape == (1, 4, 8, 8)
+    finally:
+        shutil.move(root / "gone", teacher)
+
+
+def test_latent_calls_are_refused_in_one_line(latent_run, exported):
+    pipe = pipeline(latent_run[4])
+    for kwargs, says in (({}, "this CTM is text-to-image: give prompt="),
+                         ({"prompt": "a", "batch_size": 2}, "not batch_size or class_labels"),
+                         ({"prompt": []}, "prompt= must be a string"),
+                         ({"prompt": "a", "num_images_per_prompt": 0}, "num_images_per_prompt must be"),
+                         ({"prompt": "a", "output_type": "tensor"}, "output_type must be one of")):
+        with pytest.raises(ValueError, match=says) as e:
+            pipe(**kwargs)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="prompt= needs a text-conditioned") as e:
+        pipeline(exported[1])(negative_prompt="x")
+    assert "\n" not in str(e.value)
+
+
+def test_a_lora_student_exports_merged(latent_run, tmp_path):
+    pytest.importorskip("peft")
+    root, teacher, lat, _, _ = latent_run
+    run = tmp_path / "lora"
+    cli_ok("distill", "--teacher", f"diffusers:{teacher}", "--data", lat, "--out", run, "--steps", 2,
+           "--batch-size", 2, "ctm.num_scales=6", "ctm.max_k=2", "train.phema=[]", "train.ema=[0.9]",
+           "ctm.lora_rank=2", "train.lr=0.05", "--quiet")
+    cli_ok("export", run, tmp_path / "out")
+    card = json.loads((tmp_path / "out" / "unet" / "config.json").read_text())["card"]
+    assert "lora" not in card["latent"]
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "out/unet/diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "lora" in k or "base_layer" in k]
+    want = torch.from_numpy(prompt_sample(run, tmp_path, "--nfe", 3, "--gamma", 0.5, "--seed", 4)["latents"])
+    got = prompt_pipe(pipeline(tmp_path / "out"), "latent")
+    err = (got - want).abs().max().item() / want.abs().max().item()
+    assert err < 1e-4, err                          # merged weights: W + B A summed once, float round-off
+    print(f"LoRA merged export: max |diff| / max |latent| = {err:.2e}")

@@ -1,7 +1,8 @@
 """`ctmkit export RUN OUT`: a CTM run folder as a diffusers folder (`save_pretrained`): model_index.json naming
 CTMPipeline, unet/ (CTMModel: safetensors weights, the ModelCard in config.json), scheduler/ (CTMScheduler), a hub
-model card README.md (modelcard.py) and its sample grid samples.png. Written in a temp folder beside OUT and
-renamed into place: a failed export leaves nothing."""
+model card README.md (modelcard.py) and its sample grid samples.png; a latent text-to-image student also vae/,
+text_encoder/ and tokenizer/ of its teacher's pipeline (latent.py), so that the export stands alone. Written in a
+temp folder beside OUT and renamed into place: a failed export leaves nothing."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..errors import UserError
 from ..eval.report import save_image_grid
 from ..io.atomic import atomic_write_text, plain_mode
 from ..io.runs import load_model, training_grid_size
+from .latent import full_student, grid_prompts, latent_components
 from .model import CTMModel
 from .modelcard import GRID_SEED, model_card
 from .pipeline import CTMPipeline
@@ -61,13 +63,17 @@ def export_pipeline(run: str | Path) -> CTMPipeline:
     card = model.card
     if not card.is_ctm:
         raise UserError(f"'{run}' holds a {card.kind}; ctmkit export takes a CTM run (ctmkit distill)")
-    if card.data.kind != "image":
+    if card.data.kind not in ("image", "latent"):
         raise UserError(f"'{run}' is a CTM of {card.data.kind}s; diffusers pipelines are for images")
+    parts, state = {}, model.state_dict()
+    if card.latent is not None:         # the teacher's VAE and text encoder go with it; a LoRA student merged
+        parts = latent_components(card)
+        card, state = full_student(model)
     net = CTMModel(card=dataclasses.replace(card, sampled=None).to_dict())   # the weights go with it
-    net.ctm.load_state_dict(model.state_dict())
+    net.ctm.load_state_dict(state)
     net.requires_grad_(False)
     grid = training_grid_size(run)
-    return CTMPipeline(net.eval(), CTMScheduler(card.sigma_min, card.sigma_max, 7.0, grid, 0.0))
+    return CTMPipeline(net.eval(), CTMScheduler(card.sigma_min, card.sigma_max, 7.0, grid, 0.0), **parts)
 
 
 def export_run(run: str | Path, out: str | Path, eval_json: str | Path | None = None, force: bool = False) -> Path:
@@ -84,10 +90,7 @@ def export_run(run: str | Path, out: str | Path, eval_json: str | Path | None = 
         for f in tmp.rglob("*"):          # a plain file's mode (safetensors' temp files are private)
             os.chmod(f, plain_mode(folder=f.is_dir()))
         card = pipe.unet.card
-        n = min(100, max(16, 2 * card.num_classes))      # at least two of each class
-        w = card.guidance_scale[0] if len(card.guidance_scale) == 2 else None   # a range student: its lowest scale
-        images = pipe(batch_size=n, guidance_scale=w, generator=torch.Generator().manual_seed(GRID_SEED),
-                      output_type="pt").images
+        n, images = grid_samples(pipe)
         save_image_grid(images * 2 - 1, tmp / "samples.png")
         config = run / "config.yaml"
         atomic_write_text(tmp / "README.md", model_card(card, pipe.scheduler.config, out.name, n,
@@ -97,6 +100,20 @@ def export_run(run: str | Path, out: str | Path, eval_json: str | Path | None = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def grid_samples(pipe: CTMPipeline) -> tuple[int, torch.Tensor]:
+    """The model card's sample grid (n, images [n, C, H, W] in [0, 1]): at least two of each class, or two of each
+    of the data's first prompts."""
+    card = pipe.unet.card
+    w = card.guidance_scale[0] if len(card.guidance_scale) == 2 else None   # a range student: its lowest scale
+    how = {"guidance_scale": w, "generator": torch.Generator().manual_seed(GRID_SEED), "output_type": "pt"}
+    if card.latent is not None:
+        prompts = grid_prompts(card)
+        per = max(2, 16 // len(prompts))
+        return per * len(prompts), pipe(prompt=prompts, num_images_per_prompt=per, **how).images
+    n = min(100, max(16, 2 * card.num_classes))
+    return n, pipe(batch_size=n, **how).images
 
 
 def _replace(tmp: Path, out: Path) -> None:

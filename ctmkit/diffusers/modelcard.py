@@ -71,6 +71,8 @@ def _quality(quality: dict) -> str:
 
 
 def _usage(card: ModelCard, name: str, n: int) -> str:
+    if card.latent is not None:
+        return _prompt_usage(name)
     lo, hi = card.data.normalizer.get("lo", 0), card.data.normalizer.get("hi", 1)
     return f"""## Use
 
@@ -85,4 +87,21 @@ more = pipe(batch_size={n}, sigmas=[80.0, 2.5, 0.002], gamma=0.5, output_type="n
 
 These are the samples s of `ctmkit sample --model {name} --seed 0 --nfe 1 --n {n} --out s.npz`, mapped to [0, 1]
 by (s - {lo:g}) / ({hi:g} - {lo:g}), bit for bit on a CPU; `ctmkit eval --model {name} ...` evaluates the folder.
+"""
+
+
+def _prompt_usage(name: str) -> str:
+    return f"""## Use
+
+```python
+import torch
+from ctmkit.diffusers import CTMPipeline   # pip install 'ctmkit[diffusers]'; no remote code is loaded
+
+pipe = CTMPipeline.from_pretrained("{name}")   # its own VAE, text encoder and tokenizer
+images = pipe(prompt=["a red dog"], num_images_per_prompt=4, num_inference_steps=1,
+              generator=torch.Generator().manual_seed(0)).images
+```
+
+These are the samples of `ctmkit sample --model {name} --prompt "a red dog" --n 4 --seed 0 --nfe 1 --out s.npz`
+(its uint8 pixels; the latents bit for bit on a CPU with output_type="latent").
 """

@@ -5,11 +5,14 @@ without diffusers so that `load_model(OUT)` and `ctmkit sample --model OUT` take
     OUT/unet/config.json                         {"_class_name": "CTMModel", "card": the ModelCard as a dict}
     OUT/unet/diffusion_pytorch_model.safetensors the CTM's state dict under the prefix `ctm.`
     OUT/scheduler/scheduler_config.json          CTMScheduler: the sigma range, the training grid, rho, gamma
+    OUT/vae/, OUT/text_encoder/, OUT/tokenizer/  a latent text-to-image CTM's teacher components (safetensors); its
+                                                 card's latent record names folder "." (read as OUT itself)
     OUT/README.md, OUT/samples.png               the model card for the hub and its sample grid
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -36,13 +39,17 @@ def is_export(path: str | Path) -> bool:
 
 
 def read_export_card(path: str | Path) -> ModelCard:
-    """The ModelCard stored in an export's unet/config.json; one UserError when it is missing or malformed."""
+    """The ModelCard stored in an export's unet/config.json (a latent CTM's pipeline folder: the export); one
+    UserError when it is missing or malformed."""
     cfg = Path(path) / NET_DIR / NET_CONFIG
     d = read_json_object(cfg, f"ctmkit export '{path}'")
     if not isinstance(d.get("card"), dict):
         raise UserError(f"'{cfg}' has no 'card' object; it was not written by `ctmkit export`")
     try:
-        return ModelCard.from_dict(d["card"])
+        card = ModelCard.from_dict(d["card"])
+        if card.latent is not None:
+            card = dataclasses.replace(card, latent={**card.latent, "folder": str(Path(path).resolve())})
+        return card
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise malformed(cfg, e) from None
 
