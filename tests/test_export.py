@@ -7,6 +7,7 @@ with nothing written."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -146,8 +147,11 @@ def test_the_folder_holds_no_pickle_and_loads_in_a_fresh_process(exported, tmp_p
             f"p = CTMPipeline.from_pretrained({str(out)!r}); p.set_progress_bar_config(disable=True); "
             "numpy.save(sys.argv[1], p(batch_size=6, num_inference_steps=2, generator=torch.Generator()"
             ".manual_seed(0), output_type='np').images); assert 'trust_remote_code' not in str(p.config)")
+    # the fresh process runs on this one's kernel path (threads, ATen capability): a bitwise comparison needs it
+    kernels = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY",) if k in os.environ}
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.npy")], check=True, cwd=tmp_path,
-                   env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                   env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads()),
+                        "PATH": "/usr/bin:/bin", **kernels})
     want = ctmkit_sample(run, tmp_path, "--n", 6, "--nfe", 2, "--seed", 0)     # classes in turn, as the pipeline
     assert np.array_equal(np.load(tmp_path / "a.npy"), want)
 
