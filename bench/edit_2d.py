@@ -78,6 +78,15 @@ def bench_case(jump, gmm, known, nfes, gammas, n, seeds, n_obs) -> dict:
     return {"rows": rows, "prior": sum(prior) / len(prior)}
 
 
+def finish(out: dict, t0: float, path: str | None) -> None:
+    """Record the wall seconds since t0 in `out`, print them, and write `out` as JSON to `path` (if given)."""
+    out["seconds"] = round(time.time() - t0, 1)
+    print(f"{out['seconds']} s")
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(out, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="ring2,pairs2,gmm16")
@@ -101,11 +110,7 @@ def main() -> None:
         res["invert_rel_err_max"] = float(((back - x).norm(dim=1) / x.norm(dim=1)).max())
         print(f"  prior {res['prior']:.2f}  invert+flow map max rel err {res['invert_rel_err_max']:.1e}", flush=True)
         out["cases"][name] = res
-    out["seconds"] = round(time.time() - t0, 1)
-    print(f"{out['seconds']} s")
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(out, indent=1))
+    finish(out, t0, a.out)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,11 @@ the exact algorithm's draws against the exact conditional density.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
-from edit_2d import bench_case, exact_jump
+from edit_2d import bench_case, exact_jump, finish
 
 from ctmkit import load_model
 from ctmkit.core.editing import edit_noise, heun_jump, inpaint, inversion_schedule, invert
@@ -135,11 +134,7 @@ def main() -> None:
     out["inversion"] = inversion_rows(model, gmm)
     if a.plot:
         plot_posterior(model, gmm, Path(a.plot))
-    out["seconds"] = round(time.time() - t0, 1)
-    print(f"{out['seconds']} s")
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(out, indent=1))
+    finish(out, t0, a.out)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ STAGES = ("data", "vae", "text", "unet", "prepare", "evaluate", "distill")
 MAX_LENGTH = 8                  # tokenizer model_max_length: bos + "a handwritten seven" + eos + padding
 SIZE = 16                       # image side (digits x2)
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))   # tests.test_latent_teacher: the tiny CLIP tokenizer writer
 QUIET = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
 
 
@@ -185,34 +186,11 @@ def stage_vae(args, out: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- 3. text
-def byte_alphabet() -> list[str]:
-    """GPT-2 / CLIP's printable stand-ins for the 256 bytes (the byte-level BPE's base vocabulary)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    extra = [b for b in range(256) if b not in keep]
-    table = dict(zip(keep, keep)) | {b: 256 + i for i, b in enumerate(extra)}
-    return [chr(table[b]) for b in range(256)]
-
-
-def write_vocabulary(folder: Path, words: list[str]) -> None:
-    """vocab.json + merges.txt of a tiny CLIP BPE: the bytes, the bytes ending a word, `words` whole, the specials."""
-    folder.mkdir(parents=True, exist_ok=True)
-    base = byte_alphabet()
-    merges, tokens = [], []
-    for word in words:                   # merge left to right: s e -> se, se v -> sev ... seve n</w> -> seven</w>
-        done = word[0]
-        for i, ch in enumerate(word[1:], 1):
-            piece = ch + ("</w>" if i == len(word) - 1 else "")
-            merges.append(f"{done} {piece}")
-            done += piece
-            tokens.append(done)
-    vocab = base + [c + "</w>" for c in base] + list(dict.fromkeys(tokens)) + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *dict.fromkeys(merges)]) + "\n")
-
-
 def stage_text(args, out: Path) -> dict:
     import transformers
-    write_vocabulary(out / "text" / "words", ["a", "handwritten", *WORDS])
+
+    from tests.test_latent_teacher import write_clip_tokenizer  # the tests' tiny CLIP BPE writer
+    write_clip_tokenizer(out / "text" / "words", ["a", "handwritten", *WORDS])
     tok = transformers.CLIPTokenizer.from_pretrained(out / "text" / "words", model_max_length=MAX_LENGTH)
     for p in PROMPTS:                                   # every caption word is one token: bos a handwritten W eos
         ids = tok(p).input_ids

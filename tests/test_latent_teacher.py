@@ -36,12 +36,13 @@ def byte_alphabet() -> list[str]:
     return [chr(table[b]) for b in range(256)]
 
 
-def write_clip_tokenizer(folder) -> None:
-    """vocab.json + merges.txt of a tiny CLIP BPE: the bytes, the bytes ending a word, WORDS whole, the specials."""
-    folder.mkdir(parents=True)
+def write_clip_tokenizer(folder, words: list[str] = WORDS) -> None:
+    """vocab.json + merges.txt of a tiny CLIP BPE: the bytes, the bytes ending a word, `words` whole, the specials
+    (bench/latent_digits.py writes its captions' vocabulary with it too)."""
+    folder.mkdir(parents=True, exist_ok=True)
     base = byte_alphabet()
     merges, tokens = [], []
-    for word in WORDS:                   # merge left to right: c a -> ca, ca t</w> -> cat</w>
+    for word in words:                   # merge left to right: c a -> ca, ca t</w> -> cat</w>
         done = word[0]
         for i, ch in enumerate(word[1:], 1):
             piece = ch + ("</w>" if i == len(word) - 1 else "")
