@@ -62,7 +62,7 @@ def probe(teacher):
 
 @pytest.mark.parametrize("lora", [0, 2])
 def test_a_student_starts_as_its_teacher(eps, vpred, tmp_path, lora):
-    for (pipe, lat), form in ((eps, "teacher"), (vpred, "auto")):       # auto keeps a v teacher's form
+    for (pipe, lat), form in ((eps, "auto"), (vpred, "auto")):          # auto keeps a latent teacher's form
         run = make_run(pipe, lat, tmp_path / f"{form}{lora}", f"ctm.lora_rank={lora}", f"ctm.student_precond={form}")
         teacher = load_teacher(f"diffusers:{pipe}")                        # loaded apart
         z, t, cond = probe(teacher)

@@ -263,11 +263,12 @@ class CTMRun(Run):
                             f"one; resume with ctm.student_precond={'edm' if before is None else 'teacher'}")
 
     def student_form(self, teacher_precond: dict | None) -> str:
-        """ctm.student_precond resolved: 'auto' is 'edm' for a teacher that predicts the noise (its x0 error grows
-        with sigma, which a one-step student of that form cannot unlearn: bench/RESULTS.md), else 'teacher'."""
+        """ctm.student_precond resolved: 'auto' is 'edm' for a pixel teacher that predicts the noise (its x0 error
+        grows with sigma, which a one-step student of that form cannot unlearn), else 'teacher': a latent teacher's
+        student starts as it (bench/RESULTS.md, "A diffusers-built teacher" and "Latent digits")."""
         form = self.cfg.ctm.student_precond
         if form == "auto":
-            form = "edm" if predicts_noise(teacher_precond) else "teacher"
+            form = "edm" if predicts_noise(teacher_precond) and not self.latent else "teacher"
             if form == "edm" and self.dist.main:
                 log.warning("the teacher predicts the noise: the student takes EDM's preconditioning with the "
                             "teacher's weights (ctm.student_precond=auto; =teacher keeps the teacher's form)")
