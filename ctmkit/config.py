@@ -220,8 +220,9 @@ class CTMConfig:
     init_from_teacher: bool = opt(True, "copy the teacher's architecture and weights into the student")
     student_precond: str = opt("auto", "the student's preconditioning: \"teacher\" (its form: the student starts as "
                                "the teacher), \"edm\" (EDM's, weights still copied: the reference's CIFAR-10 student "
-                               "of EDM's VP teacher) or \"auto\": edm for teachers that predict the noise (diffusers "
-                               "epsilon, EDM VP / VE / iDDPM pickles), else the teacher's form")
+                               "of EDM's VP teacher) or \"auto\": edm for pixel teachers that predict the noise "
+                               "(diffusers epsilon, EDM VP / VE / iDDPM pickles), else (latent teachers included) "
+                               "the teacher's form")
     lora_rank: int = opt(0, "latent text-to-image teachers: 0 = train the whole student; R > 0 = train rank-R LoRA "
                          "adapters (peft) on the UNet's to_q, to_k, to_v, to_out.0, proj_in, proj_out and ff layers "
                          "plus the s embedding; the teacher is the same module with the adapters off, and the target "
