@@ -84,8 +84,8 @@ class TrainConfig:
     lr_final: float = opt(0.0, "lr_schedule=cosine: the last step's learning rate as a fraction of lr")
     lr_ref_steps: int = opt(1000, "lr_schedule=inv_sqrt: the step where the decay starts")
     grad_clip: float = opt(0.0, "max gradient norm (0 = off)")
-    ema: list[float] = opt([0.999], "evaluation EMA rates; the first is what gets sampled (unless `ctmkit ema RUN "
-                           "--sigma-rel X` chose a post-hoc EMA)")
+    ema: list[float] = opt([0.999], "evaluation EMA rates; the first is what a teacher samples, and a CTM with "
+                           "ctm.sample_sigma_rel=0 (else a post-hoc EMA; `ctmkit ema RUN --sigma-rel X` changes it)")
     phema: list[float] = opt([0.05, 0.10], "post-hoc EMA: the widths sigma_rel of the power-function profiles whose "
                              "snapshots are kept in RUN/phema for `ctmkit ema` ([] = none)")
     phema_every: int = opt(0, "post-hoc EMA snapshot period in steps; 0 = train.steps / 16")
@@ -230,6 +230,10 @@ class CTMConfig:
     teacher_dtype: str = opt("auto", "the frozen teacher's weights: \"float32\", \"bfloat16\" or \"auto\" (bfloat16 "
                              "on a CUDA device that supports it, else float32); latent teachers only. Trained "
                              "weights stay float32 (a LoRA student's frozen base shares the teacher's dtype)")
+    sample_sigma_rel: float = opt(0.05, "the weights a finished distillation samples: the post-hoc EMA of this width "
+                                  "sigma_rel, rebuilt from RUN/phema at the last step (as `ctmkit ema RUN "
+                                  "--sigma-rel X`; bench/RESULTS.md, \"Converging\"); 0 = the training EMA "
+                                  "(train.ema's first rate). `ctmkit ema RUN --reset` or --sigma-rel change it later")
     gan_latent: bool = opt(False, "latent students run without the GAN term (no discriminator is defined on VAE "
                            "latents; docs/method.md section 9) unless true: then the small conv discriminator on "
                            "latents")
@@ -242,6 +246,8 @@ class CTMConfig:
              "ctm.student_precond must be 'auto', 'teacher' or 'edm'"),
             (self.pairs in PAIR_DRAWS, f"ctm.pairs must be one of {', '.join(PAIR_DRAWS)}, got '{self.pairs}'"),
             (0 <= self.pairs_mixed_frac <= 1, "ctm.pairs_mixed_frac must be in [0, 1]"),
+            (self.sample_sigma_rel == 0 or 0 < self.sample_sigma_rel < 0.3,
+             "ctm.sample_sigma_rel must be 0 (the training EMA) or a width in (0, 0.3), e.g. 0.05"),
             (0 < self.target_ema < 1, "ctm.target_ema must be in (0, 1)"),
             (self.distance in ("huber", "l2", "feature", "lpips"),
              "ctm.distance must be 'huber', 'l2', 'lpips' or 'feature'"),

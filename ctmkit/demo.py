@@ -198,7 +198,8 @@ class Demo:
         return ""
 
     def models(self):
-        """The trained teacher and CTM (their newest checkpoints, first evaluation EMA)."""
+        """The trained teacher and CTM as they sample (the teacher's first evaluation EMA; the CTM's post-hoc EMA of
+        width ctm.sample_sigma_rel)."""
         return load_model(self.out / "teacher"), load_model(self.out / "ctm")
 
     @property
@@ -261,7 +262,8 @@ def demo_summary(record: dict, ctm_stats: list[dict]) -> dict:
            "seed": d["train"]["seed"], "dsm": d["ctm"]["dsm"], "gan": d["ctm"]["gan"],
            "gan_start": d["ctm"]["gan_start"], "init_from_teacher": d["ctm"]["init_from_teacher"],
            "ema": d["train"]["ema"][0], "phema": d["train"]["phema"], "lr": d["train"]["lr"],
-           "lr_schedule": d["train"]["lr_schedule"], "pairs": d["ctm"]["pairs"]}
+           "lr_schedule": d["train"]["lr_schedule"], "pairs": d["ctm"]["pairs"],
+           "sample_sigma_rel": d["ctm"].get("sample_sigma_rel", 0.0)}
     started = ran["gan"] and 0 < ran["gan_start"] < ran["distill_steps"]
     times = {f"{k}_s": round(record["times"][k], 1) for k in STAGES[:4] if k in record["times"]}
     return {**done["eval"], "diagnosis": done["diagnose"], "ran": ran, "eval_samples": st["eval_samples"],

@@ -261,6 +261,9 @@ def test_what_ran_says_when_the_gan_never_started():
                                "lr_schedule": "cosine", "pairs": "mixed"}}
     assert ("Pairs: mixed; learning rate 0.0004, cosine; sampled: the training EMA (rate 0.999); post-hoc EMA "
             "snapshots of widths 0.05, 0.1 kept") in verdicts.what_ran(recipe)
+    chosen = {**recipe, "ran": {**recipe["ran"], "sample_sigma_rel": 0.05}}
+    assert ("sampled: the post-hoc EMA of width sigma_rel 0.05 (ctm.sample_sigma_rel), rebuilt at the last step; "
+            "post-hoc EMA snapshots of widths 0.05, 0.1 kept") in verdicts.what_ran(chosen)
     text = verdicts.what_ran(OPPOSITE)
     assert "GAN term never ran: ctm.gan_start=3000 is not below train.steps=3000" in text and "from step" not in text
 

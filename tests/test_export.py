@@ -351,8 +351,10 @@ def test_a_latent_student_exports_and_samples_ctmkit_sample_bit_for_bit(latent_r
         again = prompt_sample(out, tmp_path, "--nfe", 3, "--gamma", 0.5, "--seed", 4, "--negative-prompt", "blurry",
                               "--guidance", 2.0)                      # ctmkit sample reads the export alone too
         err = (neg - torch.from_numpy(again["latents"])).abs().max().item()
-        # guided: the pipeline combines g, ctmkit sample the jumps (test_guidance_scale_is_ctmkit_sample_guidance)
-        assert err < 1e-5 and (neg - latents).abs().max() > 1e-3, err
+        ulp = torch.finfo(torch.float32).eps * neg.abs().max().item()        # float32 spacing at the latents' scale
+        # guided: the pipeline combines g, ctmkit sample the jumps (test_guidance_scale_is_ctmkit_sample_guidance):
+        # two code paths, equal to float32 round-off (a few ulps of the scale; 3 seen)
+        assert err <= 8 * ulp and (neg - latents).abs().max() > 1e-3, (err, ulp)
         print(f"guided latent export: max |diff| = {err:.2e}")
         mine = prompt_sample(out, tmp_path, "--nfe", 3, "--gamma", 0.5, "--seed", 4)
         assert np.array_equal(mine["samples"], want["samples"]) and np.array_equal(mine["latents"], want["latents"])

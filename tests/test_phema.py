@@ -119,6 +119,28 @@ def test_a_run_snapshots_its_profiles_and_resumes_them_exactly(tmp_path):
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_finished_distillation_samples_the_post_hoc_ema_of_its_width(tmp_path):
+    """ctm.sample_sigma_rel (default 0.05): the run samples that width rebuilt at the last step; 0: the training
+    EMA; train.phema=[]: the training EMA too, with a warning."""
+    import torch
+
+    from ctmkit import load_model
+    from ctmkit.io.phema import rebuild
+    x, t = torch.randn(8, 2), torch.full((8,), 3.0)
+    for name, extra, width in (("d", (), 0.05), ("w", ("ctm.sample_sigma_rel=0.1",), 0.1),
+                               ("z", ("ctm.sample_sigma_rel=0",), None), ("n", ("train.phema=[]",), None)):
+        _distill(tmp_path / name, steps=24, extra=extra).fit(progress=False)
+        model = load_model(tmp_path / name)
+        if width is None:
+            assert model.card.sampled is None
+            assert torch.equal(model(x, t, t / 2), load_model(tmp_path / name, ema=0)(x, t, t / 2))
+            continue
+        assert model.card.sampled["phema"] == {"sigma_rel": width, "step": 24}
+        want = rebuild(tmp_path / name, width)[0]
+        assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+        assert not torch.allclose(model(x, t, t / 2), load_model(tmp_path / name, ema=0)(x, t, t / 2))
+
+
 def test_ema_command_rebuilds_records_and_resets_the_sampled_weights(tmp_path):
     import torch
     from click.testing import CliRunner
@@ -129,7 +151,7 @@ def test_ema_command_rebuilds_records_and_resets_the_sampled_weights(tmp_path):
     _distill(tmp_path / "r").fit(progress=False)
     run = str(tmp_path / "r")
     x, t = torch.randn(8, 2), torch.full((8,), 3.0)
-    before = load_model(run)(x, t, t / 2)
+    before = load_model(run, ema=0)(x, t, t / 2)                         # the training EMA
     res = CliRunner().invoke(main, ["ema", run, "--sigma-rel", "0.1", "--step", "24"])
     assert res.exit_code == 0 and "sigma_rel 0.1 at step 24" in res.output, res.output
     snap = next(s for s in list_snapshots(run) if (s.step, s.sigma_rel) == (24, 0.1))

@@ -25,13 +25,11 @@ def _widths(text: str) -> list[float]:
 
 def _choose(run: Path, card, sigma_rel: float | None, step: int | None, reset: bool) -> str:
     """Rebuild and record a width (or go back to the training EMA); returns the message."""
-    from ..io.phema import rebuild, write_rebuilt
+    from ..io.phema import sample_width
     if reset:
         dataclasses.replace(card, sampled=None).write(run)
         return f"{run} samples its training EMA again (train.ema rate {card.ema[0]:g})"
-    weights, step = rebuild(run, sigma_rel, step)
-    rel = write_rebuilt(run, sigma_rel, step, weights)
-    dataclasses.replace(card, sampled={"phema": {"sigma_rel": sigma_rel, "step": step}, "file": str(rel)}).write(run)
+    rel, step = sample_width(run, sigma_rel, step)
     return (f"{run} now samples the post-hoc EMA of width sigma_rel {sigma_rel:g} at step {step} ({rel}); "
             f"`ctmkit ema {run} --reset` goes back to the training EMA")
 

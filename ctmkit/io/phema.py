@@ -7,7 +7,7 @@ phema/ema-<sigma_rel>-<step>.safetensors."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save
 from ..core.phema import phema_coefficients, sigma_rel_to_gamma
 from ..errors import UserError
 from .atomic import atomic_write_bytes
+from .card import ModelCard
 
 
 @dataclass(frozen=True)
@@ -81,3 +82,13 @@ def write_rebuilt(run_dir: Path, sigma_rel: float, step: int, weights: dict) -> 
     meta = {"step": str(step), "sigma_rel": repr(float(sigma_rel))}
     atomic_write_bytes(Path(run_dir) / rel, save({k: v.contiguous() for k, v in weights.items()}, metadata=meta))
     return rel
+
+
+def sample_width(run_dir: Path, sigma_rel: float, step: int | None = None) -> tuple[Path, int]:
+    """Rebuild the EMA of width `sigma_rel` at `step` (default: the last snapshot's), save it and make it the weights
+    the run samples (model.json's `sampled`); returns (its path relative to the run, the step)."""
+    weights, step = rebuild(run_dir, sigma_rel, step)
+    rel = write_rebuilt(run_dir, sigma_rel, step, weights)
+    sampled = {"phema": {"sigma_rel": sigma_rel, "step": step}, "file": str(rel)}
+    replace(ModelCard.read(Path(run_dir)), sampled=sampled).write(run_dir)
+    return rel, step

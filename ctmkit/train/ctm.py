@@ -53,6 +53,7 @@ from ..core.solvers import solve_grid_segments
 from ..data.loader import BatchPlan
 from ..errors import UserError
 from ..io.card import ModelCard
+from ..io.phema import sample_width
 from ..metrics.perceptual import InceptionFeatureMap
 from ..nets.augment import diff_augment
 from ..nets.disc import ImageDiscriminator, VectorDiscriminator
@@ -181,6 +182,19 @@ class CTMRun(Run):
 
     def trained_module(self) -> torch.nn.Module:
         return self.trained
+
+    def fit(self, progress: bool = True):
+        """Train (Run.fit), then make the post-hoc EMA of width ctm.sample_sigma_rel the weights the run samples."""
+        out = super().fit(progress)
+        width = self.cfg.ctm.sample_sigma_rel
+        if width and self.dist.main:
+            if self.tcfg.phema:
+                sample_width(out, width)
+            else:
+                log.warning("train.phema=[] keeps no post-hoc EMA snapshots: the run samples its training EMA "
+                            "(ctm.sample_sigma_rel=0 says so without this warning)")
+        dist.barrier(self.dist)
+        return out
 
     @property
     def use_labels(self) -> bool:
