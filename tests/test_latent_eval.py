@@ -1,7 +1,7 @@
 """`ctmkit eval --prompts FILE` on latent text-to-image models (docs/method.md section 9), with the tiny random
 Stable Diffusion pipeline and prepared folder of tests/test_latent_student.py (latents [4, 8, 8], images 16 x 16):
-a distilled CTM against its teacher and the teacher alone write one row per point, the samples scored are
-`ctmkit sample --prompts`'s images, and the one-line refusals."""
+a distilled CTM against its teacher and the teacher alone (against images, and against FID statistics) write one
+row per point, the samples scored are `ctmkit sample --prompts`'s images, and the one-line refusals."""
 
 from __future__ import annotations
 
@@ -64,6 +64,12 @@ def test_eval_prompts_on_the_teacher_alone(distilled, tmp_path):
     res = json.loads((tmp_path / "t.json").read_text())
     assert res["metric"] == ("fid" if fid_available() else "swd_ratio") and res["model_kind"] == "teacher"
     assert [(r["sampler"], r["nfe"], r["guidance"]) for r in res["rows"]] == [("heun", 1, 7.5), ("heun", 3, 7.5)]
+    if fid_available():                                                        # FID statistics of the images instead
+        cli_ok("fid-ref", "--data", src, "--out", tmp_path / "ref.npz")
+        cli_ok("eval", "--model", f"diffusers:{pipe}", "--prompts", prompts, "--ref", tmp_path / "ref.npz", "--heun",
+               "1", "--n", 4, "--out", tmp_path / "r.json")
+        rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+        assert len(rows) == 1 and rows[0]["value"] > 0
 
 
 def test_refusals_are_one_line(distilled, tmp_path):
