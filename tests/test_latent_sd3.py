@@ -25,10 +25,11 @@ from ctmkit.errors import UserError
 from ctmkit.eval.prompts import encode_prompts
 from ctmkit.io.card import ModelCard
 from ctmkit.nets.lora import is_trained
+from ctmkit.nets.text_encoders import device_of
 from ctmkit.train.ctm import CTMRun
 
 from .test_latent_data import TEXTS, check_one_jump, cli_ok, image_folder, refused
-from .test_latent_teacher import WORDS, write_clip_tokenizer
+from .test_latent_teacher import WORDS, Moved, TrackedTokenizer, write_clip_tokenizer
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -139,6 +140,18 @@ def test_encode_prompt_is_the_pipelines(sd3, negative):
             assert torch.allclose(cond.null().pooled, null_pooled, rtol=0, atol=1e-6)
     assert not cond.embeds[:, CLIP_LENGTH:].any()                # no T5: zeros in its place
     assert torch.equal(cond.embeds[0], cond.embeds[2]) and not torch.equal(cond.embeds[0], cond.embeds[1])
+
+
+def test_token_ids_go_to_each_encoders_device(sd3):
+    teacher = load_teacher(f"diffusers:{sd3[2] / 'pipe'}")
+    teacher.encode_prompt("a cat", max_sequence_length=SEQ)     # loads the encoders
+    enc = teacher.prompt_encoder
+    enc.clips = [(TrackedTokenizer(tok), e) for tok, e in enc.clips]
+    enc.t5 = (TrackedTokenizer(enc.t5[0]), enc.t5[1])
+    Moved.to_devices, enc.nulls = [], {}
+    enc(["a red dog"], max_sequence_length=SEQ)                  # no GPU here: the check is that they are moved
+    devices = [device_of(e) for _, e in enc.clips] + [device_of(enc.t5[1])]
+    assert Moved.to_devices == devices * 2                      # CLIP-L, CLIP-G, T5: the prompt, then the null
 
 
 def test_the_card_records_latents_vae_scheduler_and_text(sd3):

@@ -7,6 +7,7 @@ resumed run equals an uninterrupted one bit for bit, and the one-line refusals."
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -79,6 +80,20 @@ def test_a_student_starts_as_its_teacher(eps, vpred, tmp_path, lora):
         assert names and all(is_trained(n) for n in names) and any("s_embed" in n for n in names)
         assert all(not p.any() for n, p in run.trained.tensors().items() if "lora_B" in n)
         assert {n for n, p in run.net.named_parameters() if p.requires_grad} == set(names)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_teacher_dtype_is_applied_without_diffusers_float32_warning(eps, tmp_path, dtype):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append                                          # diffusers' loggers do not propagate
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        run = make_run(*eps, tmp_path / "r", f"ctm.teacher_dtype={dtype}")
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert {p.dtype for p in run.teacher.backbone.denoiser.parameters()} == {getattr(torch, dtype)}
+    assert not [r for r in records if "kept in float32" in r.getMessage()]
 
 
 def test_lora_teacher_is_the_shared_module_with_adapters_off(vpred, tmp_path):

@@ -20,6 +20,7 @@ from ctmkit.core.precond import CTM, vp_sigmas
 from ctmkit.data import load_data
 from ctmkit.errors import UserError
 from ctmkit.io.card import ModelCard
+from ctmkit.nets.text_encoders import PromptEncoder, device_of
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -169,11 +170,46 @@ def test_text_cond_indexes_drops_and_moves():
         TextCond(torch.randn(3, 5, 4), torch.zeros(4, 4))
 
 
+class Moved(torch.Tensor):
+    """Token ids or a mask that record where they are moved (`to`), in `Moved.to_devices`."""
+
+    to_devices: list = []
+
+    def to(self, *args, **kwargs):
+        Moved.to_devices.append(torch.device(args[0] if args else kwargs["device"]))
+        return super().to(*args, **kwargs).as_subclass(torch.Tensor)
+
+
+class TrackedTokenizer:
+    """A tokenizer whose input_ids and attention_mask are `Moved` tensors (its other attributes: the tokenizer's)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        out = self.tokenizer(*args, **kwargs)
+        for key in ("input_ids", "attention_mask"):
+            out[key] = out[key].as_subclass(Moved)
+        return out
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bad")
     tiny_pipeline(folder)
     return folder / "pipe"
+
+
+def test_token_ids_and_masks_go_to_the_encoders_device(saved):
+    encoder = PromptEncoder.from_pipeline(saved, json.loads((saved / "model_index.json").read_text()))
+    encoder.encoder.config.use_attention_mask = True            # the mask goes in too (some SD 2.x encoders)
+    encoder.tokenizer = TrackedTokenizer(encoder.tokenizer)
+    Moved.to_devices = []
+    encoder(["a cat", "a red dog"])                              # no GPU here: the check is that they are moved
+    assert Moved.to_devices == [device_of(encoder.encoder)] * 4  # mask and ids of the prompts, then of the null
 
 
 @pytest.mark.parametrize("component", ["unet", "vae", "scheduler", "text_encoder", "tokenizer"])

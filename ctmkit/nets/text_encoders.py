@@ -51,9 +51,15 @@ def load_component(folder: Path, name: str, allowed: tuple[str, ...], class_name
         raise UserError(f"diffusers teacher '{folder}': cannot load {name}/ ({str(e).splitlines()[0]})") from None
 
 
+def device_of(module) -> torch.device:
+    """The device of a module's parameters: where its token ids and masks go (a pipeline moved to a GPU)."""
+    return next(module.parameters()).device
+
+
 class PromptEncoder:
-    """A CLIP text encoder + tokenizer: `encoder(prompts, negative_prompt="") -> TextCond` (CPU, float32).
-    Subclasses (SD3PromptEncoder) redefine `embed` and `options`; the caching in __call__ is shared."""
+    """A CLIP text encoder + tokenizer: `encoder(prompts, negative_prompt="") -> TextCond` (float32, on the
+    encoder's device: its token ids are moved there). Subclasses (SD3PromptEncoder) redefine `embed` and `options`;
+    the caching in __call__ is shared."""
 
     def __init__(self, tokenizer, encoder) -> None:
         self.tokenizer, self.encoder = tokenizer, encoder.eval().requires_grad_(False)
@@ -74,8 +80,9 @@ class PromptEncoder:
         """Prompts [N] -> (the last hidden state [N, L, D], L = the tokenizer's model_max_length; no pooled)."""
         tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt")
-        mask = tokens.attention_mask if getattr(self.encoder.config, "use_attention_mask", False) else None
-        return self.encoder(tokens.input_ids, attention_mask=mask)[0].float(), None
+        device = device_of(self.encoder)
+        mask = tokens.attention_mask.to(device) if getattr(self.encoder.config, "use_attention_mask", False) else None
+        return self.encoder(tokens.input_ids.to(device), attention_mask=mask)[0].float(), None
 
     def __call__(self, prompts: str | list[str], negative_prompt: str = "", **options) -> TextCond:
         """Prompts [B] -> TextCond [B] whose null is the negative prompt's embedding."""
@@ -99,7 +106,7 @@ class PromptEncoder:
 class SD3PromptEncoder(PromptEncoder):
     """Stable Diffusion 3's three text encoders (StableDiffusion3Pipeline.encode_prompt with clip_skip None, the same
     prompt for all three): `encoder(prompts, negative_prompt="", max_sequence_length=256) -> TextCond` with pooled
-    embeddings (CPU, float32).
+    embeddings (float32, on the encoders' device).
 
     CLIP-L and CLIP-G (CLIPTextModelWithProjection; both tokenised to the first tokenizer's model_max_length, as the
     pipeline does) give their penultimate hidden states, concatenated along features and zero-padded to T5's width
@@ -141,7 +148,7 @@ class SD3PromptEncoder(PromptEncoder):
         for tokenizer, encoder in self.clips:
             ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
                             return_tensors="pt").input_ids
-            out = encoder(ids, output_hidden_states=True)
+            out = encoder(ids.to(device_of(encoder)), output_hidden_states=True)
             states.append(out.hidden_states[-2])        # the penultimate layer
             pooled.append(out[0])                       # the projection of the end-of-text token
         t5 = self.embed_t5(prompts, max_sequence_length)
@@ -152,8 +159,8 @@ class SD3PromptEncoder(PromptEncoder):
     def embed_t5(self, prompts: list[str], length: int) -> Tensor:
         """T5's last hidden state [N, length, D] (zeros [N, length, joint_dim] without a T5)."""
         if self.t5 is None:
-            return torch.zeros(len(prompts), length, self.joint_dim)
+            return torch.zeros(len(prompts), length, self.joint_dim, device=device_of(self.clips[0][1]))
         tokenizer, encoder = self.t5
         ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
                         return_tensors="pt").input_ids
-        return encoder(ids)[0]
+        return encoder(ids.to(device_of(encoder)))[0]

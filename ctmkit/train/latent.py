@@ -35,6 +35,19 @@ def teacher_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if name == "bfloat16" else torch.float32
 
 
+def cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
+    """A frozen denoiser's weights in `dtype`. Nothing is done when they already are; diffusers' `to(dtype)` warns
+    about modules to keep in float32 on every cast, even when the model names none (SD's UNet), so torch's own `to`
+    casts such a model, and diffusers' (warning included) one that names some."""
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    if all(t.dtype == dtype for t in tensors):
+        return
+    if getattr(module, "_keep_in_fp32_modules", None):
+        module.to(dtype)
+    else:
+        nn.Module.to(module, dtype)
+
+
 class Trained(nn.Module):
     """The tensors a LoRA student trains (its adapters and s embedding), by their names in the network. Built on a
     live network it holds that network's own Parameters (no copy); `frozen_copy` of it copies them alone (theta^-,
@@ -102,7 +115,7 @@ def latent_student(run, init: bool) -> tuple[CTM, nn.Module, object]:
         shared = {k: v for k, v in teacher.state_dict().items() if ".s_embed." not in k}   # s: drawn from the seed
         missing = net.load_state_dict(shared, strict=False)
         assert not missing.unexpected_keys and all(".s_embed." in k for k in missing.missing_keys), missing
-        teacher.backbone.denoiser.to(dtype)
+        cast_frozen(teacher.backbone.denoiser, dtype)
         return net, net, teacher
     backbone = teacher.backbone
     for m in backbone.s_embed.modules():                          # the s embedding from train.seed, last layer 0
