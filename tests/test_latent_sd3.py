@@ -29,7 +29,7 @@ from ctmkit.nets.text_encoders import device_of
 from ctmkit.train.ctm import CTMRun
 
 from .test_latent_data import TEXTS, check_one_jump, cli_ok, image_folder, refused
-from .test_latent_teacher import WORDS, Moved, TrackedTokenizer, write_clip_tokenizer
+from .test_latent_teacher import WORDS, Moved, TrackedTokenizer, perturb, tiny_vae, write_clip_tokenizer
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -45,22 +45,29 @@ def t5_tokenizer():
     return transformers.T5Tokenizer(vocab=vocab + [("\u2581" + w, -1.0) for w in WORDS], extra_ids=0)
 
 
-def clip_model(tokenizer, hidden: int, seed: int):
+def clip_model(tokenizer, hidden: int, seed: int, cls=None):
+    """A small random CLIP text model (`cls`, CLIPTextModelWithProjection by default: projection 16)."""
     torch.manual_seed(seed)
-    return transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+    return (cls or transformers.CLIPTextModelWithProjection)(transformers.CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=32, projection_dim=16, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=CLIP_LENGTH, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
 
 
-def tiny_sd3(folder, seed: int = 0):
-    """A StableDiffusion3Pipeline of tiny random components (CLIP widths 8 + 16 padded to T5's 32; pooled 16 + 16),
-    saved to folder/pipe and, without T5, folder/no_t5; returned."""
+def clip_pair(folder, seed: int, first=None) -> tuple:
+    """(tokenizer, tokenizer_2, CLIP-L, CLIP-G) over WORDS (written under folder/words): widths 8 and 16, the second
+    tokenizer padding with "!"; `first`: CLIP-L's class (CLIPTextModelWithProjection by default)."""
     write_clip_tokenizer(folder / "words")
     tok = transformers.CLIPTokenizer.from_pretrained(folder / "words", model_max_length=CLIP_LENGTH)
     tok_2 = transformers.CLIPTokenizer.from_pretrained(folder / "words", model_max_length=CLIP_LENGTH, pad_token="!")
+    return tok, tok_2, clip_model(tok, 8, seed + 1, first), clip_model(tok_2, 16, seed + 2)
+
+
+def tiny_sd3(folder, seed: int = 0):
+    """A StableDiffusion3Pipeline of tiny random components (CLIP widths 8 + 16 padded to T5's 32; pooled 16 + 16),
+    saved to folder/pipe and, without T5, folder/no_t5; returned."""
+    tok, tok_2, clip_l, clip_g = clip_pair(folder, seed)
     tok_3 = t5_tokenizer()
-    clip_l, clip_g = clip_model(tok, 8, seed + 1), clip_model(tok_2, 16, seed + 2)
     torch.manual_seed(seed)
     t5 = transformers.T5EncoderModel(transformers.T5Config(
         vocab_size=len(tok_3), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
@@ -69,13 +76,8 @@ def tiny_sd3(folder, seed: int = 0):
         sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
         pos_embed_max_size=8)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, latent_channels=4,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-        scaling_factor=1.5, shift_factor=0.1)
-    with torch.no_grad():                 # a random but clearly non-trivial network (AdaLN layers start at zero)
-        for p in transformer.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    vae = tiny_vae(scaling_factor=1.5, shift_factor=0.1)
+    perturb(transformer)                  # a random but clearly non-trivial network (AdaLN layers start at zero)
     parts = dict(transformer=transformer, vae=vae, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
                  text_encoder=clip_l, tokenizer=tok, text_encoder_2=clip_g, tokenizer_2=tok_2)
     pipe = diffusers.StableDiffusion3Pipeline(**parts, text_encoder_3=t5, tokenizer_3=tok_3)

@@ -61,17 +61,22 @@ def probe(teacher):
     return z, torch.tensor([0.05, 0.5, 3.0, 14.0]), cond
 
 
+def assert_starts_as_its_teacher(run: CTMRun, pipe) -> None:
+    """The run's teacher and its student g(z, t, s) for several s are the teacher loaded apart, bit for bit."""
+    teacher = load_teacher(f"diffusers:{pipe}")
+    z, t, cond = probe(teacher)
+    with torch.no_grad():
+        want = teacher(z, t, cond)
+        assert torch.equal(run.teacher(z, t, cond), want)
+        for s in (t, t / 2, torch.full_like(t, 0.03)):
+            assert torch.equal(run.net.g(z, t, s, cond), want)
+
+
 @pytest.mark.parametrize("lora", [0, 2])
 def test_a_student_starts_as_its_teacher(eps, vpred, tmp_path, lora):
     for (pipe, lat), form in ((eps, "auto"), (vpred, "auto")):          # auto keeps a latent teacher's form
         run = make_run(pipe, lat, tmp_path / f"{form}{lora}", f"ctm.lora_rank={lora}", f"ctm.student_precond={form}")
-        teacher = load_teacher(f"diffusers:{pipe}")                        # loaded apart
-        z, t, cond = probe(teacher)
-        with torch.no_grad():
-            want = teacher(z, t, cond)
-            assert torch.equal(run.teacher(z, t, cond), want)
-            for s in (t, t / 2, torch.full_like(t, 0.03)):
-                assert torch.equal(run.net.g(z, t, s, cond), want)
+        assert_starts_as_its_teacher(run, pipe)
         shared = run.net.backbone is run.teacher.teacher.backbone if lora else run.net.backbone is not \
             run.teacher.backbone
         assert shared

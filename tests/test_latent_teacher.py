@@ -64,16 +64,8 @@ def tiny_pipeline(folder, prediction: str = "epsilon", seed: int = 0):
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=MAX_LENGTH, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id))
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, latent_channels=4,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
-    with torch.no_grad():                 # a random but clearly non-trivial network
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    unet, vae = tiny_unet(cross_attention_dim=16), tiny_vae()
+    perturb(unet)
     sched = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                     clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                                     prediction_type=prediction)
@@ -83,6 +75,47 @@ def tiny_pipeline(folder, prediction: str = "epsilon", seed: int = 0):
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(folder / "pipe")
     return pipe.to(torch.float32)
+
+
+def tiny_unet(**config):
+    """A small random UNet2DConditionModel on latents [4, 8, 8] (cross-attention in its first down and last up
+    block); `config`: cross_attention_dim and any other UNet2DConditionModel setting."""
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=4, attention_head_dim=2, **config)
+
+
+def tiny_vae(**config):
+    """A small random AutoencoderKL (images [3, 16, 16] <-> latents [4, 8, 8]); `config`: e.g. its factors."""
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, latent_channels=4,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+        **config)
+
+
+def perturb(net) -> None:
+    """Random weights made clearly non-trivial (some layers start at zero)."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+
+def euler_on_ddim_grid(teacher, sched, z, w: float, cond):
+    """Euler with guidance w on the teacher over the sigmas of a DDIM scheduler after the pipeline's loop set its
+    timesteps (ending at its final alpha_bar's sigma), from and back to the VP latents: the pipeline's DDIM (eta 0)."""
+    sig = vp_sigmas(sched.alphas_cumprod)
+    end = vp_sigmas(sched.final_alpha_cumprod.reshape(1))      # set_alpha_to_one=False: sigma_0, not 0
+    sigmas = torch.cat([sig[sched.timesteps.long()], end])
+    ours = solve_pf_ode(guided(teacher, w), z * float((1 + sigmas[0] ** 2).sqrt()), sigmas, "euler", cond)
+    return ours / float((1 + end[0] ** 2).sqrt())              # EDM's z back to the VP latent z / sqrt(1 + sigma^2)
+
+
+def assert_round_off(ours, want, z) -> None:
+    """ours = want to float32 round-off (measured <= 4e-7 relative), and the loop moved the latents z."""
+    err = float((ours - want).abs().max())
+    assert err < 5e-6 * max(1.0, float(want.abs().max())), err
+    assert float((want - z).abs().max()) > 0.1
 
 
 @pytest.fixture(scope="module", params=["epsilon", "v_prediction"])
@@ -106,15 +139,7 @@ def test_euler_with_guidance_is_the_pipelines_ddim_loop(pipeline):
     with torch.no_grad():
         want = pipe(prompt_embeds=embeds, negative_prompt_embeds=null, guidance_scale=w, num_inference_steps=steps,
                     latents=z.clone(), output_type="latent", eta=0.0).images
-    sched = pipe.scheduler                                     # its timesteps (steps_offset 1) and final alpha_bar
-    sig = vp_sigmas(sched.alphas_cumprod)
-    end = vp_sigmas(sched.final_alpha_cumprod.reshape(1))      # set_alpha_to_one=False: sigma_0, not 0
-    sigmas = torch.cat([sig[sched.timesteps.long()], end])
-    ours = solve_pf_ode(guided(teacher, w), z * float((1 + sigmas[0] ** 2).sqrt()), sigmas, "euler", cond)
-    ours = ours / float((1 + end[0] ** 2).sqrt())              # EDM's z back to the VP latent z / sqrt(1 + sigma^2)
-    err = float((ours - want).abs().max())
-    assert err < 5e-6 * max(1.0, float(want.abs().max())), err     # float32 round-off: measured <= 4e-7 relative
-    assert float((want - z).abs().max()) > 0.1                      # the loop did move the latents
+    assert_round_off(euler_on_ddim_grid(teacher, pipe.scheduler, z, w, cond), want, z)   # its timesteps (offset 1)
 
 
 def test_the_card_records_latents_vae_and_text(pipeline):

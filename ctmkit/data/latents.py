@@ -10,7 +10,7 @@
     embeds.npy              float32 [P, L, D]: each distinct prompt's embedding, stored once
     null_embeds.npy         float32 [L, D]: the empty prompt's embedding (the null condition)
     pooled.npy              float32 [P, Dp]: each prompt's pooled embedding, when the pipeline's denoiser takes one
-                            (Stable Diffusion 3; the manifest's text["pooled"] = Dp, None for a UNet pipeline)
+                            (SD3, SDXL; the manifest's text["pooled"] = Dp, None for an SD 1.x / 2.x pipeline)
     null_pooled.npy         float32 [Dp]: the empty prompt's pooled embedding (with pooled.npy)
 and `load_data(OUT)` reads it as a `LatentData`: items are the latents (read per batch with positioned reads:
 nothing is loaded up front, memory stays bounded), the condition of an item is its prompt index (`labels`), and
@@ -39,7 +39,7 @@ from .normalize import Normalizer
 from .readers import NpyRows, read_npy
 
 MANIFEST = "ctmkit_latents.json"
-FORMAT, VERSION = "ctmkit-latents", 2     # 2: pooled.npy / null_pooled.npy (SD3); 1 is read
+FORMAT, VERSION = "ctmkit-latents", 2     # 2: pooled.npy / null_pooled.npy (SD3, SDXL); 1 is read
 SHARD_SIZE = 4096            # items per latents shard (SD 1.x at 512 px: 64 KB an item, 256 MB a shard)
 
 

@@ -23,9 +23,10 @@ GRID_PROMPTS = 8        # the sample grid of the model card: the data's first pr
 def latent_components(card: ModelCard) -> dict:
     """vae, text_encoder and tokenizer of the pipeline folder a latent student's card names (float32, CPU)."""
     lat = card.latent
-    if lat.get("denoiser") != "UNet2DConditionModel":
+    if lat.get("denoiser") != "UNet2DConditionModel" or lat["text"].get("pooled"):
+        what = "an SDXL pipeline's" if lat.get("denoiser") == "UNet2DConditionModel" else f"a {lat.get('denoiser')}"
         raise UserError(f"ctmkit export takes latent students of UNet (Stable Diffusion 1/2-class) pipelines; this "
-                        f"one's denoiser is a {lat.get('denoiser')}, not exported yet")
+                        f"one's denoiser is {what}, not exported yet")
     folder = Path(lat["folder"])
     index = read_json_object(folder / "model_index.json", f"the pipeline of this model, '{folder}'")
     encoder = PromptEncoder.from_pipeline(folder, index)

@@ -24,7 +24,7 @@ from ..data.latents import LatentWriter
 from ..errors import UserError
 from ..io.atomic import atomic_file
 from ..io.card import read_json_object
-from ..nets.text_encoders import PromptEncoder, SD3PromptEncoder
+from ..nets.text_encoders import load_prompt_encoder
 from ..nets.vae import LatentVAE
 from ..teachers.latent_data import pipeline_record, write_prompts
 from .generate import generate_batches
@@ -55,17 +55,14 @@ def default_guidance(card, guidance: float | None) -> float | None:
 
 def encode_prompts(model, prompts: list[str], negative_prompt: str = "") -> TextCond:
     """The TextCond of `prompts` [P] (null: the negative prompt's embedding): the teacher's own encode_prompt, or the
-    text encoders of the pipeline folder a latent CTM's card names (SD3's three, with pooled embeddings)."""
+    text encoders of the pipeline folder a latent CTM's card names (SDXL's two or SD3's three with pooled
+    embeddings)."""
     if hasattr(model, "encode_prompt"):
         return model.encode_prompt(prompts, negative_prompt)
     latent = model.card.latent
     folder = Path(latent["folder"])
     index = read_json_object(folder / "model_index.json", f"the pipeline of this model, '{folder}'")
-    if latent.get("denoiser") == "SD3Transformer2DModel":
-        encoder = SD3PromptEncoder.from_pipeline(folder, index, joint_dim=int(latent["text"]["embeds"][1]))
-    else:
-        encoder = PromptEncoder.from_pipeline(folder, index)
-    return encoder(prompts, negative_prompt)
+    return load_prompt_encoder(folder, index, latent)(prompts, negative_prompt)
 
 
 def load_vae(model) -> LatentVAE:

@@ -105,5 +105,5 @@ def lora_backbone(spec, folder: str | Path, rank: int) -> nn.Module:
     except Exception as e:      # moved or broken: one line naming the folder
         raise UserError(f"cannot load the {name}/ of {where} ({str(e).splitlines()[0]}); a LoRA student keeps only "
                         "its adapters and reads the rest from the teacher's folder") from None
-    backbone = wrapper(spec.kwargs["config"], model)
+    backbone = wrapper(**{**spec.kwargs, name: model})       # config (an SDXL UNet's vae_scale_factor), the model
     return add_lora(backbone, rank).requires_grad_(False)

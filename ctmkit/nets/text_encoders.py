@@ -5,8 +5,10 @@ Stable Diffusion 1.x / 2.x (StableDiffusionPipeline.encode_prompt with clip_skip
 padded and truncated to the tokenizer's model_max_length, and its embedding is the CLIP text model's last hidden
 state [L, D]; the null condition is the same for the negative prompt, the empty prompt by default. Each distinct
 prompt of a call runs through the encoder once, and each negative prompt's embedding is kept after its first use, so
-a sampler or a data preparation encodes once and reuses the TextCond at every step. Stable Diffusion 3 (three
-encoders, pooled embeddings, StableDiffusion3Pipeline.encode_prompt): SD3PromptEncoder, with the same caching.
+a sampler or a data preparation encodes once and reuses the TextCond at every step. Stable Diffusion XL (two CLIPs,
+pooled embeddings, the empty negative prompt as zeros: StableDiffusionXLPipeline.encode_prompt): SDXLPromptEncoder;
+Stable Diffusion 3 (three encoders, pooled embeddings, StableDiffusion3Pipeline.encode_prompt): SD3PromptEncoder; both
+with the same caching. `load_prompt_encoder` picks one from a latent card's record.
 
 transformers is part of the `diffusers` optional extra; it is imported only here, when a prompt encoder is loaded.
 Weights are read from the folder only (local_files_only; no remote code).
@@ -26,7 +28,8 @@ INSTALL_HINT = ("text-conditioned (latent) teachers need transformers: pip insta
                 "(or pip install transformers)")
 ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")     # the text encoder classes a folder may name
 TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
-SD3_CLIPS = ("CLIPTextModelWithProjection",)                    # SD3's CLIP-L and CLIP-G
+SD3_CLIPS = ("CLIPTextModelWithProjection",)                    # SD3's CLIP-L and CLIP-G; SDXL's second CLIP
+SDXL_CLIPS = (("CLIPTextModel",), SD3_CLIPS)                    # SDXL's text_encoder (CLIP-L) and text_encoder_2
 T5_ENCODERS, T5_TOKENIZERS = ("T5EncoderModel",), ("T5TokenizerFast", "T5Tokenizer")
 MAX_SEQUENCE_LENGTH = 256      # StableDiffusion3Pipeline's default T5 token count
 
@@ -97,10 +100,66 @@ class PromptEncoder:
         embeds, pooled = self.embed(list(rows), *key)
         idx = torch.tensor([rows[p] for p in prompts])
         if (negative_prompt, key) not in self.nulls:
-            null, null_pooled = self.embed([negative_prompt], *key)
-            self.nulls[negative_prompt, key] = null[0], None if null_pooled is None else null_pooled[0]
+            self.nulls[negative_prompt, key] = self.null_embedding(negative_prompt, *key)
         null, null_pooled = self.nulls[negative_prompt, key]
         return TextCond(embeds[idx], null, None if pooled is None else pooled[idx], null_pooled)
+
+    def null_embedding(self, negative_prompt: str, *key) -> tuple[Tensor, Tensor | None]:
+        """The null condition (embeds [L, D], pooled [P] or None): the negative prompt's embedding."""
+        null, pooled = self.embed([negative_prompt], *key)
+        return null[0], None if pooled is None else pooled[0]
+
+
+def clip_outputs(clips: list[tuple], prompts: list[str]) -> tuple[list[Tensor], list[Tensor]]:
+    """(each CLIP's penultimate hidden states [N, L, D_i], each one's first output: a projection's text_embeds
+    [N, P_i]) of `clips` [(tokenizer, encoder)], all tokenised to the first tokenizer's model_max_length L."""
+    length = clips[0][0].model_max_length
+    states, firsts = [], []
+    for tokenizer, encoder in clips:
+        ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                        return_tensors="pt").input_ids
+        out = encoder(ids.to(device_of(encoder)), output_hidden_states=True)
+        states.append(out.hidden_states[-2])            # the penultimate layer
+        firsts.append(out[0])
+    return states, firsts
+
+
+class SDXLPromptEncoder(PromptEncoder):
+    """Stable Diffusion XL's two text encoders (StableDiffusionXLPipeline.encode_prompt with clip_skip None, the same
+    prompt for both): `encoder(prompts, negative_prompt="") -> TextCond` with pooled embeddings (float32, on
+    the encoders' device).
+
+    text_encoder (CLIPTextModel, CLIP-L) and text_encoder_2 (CLIPTextModelWithProjection, OpenCLIP-G), each tokenised
+    to model_max_length (the same for both), give their penultimate hidden states, concatenated along features:
+    embeds [L, D_1 + D_2] (77 x 2048); the pooled embedding is text_encoder_2's projection, text_embeds [P] (1280).
+    The null condition: with the pipeline's `force_zeros_for_empty_prompt` (model_index.json; true by default, as in
+    SDXL base) the empty negative prompt is zeros, embeds and pooled, as the pipeline's negative_prompt=None with
+    guidance; any other negative prompt (or the empty one without that setting) is encoded."""
+
+    def __init__(self, clips: list[tuple], force_zeros: bool = True) -> None:
+        self.clips = [(tok, enc.eval().requires_grad_(False)) for tok, enc in clips]
+        self.force_zeros = bool(force_zeros)
+        self.nulls = {}
+
+    @classmethod
+    def from_pipeline(cls, folder: Path, index: dict, force_zeros: bool = True) -> SDXLPromptEncoder:
+        """The text encoders and tokenizers of an SDXL pipeline folder whose model_index.json is `index`."""
+        clips = [(load_component(folder, f"tokenizer{n}", TOKENIZERS, index[f"tokenizer{n}"][1]),
+                  load_component(folder, f"text_encoder{n}", allowed, index[f"text_encoder{n}"][1]))
+                 for n, allowed in zip(("", "_2"), SDXL_CLIPS)]
+        return cls(clips, force_zeros)
+
+    @torch.no_grad()
+    def embed(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """Prompts [N] -> (embeds [N, L, D_1 + D_2], pooled [N, P])."""
+        states, firsts = clip_outputs(self.clips, prompts)
+        return torch.cat(states, -1).float(), firsts[1].float()
+
+    def null_embedding(self, negative_prompt: str) -> tuple[Tensor, Tensor]:
+        null, pooled = super().null_embedding(negative_prompt)
+        if negative_prompt == "" and self.force_zeros:
+            return torch.zeros_like(null), torch.zeros_like(pooled)
+        return null, pooled
 
 
 class SD3PromptEncoder(PromptEncoder):
@@ -143,14 +202,7 @@ class SD3PromptEncoder(PromptEncoder):
     @torch.no_grad()
     def embed(self, prompts: list[str], max_sequence_length: int) -> tuple[Tensor, Tensor]:
         """Prompts [N] -> (embeds [N, 77 + max_sequence_length, D], pooled [N, P])."""
-        length = self.clips[0][0].model_max_length
-        states, pooled = [], []
-        for tokenizer, encoder in self.clips:
-            ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
-                            return_tensors="pt").input_ids
-            out = encoder(ids.to(device_of(encoder)), output_hidden_states=True)
-            states.append(out.hidden_states[-2])        # the penultimate layer
-            pooled.append(out[0])                       # the projection of the end-of-text token
+        states, pooled = clip_outputs(self.clips, prompts)     # pooled: the projections of the end-of-text token
         t5 = self.embed_t5(prompts, max_sequence_length)
         clip = torch.cat(states, -1)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
@@ -164,3 +216,15 @@ class SD3PromptEncoder(PromptEncoder):
         ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
                         return_tensors="pt").input_ids
         return encoder(ids.to(device_of(encoder)))[0]
+
+
+def load_prompt_encoder(folder: Path, index: dict, latent: dict) -> PromptEncoder:
+    """The prompt encoder of the pipeline folder (model_index.json read as `index`) that a latent card's record
+    `latent` describes: SD3's three text encoders (an SD3Transformer2DModel), SDXL's two (a UNet that takes pooled
+    embeddings), else SD 1.x / 2.x's one."""
+    text = latent["text"]
+    if latent.get("denoiser") == "SD3Transformer2DModel":
+        return SD3PromptEncoder.from_pipeline(folder, index, joint_dim=int(text["embeds"][1]))
+    if text.get("pooled"):
+        return SDXLPromptEncoder.from_pipeline(folder, index, text.get("force_zeros_for_empty_prompt", True))
+    return PromptEncoder.from_pipeline(folder, index)

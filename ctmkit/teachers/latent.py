@@ -1,20 +1,21 @@
 """Latent text-to-image teachers (docs/method.md section 9): `diffusers:DIR` for a whole pipeline folder as
 `save_pretrained` writes it, with `model_index.json`, `unet/` (a UNet2DConditionModel: Stable Diffusion 1.x / 2.x,
 epsilon or v prediction), `vae/` (AutoencoderKL), `scheduler/`, `text_encoder/` (CLIP) and `tokenizer/`; and what
-every latent teacher shares (LatentTeacher, the component and VAE checks, the card), which teachers/sd3.py builds on.
+every latent teacher shares (LatentTeacher, the component and VAE checks, the UNet pipeline's loading, the card),
+which teachers/sd3.py and teachers/sdxl.py (SDXL: the same UNet with added conditions) build on.
 
 The teacher is the denoiser D(z, sigma, cond) on the VAE's scaled latents z (what the pipeline's UNet sees), in the
 EDM convention z = z0 + sigma n through the scheduler's own preconditioning (core/precond.py: VPPrecond, shared with
 the pixel teachers of teachers/foreign.py); `cond` is a TextCond (core/conditions.py) from `teacher.encode_prompt`,
 whose null is the empty prompt's embedding. The card records the latent shape, the VAE's scaling and shift and the
-text conditioning. Weights are read from the folder only; the text encoder is loaded on the first encode_prompt.
+text conditioning. Weights are read from the folder only; the text encoders are loaded on the first encode_prompt
+(nets/text_encoders.py: load_prompt_encoder, chosen by the card).
 Which loader a folder goes to is teachers/pipelines.py's choice.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 from torch import nn
 
@@ -23,10 +24,10 @@ from ..core.precond import EDMDenoiser
 from ..data.normalize import Normalizer
 from ..errors import UserError
 from ..io.card import DataCard, ModelCard, read_json_object
-from ..nets.diffusers_cond import DiffusersCondUNet, check_cond_config
+from ..nets.diffusers_cond import TEXT_TIME, DiffusersCondUNet, check_cond_config
 from ..nets.diffusers_unet import import_diffusers, unet_config_from
 from ..nets.registry import BackboneSpec
-from ..nets.text_encoders import PromptEncoder
+from ..nets.text_encoders import PromptEncoder, load_prompt_encoder
 from .foreign import scheduler_precond
 
 COMPONENTS = {"unet": "the denoising UNet2DConditionModel", "vae": "the AutoencoderKL", "scheduler": "its scheduler",
@@ -37,10 +38,9 @@ class LatentTeacher(EDMDenoiser):
     """D(z, sigma, cond) of a latent pipeline (the denoiser protocol with a TextCond as condition), with `.card`,
     `.folder` and `encode_prompt`."""
 
-    def __init__(self, backbone: nn.Module, precond, folder: Path, index: dict,
-                 encoder: Callable[[Path, dict], PromptEncoder] = PromptEncoder.from_pipeline) -> None:
+    def __init__(self, backbone: nn.Module, precond, folder: Path, index: dict) -> None:
         super().__init__(backbone, 0.5, precond)
-        self.folder, self.index, self.load_encoder = folder, index, encoder
+        self.folder, self.index = folder, index
         self.prompt_encoder: PromptEncoder | None = None     # loaded on the first encode_prompt
 
     def encode_prompt(self, prompts: str | list[str], negative_prompt: str = "", **options) -> TextCond:
@@ -48,7 +48,7 @@ class LatentTeacher(EDMDenoiser):
         empty prompt by default) as the null condition. Encode once, then pass the TextCond to every step.
         `options`: the pipeline's encoding options (SD3: max_sequence_length)."""
         if self.prompt_encoder is None:
-            self.prompt_encoder = self.load_encoder(self.folder, self.index)
+            self.prompt_encoder = load_prompt_encoder(self.folder, self.index, self.card.latent)
         return self.prompt_encoder(prompts, negative_prompt, **options)
 
 
@@ -94,30 +94,62 @@ def text_facts(folder: Path, index: dict) -> dict:
 
 
 def load_latent(folder: Path, index: dict) -> LatentTeacher:
-    """A latent pipeline folder (model_index.json read as `index`) -> its LatentTeacher (CPU, eval mode, `.card`):
-    a UNet2DConditionModel one (a transformer one: teachers/sd3.py)."""
-    where = f"diffusers teacher '{folder}'"
+    """A Stable Diffusion 1.x / 2.x pipeline folder (model_index.json read as `index`) -> its LatentTeacher (CPU,
+    eval mode, `.card`) (SDXL: teachers/sdxl.py; a transformer one: teachers/sd3.py)."""
     check_components(folder, index, COMPONENTS)
+    return load_unet_pipeline(folder, index, text_facts(folder, index))
+
+
+def load_unet_pipeline(folder: Path, index: dict, text: dict) -> LatentTeacher:
+    """The LatentTeacher of a UNet2DConditionModel pipeline folder whose components are checked and whose text
+    conditioning is `text` (text_facts: pooled None for SD 1.x / 2.x, the width of SDXL's pooled embeddings)."""
+    where = f"diffusers teacher '{folder}'"
     cfg = read_json_object(folder / "unet" / "config.json", where)
     if cfg.get("_class_name") != "UNet2DConditionModel":
         raise UserError(f"{where}: its unet is a {cfg.get('_class_name')}; a text-to-image pipeline needs a "
                         "UNet2DConditionModel")
-    vae, text = vae_facts(folder), text_facts(folder, index)
+    vae = vae_facts(folder)
     try:
         check_cond_config(cfg)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
     check_channels(where, "unet", cfg, vae)
+    check_added_conditions(where, cfg, text)
     if int(cfg.get("cross_attention_dim") or 0) != text["embeds"][1]:
         raise UserError(f"{where}: its unet attends to {cfg.get('cross_attention_dim')}-dimensional text but the "
-                        f"text encoder gives {text['embeds'][1]}")
+                        f"text encoders give {text['embeds'][1]}")
     precond, sigma_min, sigma_max = scheduler_precond(folder / "scheduler")
     unet = load_model(folder, "unet", "UNet2DConditionModel")
     config = unet_config_from(unet)
-    teacher = LatentTeacher(DiffusersCondUNet(config, unet), precond, folder, index)
+    kwargs = {"config": config} | ({"vae_scale_factor": vae["downscale"]} if text["pooled"] else {})
+    teacher = LatentTeacher(DiffusersCondUNet(**kwargs, unet=unet), precond, folder, index)
+    size = config.get("sample_size") or 64
     facts = {"denoiser": "UNet2DConditionModel", "vae": vae, "text": text}
-    return with_card(teacher, BackboneSpec("diffusers_unet2d_cond", {"config": config}), (sigma_min, sigma_max),
-                     facts, config.get("sample_size") or 64)
+    if text["pooled"]:          # SDXL's micro-conditioning at the card's size (the backbone takes it from z's size)
+        (h, w), f = ((size, size) if isinstance(size, int) else size), vae["downscale"]
+        facts["time_ids"] = [h * f, w * f, 0, 0, h * f, w * f]
+    return with_card(teacher, BackboneSpec("diffusers_unet2d_cond", kwargs), (sigma_min, sigma_max), facts, size)
+
+
+def check_added_conditions(where: str, cfg: dict, text: dict) -> None:
+    """One line unless the UNet takes SDXL's added conditions (pooled text embeddings of width text["pooled"] and 6
+    time ids: projection_class_embeddings_input_dim = 6 addition_time_embed_dim + P) exactly when the pipeline's text
+    encoders give pooled embeddings."""
+    added = cfg.get("addition_embed_type") == TEXT_TIME
+    if added and not text["pooled"]:
+        raise UserError(f"{where}: its unet takes SDXL's added conditions (addition_embed_type={TEXT_TIME!r}), "
+                        "which need SDXL's two text encoders: save the whole StableDiffusionXLPipeline "
+                        "(text_encoder_2/ and tokenizer_2/, named in model_index.json)")
+    if text["pooled"] and not added:
+        raise UserError(f"{where}: an SDXL pipeline needs a unet with addition_embed_type={TEXT_TIME!r} (SDXL's "
+                        f"added conditions); this one has {cfg.get('addition_embed_type')!r}")
+    if added:
+        width = int(cfg.get("addition_time_embed_dim") or 0) * 6 + int(text["pooled"])
+        if int(cfg.get("projection_class_embeddings_input_dim") or 0) != width:
+            raise UserError(f"{where}: its unet's projection_class_embeddings_input_dim "
+                            f"{cfg.get('projection_class_embeddings_input_dim')} is not 6 time ids x "
+                            f"addition_time_embed_dim {cfg.get('addition_time_embed_dim')} + the pooled width "
+                            f"{text['pooled']} of text_encoder_2")
 
 
 def check_channels(where: str, name: str, cfg: dict, vae: dict) -> None:

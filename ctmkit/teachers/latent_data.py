@@ -65,7 +65,7 @@ def check_latent_data(data, teacher) -> None:
                             f"{what} differs from that of '{teacher.folder}'; prepare it again with --pipeline "
                             f"{teacher.folder}")
     if want["text"].get("pooled") and data.pooled is None:
-        raise UserError(f"'{data.spec}' holds no pooled prompt embeddings, which the transformer of "
+        raise UserError(f"'{data.spec}' holds no pooled prompt embeddings, which the denoiser of "
                         f"'{teacher.folder}' takes (prepared by an older ctmkit); prepare it again with --pipeline "
                         f"{teacher.folder}")
 

@@ -16,7 +16,6 @@ transformers are refused in one line.
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 from ..errors import UserError
@@ -24,7 +23,7 @@ from ..io.card import read_json_object
 from ..nets.diffusers_sd3 import DiffusersSD3
 from ..nets.diffusers_unet import unet_config_from
 from ..nets.registry import BackboneSpec
-from ..nets.text_encoders import MAX_SEQUENCE_LENGTH, SD3PromptEncoder
+from ..nets.text_encoders import MAX_SEQUENCE_LENGTH
 from .foreign import scheduler_precond
 from .latent import LatentTeacher, check_channels, check_components, listed, load_model, vae_facts, with_card
 
@@ -56,8 +55,7 @@ def load_sd3(folder: Path, index: dict) -> LatentTeacher:
     precond, sigma_min, sigma_max = scheduler_precond(folder / "scheduler")
     transformer = load_model(folder, "transformer", "SD3Transformer2DModel")
     config = unet_config_from(transformer)
-    encoder = partial(SD3PromptEncoder.from_pipeline, joint_dim=int(config["joint_attention_dim"]))
-    teacher = LatentTeacher(DiffusersSD3(config, transformer), precond, folder, index, encoder)
+    teacher = LatentTeacher(DiffusersSD3(config, transformer), precond, folder, index)
     facts = {"denoiser": "SD3Transformer2DModel", "vae": vae, "text": text,
              "scheduler": {k: v for k, v in schedule.items() if not k.startswith("_")}}   # sampling only, not D
     return with_card(teacher, BackboneSpec("diffusers_sd3", {"config": config}), (sigma_min, sigma_max), facts,
