@@ -38,15 +38,16 @@ bench/results/latent_digits.json collects them all):
              assigns to the prompted class) and the classifier-feature Frechet distance to the 1797 digits. The data
              PNGs and the VAE's reconstructions of them are scored the same way (the ceilings of the pipeline).
              Grids (a row per prompted digit) in OUT/eval/grids; the DDIM ones copied to --grids (committed).
-7. distill   THE HOOK FOR THE CTM STUDENT (not in ctmkit yet when this was written: issue 29's student of a latent
-             teacher): `ctmkit distill --teacher diffusers:OUT/pipeline --data OUT/prepared --out OUT/ctm_full`
-             and the same with `ctm.lora_rank=R` (OUT/ctm_loraR; --distill adds settings to both), then
-             `ctmkit sample --model RUN --prompts FILE --nfe K --guidance W` at K = 1, 2, 4, scored as the teacher;
-             step time (stats.jsonl) and peak memory (a `*mem*` key of stats.jsonl when the trainer writes one, else
-             the process's max RSS, which on a GPU does not see the device's memory) of full vs LoRA, and the
-             acceptance checks (NFE 4 adherence >= 80 % of the teacher's DDIM 25 at the same W; LoRA peak memory
-             below full). While `ctmkit distill` refuses a latent teacher, the stage says so in one line, records
-             "pending" and the other stages' results stand; leave it out with --stages.
+7. distill   the CTM students: `ctmkit distill --teacher diffusers:OUT/pipeline --data OUT/prepared --out
+             OUT/ctm_<full|loraR>_w<W>`, full and with `ctm.lora_rank=R`, for each --scales value W (W != 1 adds
+             `ctm.guidance=W`: a guided student samples at its scale only; --distill adds settings to all), then
+             `ctmkit sample --model RUN --prompts FILE --nfe K --guidance W` at K = 1, 2, 4 from the training EMA
+             (`ctmkit ema RUN --reset`) and the post-hoc EMA of width --sigma-rel (`ctmkit ema RUN --sigma-rel X`),
+             scored as the teacher; step time (stats.jsonl) and peak memory (a `*mem*` key of stats.jsonl when the
+             trainer writes one, else the process's max RSS, which on a GPU does not see the device's memory) of
+             full vs LoRA, and the acceptance checks (NFE 4 adherence >= 80 % of the teacher's DDIM 25 at the same
+             W; LoRA peak memory below full at the same W). Session 11 ran it with
+             `--distill train.steps=600 train.batch_size=32` on 2 threads (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -539,7 +540,7 @@ def main() -> None:
         dst.mkdir(parents=True, exist_ok=True)
         for png in sorted((out / "eval" / "grids").glob("teacher_ddim*.png")):
             (dst / png.name).write_bytes(png.read_bytes())
-    result = {"bench": "latent_digits (issue 29 item 8, part 1: the teacher)", "out": str(out),
+    result = {"bench": "latent_digits (issue 29 item 8: the teacher and its CTM students)", "out": str(out),
               "threads": torch.get_num_threads(), "stages": records}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
