@@ -279,7 +279,8 @@ class CTMRun(Run):
     def student_form(self, teacher_precond: dict | None) -> str:
         """ctm.student_precond resolved: 'auto' is 'edm' for a pixel teacher that predicts the noise (its x0 error
         grows with sigma, which a one-step student of that form cannot unlearn), else 'teacher': a latent teacher's
-        student starts as it (bench/RESULTS.md, "A diffusers-built teacher" and "Latent digits")."""
+        student starts as it (bench/RESULTS.md, "A diffusers-built teacher" and "The CTM students of the latent
+        teacher")."""
         form = self.cfg.ctm.student_precond
         if form == "auto":
             form = "edm" if predicts_noise(teacher_precond) and not self.latent else "teacher"
