@@ -45,11 +45,11 @@ def train(set_name: str, seed: int, steps: int, out: Path, overrides: list[str])
     return time.time() - t0
 
 
-def weights(run: Path):
+def weights(run: Path, widths=WIDTHS, ema_name: str = "ema 0.999"):
     """(name, model) for the raw weights, the training EMA and each post-hoc width, one module reloaded in turn."""
     model = load_model(run, ema=0)
-    yield "ema 0.999", model
-    for s in WIDTHS:
+    yield ema_name, model
+    for s in widths:
         model.load_state_dict(rebuild(run, s)[0])
         yield f"phema {s:g}", model
     model.load_state_dict(newest_state(run)["nets"]["net"])

@@ -436,14 +436,17 @@ def _quality_md(summary: dict) -> list[str]:
     what = summary.get("metric_doc", metric)
     if metric == "swd_ratio":
         what = ("sliced W1 distance to fresh data divided by the true-vs-true floor (1.0 = as close as two true "
-                f"samples; mean of 4 sampling seeds x {summary['eval_samples']} samples, floor from 5 pairs of true "
-                "draws)")
+                f"samples; mean of 4 sampling seeds x {summary['eval_samples']} samples, each seed's own ratio "
+                "beside it, floor from 5 pairs of true draws)")
     top = headline(summary)
     md = [f"## {QUALITY[0].upper() + QUALITY[1:]}", "", f"Metric: {what}. Lower is better.", ""]
     md += [f"**{top}**", ""] if top else []
-    md += ["| model | sampler | NFE | gamma | value |", "|---|---|---|---|---|"]
+    seeds = all(len(r.get("seed_ratios", ())) > 1 for r in summary["rows"])
+    md += ["| model | sampler | NFE | gamma | value |" + (" sampling seeds (min-max) |" if seeds else ""),
+           "|---|---|---|---|---|" + ("---|" if seeds else "")]
     for r in summary["rows"]:
-        md.append(f"| {r['model']} | {r['sampler']} | {r['nfe']} | {r['gamma']:.1f} | {r['value']:.3f} |")
+        spread = f" {min(r['seed_ratios']):.3f}-{max(r['seed_ratios']):.3f} |" if seeds else ""
+        md.append(f"| {r['model']} | {r['sampler']} | {r['nfe']} | {r['gamma']:.1f} | {r['value']:.3f} |{spread}")
     md += ["", f"**Verdict.** {quality_verdict(summary)}", "", "![quality vs NFE](quality_vs_nfe.png)", ""]
     if metric != "swd_ratio":
         md += [f"Feature classifier accuracy on the data: {summary['classifier_accuracy']:.3f}; "

@@ -23,7 +23,7 @@ import pytest
 import ctmkit.demo as demo_mod
 from ctmkit.config import DistillConfig, load_config
 from ctmkit.data import load_data
-from ctmkit.demo import STAGES, diagnose_size, run_demo, settings_diff
+from ctmkit.demo import STAGES, diagnose_size, report_md, run_demo, settings_diff
 from ctmkit.errors import UserError
 from ctmkit.eval import verdicts
 from ctmkit.eval.sweep import close_up
@@ -236,6 +236,32 @@ def test_the_quality_verdict_follows_the_numbers():
     assert "better than gamma 0" in bench and "worse than gamma 0" in opposite
     assert "1.28x the true-vs-true floor" in verdicts.headline(BENCH)
     assert "teacher Heun 35 NFE: 1.09x" in verdicts.headline(BENCH)
+
+
+def with_seeds(summary: dict, half: dict[int, float]) -> dict:
+    """The summary with per-seed ratios on every row: +-half[nfe] around each gamma-0 CTM value, +-0.01 elsewhere."""
+    def spread(r):
+        h = half[r["nfe"]] if (r["model"], r["gamma"]) == ("ctm", 0.0) else 0.01
+        return [r["value"] - h, r["value"], r["value"] + h]
+    rows = [{**r, "seed_ratios": spread(r)} for r in summary["rows"]]
+    return {**summary, "rows": rows}
+
+
+def test_more_steps_are_judged_against_the_spread_over_sampling_seeds():
+    # NFE 8 is 0.08 above NFE 1: within a seed spread of 0.10, outside one of 0.04 (and outside the 10 % rule)
+    near = made_up(g0=(0.70, 0.70, 0.69, 0.78), g1=(0.70, 0.8, 0.8, 0.8), heun=(9, 9, 9, 9, 9, 0.7),
+                   c0=(0.03, 0.03, 0.03, 0.03), c1=(0.1, 0.1, 0.1, 0.1))
+    wide, narrow = with_seeds(near, dict.fromkeys((1, 2, 4, 8), 0.05)), with_seeds(near, {1: 0.02, 2: 0.01, 4: 0.01,
+                                                                                           8: 0.01})
+    assert ("none worse than 0.7 at NFE 1 by more than the spread of each point over the sampling seeds (at most "
+            "0.1)") in verdicts.quality_verdict(wide)
+    assert ("NFE 8: 11% worse, more than the spread of each point over the sampling seeds (at most 0.04)"
+            in verdicts.quality_verdict(narrow))
+    assert "NFE 8: 11% worse, more than 10%" in verdicts.quality_verdict(near)     # no seeds recorded: the 10 % rule
+    table = report_md({**wide, "data": "moons", "ran": {**wide["ran"], "preset": "toy", "data": "moons", "seed": 0,
+                                                        "overrides": []}})
+    assert "| value | sampling seeds (min-max) |" in table
+    assert "| ctm | gamma | 8 | 0.0 | 0.780 | 0.730-0.830 |" in table
 
 
 def test_the_coupled_verdict_follows_the_numbers():

@@ -39,7 +39,8 @@ def true_floor(sample_true: Callable[[int, torch.Generator], Tensor], n: int, dr
 def swd_ratio(samples: list[Tensor], sample_true: Callable[[int, torch.Generator], Tensor], draws: int = 5,
               seed: int = 0, n_proj: int = 512) -> dict:
     """Sliced W1 of each model sample set (e.g. one per sampling seed) to a fresh true sample, averaged, and its
-    ratio to the true-vs-true floor: {'swd', 'floor', 'ratio'}."""
+    ratio to the true-vs-true floor: {'swd', 'floor', 'ratio', 'seed_ratios'} (the last: each set's own ratio,
+    whose mean is 'ratio' and whose range is the spread from one sampling seed to another)."""
     n = samples[0].shape[0]
     vals = []
     for i, s in enumerate(samples):
@@ -47,7 +48,7 @@ def swd_ratio(samples: list[Tensor], sample_true: Callable[[int, torch.Generator
         vals.append(sliced_w1(s, sample_true(n, g), n_proj, torch.Generator().manual_seed(100 + i)))
     floor = true_floor(sample_true, n, draws, seed, n_proj)
     swd = sum(vals) / len(vals)
-    return {"swd": swd, "floor": floor, "ratio": swd / floor}
+    return {"swd": swd, "floor": floor, "ratio": swd / floor, "seed_ratios": [v / floor for v in vals]}
 
 
 def mmd_rbf(a: Tensor, b: Tensor, bandwidths: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0)) -> float:
