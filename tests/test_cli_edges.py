@@ -213,3 +213,29 @@ def test_help_of_the_package_opens_with_the_public_api():
     for name in ctmkit.__all__:
         assert re.search(rf"^ {{8}}{name}\b", head, re.M), f"{name} is not listed in the package docstring"
     assert "card.to_data(x)" in head and len(head.splitlines()) < 60    # one screen or two, each name on one line
+
+
+# ---- ctmkit eval samples on the job's device ---------------------------------------------------------------
+def test_eval_moves_the_model_and_the_teacher_to_the_job_s_device(tmp_path, monkeypatch):
+    """`eval` samples where `sample` does (a GPU where there is one): both networks go to dist.setup's device."""
+    import torch
+
+    import ctmkit.cli.evaluate as evaluate
+    import ctmkit.job as job
+    tiny = ["--steps", "3", "--batch-size", "16", "--quiet", *MLP]
+    cli_ok("train-teacher", "--data", "moons", "--out", tmp_path / "t", *tiny)
+    cli_ok("distill", "--teacher", tmp_path / "t", "--data", "moons", "--out", tmp_path / "c", *tiny, "ctm.gan=false")
+    moved, load = [], evaluate.load_model_spec
+
+    def spied(spec, text=False):
+        net = load(spec, text=text)
+        to = net.to
+        net.to = lambda device: (moved.append((Path(spec).name, str(device))), to(device))[1]
+        return net
+
+    monkeypatch.setattr(evaluate, "load_model_spec", spied)
+    monkeypatch.setattr(job, "setup", lambda device: (job.Dist(), torch.device("cpu")))
+    cli_ok("eval", "--model", tmp_path / "c", "--teacher", tmp_path / "t", "--data", "moons", "--nfe", "1",
+           "--gamma", "0", "--heun", "3", "--n", "50", "--seeds", "1", "--out", tmp_path / "ev.json")
+    assert sorted(moved) == [("c", "cpu"), ("t", "cpu")]
+    assert len(json.loads((tmp_path / "ev.json").read_text())["rows"]) == 2

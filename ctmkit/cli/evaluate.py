@@ -161,7 +161,9 @@ def evaluate_cmd(model_dir, data, ref, nfe, gamma, ts_list, two_jumps, grid_n, h
         ws = default_scales(model, teacher if uses_teacher else None)
     check_new_outputs([out, out.with_suffix(".png")], force)     # after the inputs, before any work
     from .. import job as dist
-    job, _ = dist.setup("auto")          # under torchrun the sampling of each point is split over the ranks
+    job, device = dist.setup("auto")     # under torchrun the sampling of each point is split over the ranks
+    model = model.to(device)             # sampled on the job's device (a GPU where there is one), as `sample` does
+    teacher = teacher.to(device) if teacher is not None else None
     metric = "fid" if ref else metric
     quality = (make_quality(metric, dataset, n, seeds, progress=None, ref=ref) if texts is None else
                prompt_quality(metric, dataset, n, seeds, ref, texts, Path(prompts_file)))
