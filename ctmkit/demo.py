@@ -41,6 +41,7 @@ from .eval.verdicts import (
     what_ran,
 )
 from .io.atomic import atomic_write_text
+from .io.card import ModelCard
 from .io.runs import load_model
 from .train.ctm import CTMRun
 from .train.teacher import TeacherRun
@@ -236,7 +237,8 @@ def stage_diagnose(demo: Demo) -> dict:
 
 def stage_report(demo: Demo) -> dict:
     """summary.json, report.md and the loss curves, from the record of the finished stages."""
-    summary = demo_summary(demo.record, read_stats(demo.out / "ctm" / "stats.jsonl"))
+    summary = demo_summary(demo.record, read_stats(demo.out / "ctm" / "stats.jsonl"),
+                           ModelCard.read(demo.out / "ctm").sampled)
     ran, out = summary["ran"], demo.out
     gan_marks = (((ran["gan_start"], "GAN term starts (ctm.gan_start)"),)
                  if ran["gan"] and 0 < ran["gan_start"] < ran["distill_steps"] else ())
@@ -251,10 +253,11 @@ STAGE_RUNS = {"teacher": stage_teacher, "distill": stage_distill, "eval": stage_
               "report": stage_report}
 
 
-def demo_summary(record: dict, ctm_stats: list[dict]) -> dict:
+def demo_summary(record: dict, ctm_stats: list[dict], sampled: dict | None = None) -> dict:
     """The summary (summary.json) from the record of the finished stages: the evaluation's rows, the diagnosis,
     what ran, the CTM's loss either side of the GAN's start, and the times (the only lines that differ between
-    runs with the same settings)."""
+    runs with the same settings). `sampled`: the CTM's model card entry for the weights it samples (None: the
+    training EMA), the one record of that choice."""
     st, done = record["settings"], record["done"]
     d = st["distill"]
     ran = {"preset": st["preset"], "data": st["data"], "overrides": st["overrides"],
@@ -263,7 +266,7 @@ def demo_summary(record: dict, ctm_stats: list[dict]) -> dict:
            "gan_start": d["ctm"]["gan_start"], "init_from_teacher": d["ctm"]["init_from_teacher"],
            "ema": d["train"]["ema"][0], "phema": d["train"]["phema"], "lr": d["train"]["lr"],
            "lr_schedule": d["train"]["lr_schedule"], "pairs": d["ctm"]["pairs"],
-           "sample_sigma_rel": d["ctm"].get("sample_sigma_rel", 0.0)}
+           "sample_sigma_rel": sampled["phema"]["sigma_rel"] if sampled else 0.0}
     started = ran["gan"] and 0 < ran["gan_start"] < ran["distill_steps"]
     times = {f"{k}_s": round(record["times"][k], 1) for k in STAGES[:4] if k in record["times"]}
     return {**done["eval"], "diagnosis": done["diagnose"], "ran": ran, "eval_samples": st["eval_samples"],

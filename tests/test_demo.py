@@ -27,6 +27,7 @@ from ctmkit.demo import STAGES, diagnose_size, report_md, run_demo, settings_dif
 from ctmkit.errors import UserError
 from ctmkit.eval import verdicts
 from ctmkit.eval.sweep import close_up
+from ctmkit.io.card import ModelCard
 from ctmkit.train.ctm import CTMRun
 from ctmkit.train.teacher import TeacherRun
 
@@ -194,6 +195,8 @@ def test_the_report_states_what_ran_and_every_stage_time(reference):
     assert "CTM + DSM + GAN from step 15" in report and "GAN generator term joins" in report
     assert re.search(r"Time: teacher \d+ s, CTM \d+ s, evaluation \d+ s, diagnosis \d+ s; \d+ s in all\.", report)
     assert report.count("**Verdict.**") == 2 and "CTM NFE 1" in report
+    assert "sampled: the post-hoc EMA of width sigma_rel 0.05" in report     # as the CTM's model card records
+    assert summary["ran"]["sample_sigma_rel"] == ModelCard.read(out / "ctm").sampled["phema"]["sigma_rel"] == 0.05
     assert report.index("## Quality against the data") < report.index("| ctm | gamma | 1 |") < report.index(
         "## Where the error is")
     assert summary["diagnosis"]["noises"] == 16 and summary["diagnosis"]["grid_points"] == 6

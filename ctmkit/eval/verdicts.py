@@ -217,7 +217,7 @@ def what_ran(summary: dict) -> str:
     if "ema" in r:      # the training recipe: pair draw, learning-rate schedule, the weights sampled
         kept = (f"; post-hoc EMA snapshots of widths {', '.join(f'{w:g}' for w in r['phema'])} kept for "
                 "`ctmkit ema`" if r["phema"] else "")
-        width = r.get("sample_sigma_rel", 0.0) if r["phema"] else 0.0
+        width = r.get("sample_sigma_rel", 0.0)      # from the CTM's model card: what it samples
         sampled = (f"the post-hoc EMA of width sigma_rel {width:g} (ctm.sample_sigma_rel), rebuilt at the last step"
                    if width else f"the training EMA (rate {r['ema']:g})")
         text += f" Pairs: {r['pairs']}; learning rate {r['lr']:g}, {r['lr_schedule']}; sampled: {sampled}{kept}."
