@@ -213,6 +213,7 @@ def test_eval_and_nll_on_a_tiny_ctm(tmp_path):
     assert out["n"] == 8 and out["dim"] == 2 and np.isfinite(out["nats_per_dim"])
 
 
+@pytest.mark.slow     # a 1500-step teacher, about 17 s: kept out of the default suite (under 10 minutes)
 def test_class_conditional_sampling_gives_requested_classes(tmp_path):
     """A labelled set of 4 well-separated clusters: samples asked for class c land nearest class c's mean."""
     rng = np.random.default_rng(0)

@@ -48,6 +48,7 @@ def test_reference_files_round_trip_and_bad_files_are_refused(tmp_path):
         read_ref_stats(tmp_path / "none.npz")
 
 
+@pytest.mark.slow     # about 40 s: kept out of the default suite (under 10 minutes)
 def test_eval_with_ref_equals_eval_with_the_same_data(tmp_path):
     ok(ctmkit("train-teacher", "--data", "digits", "--out", tmp_path / "t", "--steps", "2", "--batch-size", "8",
               "--quiet", *UNET, cwd=tmp_path))

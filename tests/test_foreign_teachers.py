@@ -169,7 +169,10 @@ def test_distillation_starts_the_student_as_the_teacher(tmp_path, kind):
         assert torch.equal(run.net.g(x, t, t / 3, labels), run.teacher(x, t, labels))
 
 
-@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample", "flow"])
+# epsilon runs by default; the other forms' conversions are checked in-process above, their CLI runs (20-30 s each)
+# are marked slow to keep the default suite under 10 minutes
+@pytest.mark.parametrize("kind", ["epsilon", *(pytest.param(k, marks=pytest.mark.slow)
+                                              for k in ("v_prediction", "sample", "flow"))])
 def test_cli_distills_and_samples_a_diffusers_teacher(tmp_path, kind):
     from .test_cli import ctmkit, ok
     sched = ddim(kind) if kind != "flow" else diffusers.FlowMatchEulerDiscreteScheduler()
