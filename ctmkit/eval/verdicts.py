@@ -28,10 +28,15 @@ def pct(a: float, b: float) -> str:
     return f"{r:.1f}x" if r >= 2 else f"{abs(a / b - 1) * 100:.0f}%"
 
 
+def series(summary: dict, model: str, sampler: str, gamma: float = 0.0) -> list[dict]:
+    """The quality rows of one series (custom-time rows left out)."""
+    return [r for r in summary["rows"]
+            if (r["model"], r["sampler"], float(r["gamma"])) == (model, sampler, gamma) and "ts" not in r]
+
+
 def points(summary: dict, model: str, sampler: str, gamma: float = 0.0) -> dict[int, float]:
     """{nfe: value} of the quality rows of one series (custom-time rows left out)."""
-    return {int(r["nfe"]): float(r["value"]) for r in summary["rows"]
-            if (r["model"], r["sampler"], float(r["gamma"])) == (model, sampler, gamma) and "ts" not in r}
+    return {int(r["nfe"]): float(r["value"]) for r in series(summary, model, sampler, gamma)}
 
 
 def floor_of(summary: dict) -> tuple[str, float]:
@@ -79,9 +84,8 @@ def one_step_clause(ctm1: float, heun: dict[int, float]) -> str:
 def seed_spreads(summary: dict, model: str, sampler: str, gamma: float = 0.0) -> dict[int, float]:
     """{nfe: max - min of the per-sampling-seed values} of one series, where the metric records them (the sliced W1
     ratio's `seed_ratios`); empty otherwise."""
-    return {int(r["nfe"]): max(r["seed_ratios"]) - min(r["seed_ratios"]) for r in summary["rows"]
-            if (r["model"], r["sampler"], float(r["gamma"])) == (model, sampler, gamma) and "ts" not in r
-            and len(r.get("seed_ratios", ())) > 1}
+    return {int(r["nfe"]): max(r["seed_ratios"]) - min(r["seed_ratios"]) for r in series(summary, model, sampler, gamma)
+            if len(r.get("seed_ratios", ())) > 1}
 
 
 def more_steps_clause(g0: dict[int, float], spread: dict[int, float] | None = None) -> str:
@@ -125,14 +129,14 @@ def quality_verdict(summary: dict) -> str:
     good = f"Good is close to {name} ({num(floor)})"
     if 35 in heun:
         good += f" and to the teacher's Heun at 35 NFE ({num(heun[35])}), the ODE solve the CTM learns to shortcut"
-    by_seeds = "; more steps against one are judged by the spread over the sampling seeds" if seed_spreads(
-        summary, "ctm", "gamma", 0.0) else ""
+    spread = seed_spreads(summary, "ctm", "gamma", 0.0)
+    by_seeds = "; more steps against one are judged by the spread over the sampling seeds" if spread else ""
     parts = [good + f"; values within {TIE:.0%} of each other count as equal here{by_seeds}."]
     clauses = []
     if 1 in g0 and heun:
         clauses.append(one_step_clause(g0[1], heun))
     if 1 in g0 and len(g0) > 1:
-        clauses.append(more_steps_clause(g0, seed_spreads(summary, "ctm", "gamma", 0.0)))
+        clauses.append(more_steps_clause(g0, spread))
     if g0 and g1 and set(g0) & set(g1):
         clauses.append(gamma_clause(g0, g1))
     if clauses:
